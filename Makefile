@@ -1,0 +1,36 @@
+# Every target bootstraps its own virtualenv: on a fresh machine `make demo` and `make test` are the whole set-up.
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export RAY_USAGE_STATS_ENABLED := 0
+export RAY_DATA_DISABLE_PROGRESS_BARS := 1
+
+.PHONY: demo test lint format bench clean
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[models,dev]'
+	@touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/totask-ray demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -rs --durations=15
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(STAMP)
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+bench: $(STAMP)
+	$(BIN)/python -m bench all
+
+clean:
+	rm -rf $(VENV) .venv-sdk .pytest_cache build *.egg-info

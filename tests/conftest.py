@@ -1,0 +1,59 @@
+"""Session-wide fixtures: one local Ray cluster and one embedded platform for the whole suite.
+
+A fresh Ray per test costs ~5 s (shared/reference/ray-2.60-notes.md), so tests share one and isolate
+themselves by creating their own projects on the shared platform.
+"""
+
+from __future__ import annotations
+
+import os
+
+# Before anything imports ray: nothing may report usage, and a stray RAY_ADDRESS breaks ray.init.
+os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+os.environ.pop("RAY_ADDRESS", None)
+os.environ["RAY_DATA_DISABLE_PROGRESS_BARS"] = "1"
+for _var in (
+    "SYNAPSE_HOST",
+    "SYNAPSE_ACCESS_TOKEN",
+    "SYNAPSE_PLUGIN_RUN_USER_TOKEN",
+    "SYNAPSE_PLUGIN_RUN_TENANT",
+):
+    os.environ.pop(_var, None)
+
+import pytest  # noqa: E402
+
+# Logical resources: 4 CPUs on a 2-core box so Data actors and a Serve replica fit together, and one
+# logical GPU so GPU-needing deployments can be scheduled and gated without hardware.
+RAY_NUM_CPUS = 4
+RAY_NUM_GPUS = 1
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    import ray
+
+    ray.init(
+        num_cpus=RAY_NUM_CPUS,
+        num_gpus=RAY_NUM_GPUS,
+        include_dashboard=False,
+        configure_logging=False,
+        log_to_driver=False,
+        runtime_env={"env_vars": {"RAY_USAGE_STATS_ENABLED": "0"}},
+    )
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def platform(tmp_path_factory):
+    """The embedded platform, as a separate server process over real HTTP on loopback."""
+    from totask_ray.local.server import LocalPlatform
+
+    lp = LocalPlatform(data_dir=tmp_path_factory.mktemp("platform"), fault_injection=True)
+    lp.start()
+    try:
+        yield lp
+    finally:
+        lp.stop()

@@ -1,0 +1,3 @@
+from totask_ray.cli import main
+
+main()

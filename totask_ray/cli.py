@@ -1,0 +1,171 @@
+"""`totask-ray`: run, demo, platform, serve.
+
+Exit codes of `run`: 0 every task succeeded, 2 some tasks failed, 1 the run failed (bad params,
+a critical error, or every task failed). Messages go to stderr without tokens or stack traces.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from totask_ray.local.cli import platform_app
+from totask_ray.serving.cli import serve_app
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+app = typer.Typer(
+    name="totask-ray",
+    help="Pre-annotate labeling tasks at cluster scale (Synapse ToTask on Ray Data and Ray Serve).",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+app.add_typer(platform_app, name="platform", help="The embedded Synapse-compatible platform.")
+app.add_typer(serve_app, name="serve", help="Pre-processors on Ray Serve: deploy, status, delete.")
+
+EXIT_OK, EXIT_FAILED, EXIT_PARTIAL = 0, 1, 2
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+    )
+    for noisy in ("httpx", "httpcore", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def load_action_class(spec: str | None) -> type:
+    """`package.module:Class` (or `package.module.Class`) of a ToTask subclass."""
+    from totask_ray.action import ToTask
+
+    if not spec:
+        return ToTask
+    module_name, _, attr = spec.partition(":") if ":" in spec else spec.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise typer.BadParameter(f"cannot import {spec}: {exc}") from None
+    if not (isinstance(cls, type) and issubclass(cls, ToTask)):
+        raise typer.BadParameter(f"{spec} is not a subclass of totask_ray.ToTask")
+    return cls
+
+
+def print_result(result: Any) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(stderr=False)
+    table = Table(title=f"ToTask {result.status.value}", show_header=True)
+    for col in ("total", "success", "failed", "stand_by", "skipped", "elapsed s"):
+        table.add_column(col, justify="right")
+    m = result.metrics
+    table.add_row(str(m.total), str(result.success_count), str(result.failed_count), str(m.stand_by),
+                  str(result.skipped_count), f"{result.elapsed_s:.1f}")  # fmt: skip
+    console.print(table)
+    console.print(result.message)
+    if result.failures:
+        ft = Table(title="Failed tasks (first 20)")
+        ft.add_column("task", justify="right")
+        ft.add_column("error")
+        for f in result.failures[:20]:
+            ft.add_row(str(f.task_id), f.error)
+        console.print(ft)
+
+
+def exit_code(result: Any) -> int:
+    from totask_ray.params import RunStatus
+
+    if result.status is RunStatus.FAILED:
+        return EXIT_FAILED
+    return EXIT_PARTIAL if result.failed_count else EXIT_OK
+
+
+@app.command()
+def run(
+    job: Annotated[Path, typer.Argument(help="Job parameters, YAML or JSON (Synapse ToTask names).")],
+    host: Annotated[str | None, typer.Option(help="Platform URL (default: $SYNAPSE_HOST).")] = None,
+    token: Annotated[str | None, typer.Option(help="Access token (prefer $SYNAPSE_ACCESS_TOKEN).")] = None,
+    tenant: Annotated[str | None, typer.Option(help="Tenant (default: $SYNAPSE_PLUGIN_RUN_TENANT).")] = None,
+    address: Annotated[
+        str | None, typer.Option(help="Ray cluster address (default: $RAY_ADDRESS, else local).")
+    ] = None,
+    report: Annotated[Path | None, typer.Option(help="Write one JSON line per task outcome here.")] = None,
+    job_id: Annotated[
+        int | None, typer.Option(help="Platform job id to report progress and result to.")
+    ] = None,
+    plugin: Annotated[
+        str | None, typer.Option(help="Your ToTask subclass, e.g. plugin.to_task:ToTask.")
+    ] = None,
+    dry_run: Annotated[
+        bool, typer.Option(help="Do everything except writing; the report shows what would be written.")
+    ] = False,
+    resume: Annotated[
+        Path | None, typer.Option(help="Skip tasks that succeeded in this earlier report.")
+    ] = None,
+    num_actors: Annotated[int | None, typer.Option(help="Annotator actors (default: one per CPU).")] = None,
+    concurrency: Annotated[int, typer.Option(help="Tasks in flight per actor.")] = 32,
+    allow_host: Annotated[
+        list[str] | None, typer.Option(help="Extra host allowed for file URLs (repeatable).")
+    ] = None,
+    verbose: Annotated[bool, typer.Option(help="Debug logs and Ray Data's own progress.")] = False,
+) -> None:
+    """Run the ToTask action described by JOB on a Ray cluster."""
+    _setup_logging(verbose)
+    from totask_ray.driver import ToTaskError, ensure_ray, run_to_task
+    from totask_ray.params import ParamsError, ToTaskParams
+    from totask_ray.platform.errors import PlatformError
+    from totask_ray.platform.synapse import SynapseConfig
+
+    try:
+        params = ToTaskParams.from_file(job)
+        config = SynapseConfig.from_env(host=host, access_token=token, tenant=tenant)
+    except (ParamsError, PlatformError) as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(EXIT_FAILED) from None
+    action_cls = load_action_class(plugin)
+    started = ensure_ray(address, verbose=verbose)
+    try:
+        result = run_to_task(
+            params, platform=config, action_cls=action_cls, report=report, job_id=job_id, dry_run=dry_run,
+            resume=resume, num_actors=num_actors, concurrency=concurrency, allowed_hosts=allow_host or [],
+            verbose_ray=verbose,
+        )  # fmt: skip
+    except ToTaskError as exc:
+        typer.echo(f"ToTask failed: {exc}", err=True)
+        raise typer.Exit(EXIT_FAILED) from None
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
+    print_result(result)
+    raise typer.Exit(exit_code(result))
+
+
+@app.command()
+def demo(
+    method: Annotated[str, typer.Option(help="file or inference")] = "file",
+    tasks: Annotated[int, typer.Option(help="Tasks to seed.")] = 200,
+    data_dir: Annotated[
+        Path | None, typer.Option(help="Platform data dir (default: a temporary one).")
+    ] = None,
+) -> None:
+    """Start a local Ray and the embedded platform, seed a demo project, run, print, stop."""
+    _setup_logging(False)
+    from totask_ray.demo import run_demo
+
+    raise typer.Exit(run_demo(method=method, tasks=tasks, data_dir=data_dir))
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,102 @@
+"""Task ids, streamed from the platform into a Ray Dataset.
+
+The driver reads only the first page (to learn `count`); the rest is read by Ray Data read tasks,
+each walking a contiguous range of pages and yielding one small block per page, so neither the
+driver nor any worker holds the whole listing. Read tasks ask for a fraction of a CPU: a read that
+needs a whole CPU can starve behind Data actors and Serve replicas (the measured deadlock in
+shared/reference/ray-2.60-notes.md).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+from ray.data.block import BlockMetadata
+from ray.data.datasource import Datasource, ReadTask
+
+from totask_ray.platform.synapse import SynapseClient, SynapseConfig
+
+READ_TASK_CPUS = 0.1
+MAX_READ_TASKS = 16
+
+
+def _block(ids: list[int], exclude: np.ndarray | None) -> pa.Table:
+    arr = np.asarray(ids, dtype=np.int64)
+    if exclude is not None and len(exclude):
+        pos = np.searchsorted(exclude, arr)
+        pos[pos >= len(exclude)] = 0
+        arr = arr[exclude[pos] != arr]
+    return pa.table({"task_id": arr})
+
+
+class TaskIdSource(Datasource):
+    """A Ray Data `Datasource` over `sdk/tasks/?fields=id` pages.
+
+    `exclude` (sorted ids) drops tasks already done in a previous run (`--resume`).
+    """
+
+    def __init__(
+        self,
+        config: SynapseConfig,
+        project: int,
+        filters: Mapping[str, Any],
+        count: int,
+        page_size: int = 100,
+        exclude: np.ndarray | None = None,
+    ):
+        self.config = config
+        self.project = project
+        self.filters = dict(filters)
+        self.count = count
+        self.page_size = page_size
+        self.exclude = exclude
+
+    def get_name(self) -> str:
+        return "PlatformTasks"
+
+    def estimate_inmemory_data_size(self) -> int:
+        return self.count * 8
+
+    def get_read_tasks(
+        self, parallelism: int, per_task_row_limit: int | None = None, data_context: Any = None
+    ) -> list[ReadTask]:
+        pages = max(1, math.ceil(self.count / self.page_size))
+        n = max(1, min(parallelism, pages, MAX_READ_TASKS))
+        per = math.ceil(pages / n)
+        tasks = []
+        for start in range(1, pages + 1, per):
+            stop = min(pages, start + per - 1)
+            rows = min(self.count, stop * self.page_size) - (start - 1) * self.page_size
+            meta = BlockMetadata(num_rows=rows, size_bytes=rows * 8, exec_stats=None, input_files=None)
+            tasks.append(ReadTask(self._reader(start, stop), meta, per_task_row_limit=per_task_row_limit))
+        return tasks
+
+    def _reader(self, first_page: int, last_page: int):
+        config, project, filters, size, exclude = (
+            self.config,
+            self.project,
+            self.filters,
+            self.page_size,
+            self.exclude,
+        )
+
+        def read() -> Iterable[pa.Table]:
+            with SynapseClient(config) as client:
+                for page in range(first_page, last_page + 1):
+                    result = client.task_id_page(project, filters, page=page, page_size=size)
+                    if result.ids:
+                        yield _block(result.ids, exclude)
+                    if not result.next:
+                        return
+
+        return read
+
+
+def task_dataset(source: TaskIdSource) -> Any:
+    import ray.data
+
+    return ray.data.read_datasource(source, num_cpus=READ_TASK_CPUS)

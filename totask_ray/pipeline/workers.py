@@ -1,0 +1,261 @@
+"""The annotator actors: callable classes for `Dataset.map_batches`.
+
+Each actor holds one async platform client, one downloader and (for inference) one Serve handle,
+and runs a batch's tasks concurrently on Ray Data's event loop, bounded by a semaphore. A task
+is either written correctly or reported failed with its reason: every exception inside a task
+becomes that task's outcome, never an exception that kills the batch (one UDF exception would
+abort the whole dataset). Only an outcome marked critical (the platform refused our token) asks
+the driver to stop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import json
+import time
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from totask_ray.action import ToTask
+from totask_ray.annotation import AnnotationError, validate_task_data
+from totask_ray.downloads import (
+    DEFAULT_MAX_IMAGE_BYTES,
+    DEFAULT_MAX_JSON_BYTES,
+    Downloader,
+    DownloadError,
+    UrlPolicy,
+)
+from totask_ray.params import ExistingDataPolicy, ToTaskParams
+from totask_ray.pipeline.outcomes import Outcome, Stage, Status, to_columns
+from totask_ray.platform.errors import AuthenticationError, PlatformError, redact_url
+from totask_ray.platform.models import DataUnit, Task
+from totask_ray.platform.synapse import AsyncSynapseClient, SynapseConfig
+
+MAX_ERROR_CHARS = 500
+
+
+class TaskFailed(Exception):
+    """Ends one task's processing with a reason a user can act on."""
+
+    def __init__(self, stage: Stage, message: str, *, critical: bool = False):
+        super().__init__(message)
+        self.stage = stage
+        self.critical = critical
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    """Everything an actor needs, shipped once to each actor (picklable; secrets stay SecretStr)."""
+
+    platform: SynapseConfig
+    params: ToTaskParams
+    action_cls: type[ToTask] = ToTask
+    url_policy: UrlPolicy = field(default_factory=UrlPolicy)
+    concurrency: int = 32
+    hook_threads: int = 8
+    dry_run: bool = False
+    max_json_bytes: int = DEFAULT_MAX_JSON_BYTES
+    max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES
+    download_timeout_s: float = 30.0
+
+
+def safe_error(exc: BaseException) -> str:
+    """An exception as one short line: type and message, URLs without their query strings."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    words = [redact_url(w) if w.startswith(("http://", "https://")) else w for w in text.split(" ")]
+    text = " ".join(words)
+    if isinstance(exc, PlatformError | DownloadError | AnnotationError | TaskFailed):
+        out = text
+    else:
+        out = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    return out[:MAX_ERROR_CHARS]
+
+
+class _Annotator:
+    """What both annotators share: clients, the hook instance, per-task isolation, the write."""
+
+    def __init__(self, settings: WorkerSettings):
+        self.settings = settings
+        self.params = settings.params
+        self.action = settings.action_cls(settings.params)
+        self.action.url_policy = settings.url_policy
+        self.action.max_json_bytes = settings.max_json_bytes
+        self._threads = ThreadPoolExecutor(max_workers=settings.hook_threads, thread_name_prefix="hook")
+        self._client: AsyncSynapseClient | None = None
+        self._downloader: Downloader | None = None
+        self._sem: asyncio.Semaphore | None = None
+        self.node = _node_id()
+
+    async def _ready(self) -> None:
+        # aiohttp sessions belong to the loop that made them: create them on Ray Data's loop.
+        if self._client is None:
+            s = self.settings
+            self._client = AsyncSynapseClient(s.platform)
+            self._downloader = Downloader(s.url_policy, timeout_s=s.download_timeout_s)
+            self._sem = asyncio.Semaphore(s.concurrency)
+
+    async def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        await self._ready()
+        ids = [int(t) for t in batch["task_id"]]
+        outcomes = await self.run_batch(ids)
+        return to_columns(outcomes)
+
+    async def run_batch(self, ids: list[int]) -> list[Outcome]:
+        return list(await asyncio.gather(*(self._guarded(tid) for tid in ids)))
+
+    async def _guarded(self, task_id: int) -> Outcome:
+        assert self._sem is not None
+        async with self._sem:
+            t0 = time.perf_counter()
+            try:
+                outcome = await self.process(task_id)
+            except TaskFailed as exc:
+                outcome = Outcome(task_id, Status.FAILED, exc.stage, safe_error(exc), critical=exc.critical)
+            except Exception as exc:  # a bug or a hook's surprise: this task's failure, not the batch's
+                outcome = Outcome(task_id, Status.FAILED, Stage.CONVERT, safe_error(exc))
+            outcome.duration_ms = (time.perf_counter() - t0) * 1000
+            outcome.node = self.node
+            return outcome
+
+    async def process(self, task_id: int) -> Outcome:  # pragma: no cover - per annotator
+        raise NotImplementedError
+
+    # -- steps shared by both methods --------------------------------------------------------------
+
+    async def fetch_task(self, task_id: int) -> tuple[Task, DataUnit]:
+        assert self._client is not None
+        try:
+            task = await self._client.get_task(task_id)
+            unit = task.expanded_data_unit
+            if unit is None or not unit.files:
+                if task.data_unit_id is None:
+                    raise TaskFailed(Stage.FETCH, "task has no data unit")
+                unit = await self._client.get_data_unit(task.data_unit_id)
+        except AuthenticationError as exc:
+            raise TaskFailed(Stage.FETCH, safe_error(exc), critical=True) from exc
+        except PlatformError as exc:
+            raise TaskFailed(Stage.FETCH, f"could not read the task: {safe_error(exc)}") from exc
+        return task, unit
+
+    def skip_existing(self, task: Task) -> Outcome | None:
+        if self.params.existing_data is ExistingDataPolicy.SKIP and task.data:
+            return Outcome(task.id, Status.SKIPPED, Stage.DONE, "task already holds annotation data")
+        return None
+
+    async def call_hook(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """A user hook: awaited when async, otherwise in a worker thread so the loop keeps going."""
+        if inspect.iscoroutinefunction(fn):
+            return await fn(*args, **kwargs)
+        loop = asyncio.get_running_loop()
+        result = await loop.run_in_executor(self._threads, lambda: fn(*args, **kwargs))
+        if inspect.isawaitable(result):
+            result = await result
+        return result
+
+    async def validate_and_write(self, task: Task, data: Any) -> Outcome:
+        assert self._client is not None
+        schema = self.params.schema
+        if data is None or data == {} or data == []:
+            raise TaskFailed(Stage.CONVERT, self.empty_message)
+        try:
+            validate_task_data(data, schema)
+        except AnnotationError as exc:
+            raise TaskFailed(Stage.VALIDATE, f"invalid annotation: {exc}") from exc
+        n_objects = len(data.get("objects", [])) if isinstance(data.get("objects"), list) else 0
+        if self.settings.dry_run:
+            return Outcome(
+                task.id, Status.SUCCESS, Stage.DONE, objects=n_objects, would_write=json.dumps(data)
+            )
+        try:
+            await self._client.annotate_task(task.id, data, schema)
+        except AuthenticationError as exc:
+            raise TaskFailed(Stage.WRITE, safe_error(exc), critical=True) from exc
+        except PlatformError as exc:
+            raise TaskFailed(Stage.WRITE, f"could not write the annotation: {safe_error(exc)}") from exc
+        outcome = Outcome(task.id, Status.SUCCESS, Stage.DONE, written=True, objects=n_objects)
+        await self.apply_workflow(outcome)
+        return outcome
+
+    empty_message = "the hook returned no data"
+
+    async def apply_workflow(self, outcome: Outcome) -> None:
+        """The optional `on_success` action; its failure is recorded but never undoes the write."""
+        action = self.params.on_success
+        if action is None:
+            return
+        assert self._client is not None
+        changes: dict[str, Any] = {}
+        if action.status is not None:
+            changes["status"] = action.status
+        if action.assignee is not None:
+            changes["assignee"] = action.assignee
+        try:
+            if changes:
+                await self._client.update_task(outcome.task_id, changes)
+            if action.submit:
+                await self._client.submit_task(outcome.task_id)
+        except PlatformError as exc:
+            outcome.workflow_error = safe_error(exc)
+
+
+class FileAnnotator(_Annotator):
+    """File method: fetch task → locate primary and target files → hook → validate → PUT."""
+
+    empty_message = "the annotation file holds no data"
+
+    def __init__(self, settings: WorkerSettings):
+        super().__init__(settings)
+        spec = settings.params.target_specification_name
+        assert spec, "the file method needs target_specification_name"
+        self.spec: str = spec
+        self._convert: Callable[..., Awaitable[Any]] = (
+            self._call_user_hook
+            if settings.action_cls.overrides("convert_data_from_file")
+            else self._download_default
+        )
+
+    async def process(self, task_id: int) -> Outcome:
+        task, unit = await self.fetch_task(task_id)
+        skipped = self.skip_existing(task)
+        if skipped is not None:
+            return skipped
+        primary = unit.primary_file()
+        if primary is None:
+            raise TaskFailed(Stage.LOCATE, "the data unit has no primary file with a URL")
+        target = unit.files.get(self.spec)
+        if target is None:
+            raise TaskFailed(Stage.LOCATE, f"the data unit has no file under specification '{self.spec}'")
+        if not target.url:
+            raise TaskFailed(Stage.LOCATE, f"file '{self.spec}' has no URL")
+        try:
+            data = await self._convert(primary.url, primary.name, target.url, target.name, task.model_dump())
+        except DownloadError as exc:
+            raise TaskFailed(Stage.CONVERT, safe_error(exc)) from exc
+        except TaskFailed:
+            raise
+        except Exception as exc:
+            raise TaskFailed(Stage.CONVERT, f"convert_data_from_file raised {safe_error(exc)}") from exc
+        return await self.validate_and_write(task, data)
+
+    async def _download_default(
+        self, primary_url: str, primary_name: Any, data_url: str, data_name: Any, task_data: Any
+    ) -> Any:
+        assert self._downloader is not None
+        return await self._downloader.fetch_json(data_url, max_bytes=self.settings.max_json_bytes)
+
+    async def _call_user_hook(self, *args: Any) -> Any:
+        return await self.call_hook(self.action.convert_data_from_file, *args)
+
+
+def _node_id() -> str:
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+    except Exception:
+        return ""

@@ -1,0 +1,174 @@
+"""Live progress, metrics, failure lines, the per-task report and the platform's job record.
+
+Everything here is fed one outcome at a time by the driver, so it reflects the run as it happens;
+nothing keeps more than counters and a bounded failure list, so a run over a million tasks keeps
+the driver's memory flat.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from typing import IO, Any
+
+from totask_ray.params import Metrics, TaskFailure
+from totask_ray.pipeline.outcomes import Outcome, Status
+
+log = logging.getLogger("totask_ray")
+
+STEP = "annotate_task_data"
+MAX_FAILURES_KEPT = 10_000
+
+
+def _interactive() -> bool:
+    try:
+        from IPython import get_ipython  # type: ignore[import-not-found]
+
+        if get_ipython() is not None and "IPKernelApp" in get_ipython().config:
+            return True
+    except Exception:
+        pass
+    return sys.stderr.isatty()
+
+
+class IdSet:
+    """Seen task ids in a bitmap (1 bit per id over the id range), falling back to a set when sparse."""
+
+    MAX_SPAN = 1 << 30
+
+    def __init__(self) -> None:
+        self._base: int | None = None
+        self._bits = bytearray()
+        self._fallback: set[int] | None = None
+
+    def add(self, tid: int) -> bool:
+        """Record `tid`; False when it was already there."""
+        if self._fallback is not None:
+            if tid in self._fallback:
+                return False
+            self._fallback.add(tid)
+            return True
+        if self._base is None:
+            self._base = max(0, tid - 1024)
+        off = tid - self._base
+        if off < 0 or off >= self.MAX_SPAN:
+            self._fallback = set(self._iter()) | {tid}
+            self._bits = bytearray()
+            return True
+        byte, bit = divmod(off, 8)
+        if byte >= len(self._bits):
+            self._bits.extend(b"\0" * max(byte + 1 - len(self._bits), len(self._bits)))
+        if self._bits[byte] & (1 << bit):
+            return False
+        self._bits[byte] |= 1 << bit
+        return True
+
+    def _iter(self):
+        assert self._base is not None
+        for i, b in enumerate(self._bits):
+            if b:
+                for bit in range(8):
+                    if b & (1 << bit):
+                        yield self._base + i * 8 + bit
+
+
+class RunTracker:
+    """Counts, progress lines, a progress bar, failure lines, the report file and job records."""
+
+    def __init__(
+        self,
+        total: int,
+        *,
+        report: IO[str] | None = None,
+        job_sink: Any = None,
+        show_bar: bool | None = None,
+        log_every_s: float = 10.0,
+        job_every_s: float = 2.0,
+    ):
+        self.total = total
+        self.success = 0
+        self.failed = 0
+        self.skipped = 0
+        self.workflow_failed = 0
+        self.duplicates = 0
+        self.failures: list[TaskFailure] = []
+        self.failures_dropped = 0
+        self._seen = IdSet()
+        self._report = report
+        self._job = job_sink
+        self._log_every = log_every_s
+        self._job_every = job_every_s
+        self._last_log = 0.0
+        self._last_pct_logged = -1.0
+        self._last_job = 0.0
+        self._bar = None
+        if show_bar if show_bar is not None else _interactive():
+            from tqdm.auto import tqdm
+
+            self._bar = tqdm(total=total, desc="annotate", unit="task", dynamic_ncols=True)
+
+    @property
+    def done(self) -> int:
+        return self.success + self.failed + self.skipped
+
+    def metrics(self) -> Metrics:
+        # `skipped` tasks were processed and needed nothing: they count as successes of the step.
+        return Metrics(
+            total=max(self.total, self.done),
+            success=self.success + self.skipped,
+            failed=self.failed,
+            stand_by=max(0, self.total - self.done),
+        )
+
+    def record(self, o: Outcome) -> None:
+        if not self._seen.add(o.task_id):
+            self.duplicates += 1
+            return
+        if o.status is Status.SUCCESS:
+            self.success += 1
+            if o.workflow_error:
+                self.workflow_failed += 1
+                log.warning("[Task %d] Workflow action failed: %s", o.task_id, o.workflow_error)
+        elif o.status is Status.SKIPPED:
+            self.skipped += 1
+        else:
+            self.failed += 1
+            log.warning("[Task %d] Failed: %s", o.task_id, o.error)
+            if len(self.failures) < MAX_FAILURES_KEPT:
+                self.failures.append(TaskFailure(task_id=o.task_id, error=o.error))
+            else:
+                self.failures_dropped += 1
+        if self._report is not None:
+            self._report.write(o.to_json() + "\n")
+        if self._bar is not None:
+            self._bar.update(1)
+        self._maybe_report()
+
+    def flush(self) -> None:
+        if self._report is not None:
+            self._report.flush()
+
+    def _maybe_report(self, force: bool = False) -> None:
+        now = time.monotonic()
+        total = max(self.total, self.done)
+        pct = 100.0 * self.done / total if total else 100.0
+        if (
+            force
+            or pct >= 100.0
+            or pct - self._last_pct_logged >= 25.0
+            or now - self._last_log >= self._log_every
+        ):
+            if pct != self._last_pct_logged:
+                log.info("[%s] Progress: %.1f%% (%d/%d)", STEP, pct, self.done, total)
+                self._last_pct_logged = pct
+            self._last_log = now
+        if self._job is not None and (force or now - self._last_job >= self._job_every):
+            self._last_job = now
+            self._job.progress(self.done, total, self.metrics())
+
+    def close(self) -> None:
+        self._maybe_report(force=True)
+        self.flush()
+        if self._bar is not None:
+            self._bar.close()
