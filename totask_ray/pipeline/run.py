@@ -48,6 +48,28 @@ def plan_actors(requested: int | None, actor_cpus: float, reserved_cpus: float =
     return max(1, min(MAX_DEFAULT_ACTORS, int(free // 1) or 1))
 
 
+def ship_plugin(cls: type) -> None:
+    """Make a user's ToTask subclass loadable on the workers.
+
+    A plugin installed as a package (or shipped with `ray job submit --working-dir`) is imported by
+    reference. One defined in a script, a notebook or a module that only the driver can import is
+    pickled by value instead, so `ToTask` subclasses work wherever they are written.
+    """
+    import sys
+    import sysconfig
+
+    from ray import cloudpickle
+
+    name = cls.__module__
+    if name == "__main__" or name.startswith("totask_ray"):
+        return  # cloudpickle already ships __main__ by value; ours is installed everywhere
+    module = sys.modules.get(name)
+    path = getattr(module, "__file__", None) or ""
+    installed = path.startswith((sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]))
+    if module is not None and not installed:
+        cloudpickle.register_pickle_by_value(module)
+
+
 def configure_data_context(ctx: RunContext) -> None:
     from ray.data import DataContext
 
@@ -72,6 +94,7 @@ def run_pipeline(ctx: RunContext) -> Iterator[dict[str, Any]]:
 
     o = ctx.options
     configure_data_context(ctx)
+    ship_plugin(ctx.action_cls)
     settings = worker_settings(ctx)
     if ctx.params.method is Method.INFERENCE:
         from totask_ray.inference import InferenceAnnotator, inference_worker_kwargs

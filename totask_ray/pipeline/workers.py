@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import json
+import logging
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -90,6 +91,9 @@ class _Annotator:
         self._downloader: Downloader | None = None
         self._sem: asyncio.Semaphore | None = None
         self.node = _node_id()
+        # Ray Data kills its actors without a close hook, so pooled sessions are never closed;
+        # the OS reclaims the sockets, and asyncio's "Unclosed client session" noise is dropped.
+        logging.getLogger("asyncio").addFilter(lambda r: not r.getMessage().startswith("Unclosed"))
 
     async def _ready(self) -> None:
         # aiohttp sessions belong to the loop that made them: create them on Ray Data's loop.
