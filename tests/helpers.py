@@ -77,7 +77,7 @@ def read_report(path: Path) -> dict[int, dict[str, Any]]:
 class _Handler(BaseHTTPRequestHandler):
     routes: dict[str, tuple[int, str, bytes, dict[str, str]]] = {}
 
-    def do_GET(self) -> None:  # noqa: N802
+    def do_GET(self) -> None:
         status, ctype, body, headers = self.routes.get(
             self.path.split("?")[0], (404, "text/plain", b"nope", {})
         )

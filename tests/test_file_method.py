@@ -10,8 +10,8 @@ import json
 from pathlib import Path
 
 import pytest
-
 from helpers import config_for, file_server, good_unit, make_project, read_report, write_media
+
 from totask_ray import ToTask, ToTaskError, run_to_task
 from totask_ray.local.seed import seed_files_demo
 from totask_ray.params import RunStatus
@@ -145,7 +145,7 @@ def test_a_plugin_hook_that_raises_fails_its_task_only(platform):
     odd = [t for t in ids if t % 2]
     assert result.failed_count == len(odd) and result.success_count == len(ids) - len(odd)
     for f in result.failures:
-        assert "convert_data_from_file raised ValueError: this plugin cannot read odd tasks" == f.error
+        assert f.error == "convert_data_from_file raised ValueError: this plugin cannot read odd tasks"
     for tid, unit in zip(ids, units, strict=True):
         data = platform.store.get_task(tid)["data"]
         if tid % 2:
