@@ -20,7 +20,7 @@ for _var in (
 ):
     os.environ.pop(_var, None)
 
-import pytest  # noqa: E402
+import pytest
 
 # Logical resources: 4 CPUs on a 2-core box so Data actors and a Serve replica fit together, and one
 # logical GPU so GPU-needing deployments can be scheduled and gated without hardware.

@@ -17,7 +17,12 @@ from totask_ray.annotation import (
 
 
 def box(**coords):
-    return {"id": "b1", "class_id": 1, "type": "bbox", "coordinates": {"x": 1, "y": 2, "width": 3, "height": 4, **coords}}
+    return {
+        "id": "b1",
+        "class_id": 1,
+        "type": "bbox",
+        "coordinates": {"x": 1, "y": 2, "width": 3, "height": 4, **coords},
+    }
 
 
 def test_factories_make_valid_objects():

@@ -29,7 +29,11 @@ def test_defaults_follow_the_synapse_action():
         ({"name": None}, "name", "valid string"),
         ({"method": "magic"}, "method", "'file' or 'inference'"),
         ({"target_specification_name": None}, "target_specification_name", "required when method is 'file'"),
-        ({"method": "inference", "target_specification_name": None}, "pre_processor", "required when method is 'inference'"),
+        (
+            {"method": "inference", "target_specification_name": None},
+            "pre_processor",
+            "required when method is 'inference'",
+        ),
         ({"batch_size": 0}, "batch_size", "at least 1"),
         ({"batch_size": 1.5}, "batch_size", "whole number"),
         ({"project": "abc"}, "project", "numeric id"),
@@ -71,7 +75,9 @@ def test_secret_looking_values_are_not_echoed():
 
 def test_load_yaml_and_json(tmp_path):
     y = tmp_path / "job.yaml"
-    y.write_text("name: J\nproject: 3\ntarget_specification_name: ann\ntask_filters:\n  status: pending\n  assignee: null\n")
+    y.write_text(
+        "name: J\nproject: 3\ntarget_specification_name: ann\ntask_filters:\n  status: pending\n  assignee: null\n"
+    )
     p = ToTaskParams.from_file(y)
     assert p.project == 3 and p.task_filters == {"status": "pending", "assignee": None}
     j = tmp_path / "job.json"

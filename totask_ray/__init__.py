@@ -1,18 +1,35 @@
-"""totask-ray: pre-annotate labeling tasks at cluster scale (Synapse ToTask on Ray Data and Ray Serve)."""
+"""totask-ray: pre-annotate labeling tasks at cluster scale (Synapse ToTask on Ray Data and Ray Serve).
+
+The public names are imported lazily, so the platform server and the CLI start without paying for
+the driver's imports.
+"""
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
+from typing import Any
 
 # Nothing leaves this machine: Ray's usage reporting is off before ray is imported anywhere.
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 # httpx logs every request URL at INFO; file URLs are signed (a credential), so keep it at WARNING.
 logging.getLogger("httpx").setLevel(logging.WARNING)
 
-from totask_ray.action import ToTask
-from totask_ray.driver import ToTaskError, run_to_task
-from totask_ray.params import ParamsError, ToTaskParams, ToTaskResult
+_EXPORTS = {
+    "ToTask": "totask_ray.action",
+    "ToTaskError": "totask_ray.driver",
+    "run_to_task": "totask_ray.driver",
+    "ParamsError": "totask_ray.params",
+    "ToTaskParams": "totask_ray.params",
+    "ToTaskResult": "totask_ray.params",
+}
 
-__all__ = ["ParamsError", "ToTask", "ToTaskError", "ToTaskParams", "ToTaskResult", "run_to_task"]
+__all__ = sorted(_EXPORTS)
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'totask_ray' has no attribute {name!r}")
