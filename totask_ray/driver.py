@@ -304,7 +304,8 @@ def ensure_ray(address: str | None = None, *, verbose: bool = False) -> bool:
     if target:
         ray.init(address=target, **kwargs)
         return False
-    ray.init(include_dashboard=False, **kwargs)
+    # "local": start a fresh cluster; a bare ray.init() would attach to whatever `ray start` left running.
+    ray.init(address="local", include_dashboard=False, **kwargs)
     return True
 
 
