@@ -1,0 +1,389 @@
+"""Detect, dispatch, wait: make sure a pre-processor's Ray Serve application is running.
+
+Follows the Synapse ToTask action's PrepareStep (SYN-7005): detect an existing RUNNING app, else
+dispatch one, then poll until RUNNING, a terminal failure, or the timeout. Two things are added:
+
+- a capacity gate before dispatch, because a replica the cluster can never place stays DEPLOYING
+  forever on Ray 2.60 (the user would only learn it from the timeout, minutes later);
+- dispatch never blocks: ``serve.run`` waits without a timeout, so the Ray backend uses
+  ``serve.run_many(..., wait_for_applications_running=False)`` and polls ``serve.status()`` itself.
+
+The user-facing errors are ``RuntimeError`` with fixed messages that carry only an error type or a
+status; the cause stays on ``__cause__`` for logs (no token, URL or stack in the message).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol, runtime_checkable
+
+from totask_ray.serving.capacity import (
+    CapacityError,
+    CapacityReport,
+    ClusterSnapshot,
+    NodeType,
+    Verdict,
+    assess,
+    read_cluster,
+)
+from totask_ray.serving.config import PreProcessorRelease, ReleaseConfig
+from totask_ray.serving.resources import Resources, deployment_args
+
+__all__ = [
+    "FAILED_STATUSES",
+    "PENDING_STATUSES",
+    "LifecycleResult",
+    "RayServeBackend",
+    "ServeApplicationError",
+    "ServeBackend",
+    "SynapseServeBackend",
+    "app_name",
+    "classify_serve_status",
+    "ensure_running",
+    "route_prefix",
+    "teardown",
+]
+
+log = logging.getLogger(__name__)
+
+Bucket = Literal["running", "failed", "pending"]
+RUNNING = "RUNNING"
+FAILED_STATUSES = frozenset({"DEPLOY_FAILED", "UNHEALTHY", "UNAVAILABLE"})
+PENDING_STATUSES = frozenset({"NOT_STARTED", "DEPLOYING", "DELETING"})
+
+DISPATCH_FAILED = "Pre-processor deployment dispatch failed ({error_type})"
+TERMINAL_STATE = "Pre-processor deployment failed: serve application reached terminal state ({status})"
+NOT_READY = "Pre-processor did not become ready within timeout"
+
+
+def app_name(code: str, version: str) -> str:
+    return f"{code}@{version}"
+
+
+def route_prefix(code: str, version: str) -> str:
+    return "/" + hashlib.md5(app_name(code, version).encode()).hexdigest()
+
+
+class ServeApplicationError(Exception):
+    """Carries the backend's own message for a failed or stuck app; chained, never shown first."""
+
+
+@runtime_checkable
+class ServeBackend(Protocol):
+    """Where Serve applications live: a Ray cluster directly, or a platform agent in front of one.
+
+    ``status`` returns the backend's raw answer (classified by :func:`classify_serve_status`).
+    A backend may also offer ``cluster_snapshot() -> ClusterSnapshot | None`` for the capacity gate.
+    """
+
+    def status(self, app_name: str) -> Any: ...
+
+    def dispatch(self, release: PreProcessorRelease, payload: Mapping[str, Any]) -> Any: ...
+
+    def delete(self, app_name: str) -> bool: ...
+
+
+def _status_of(entry: Any) -> str | None:
+    value = entry.get("status") if isinstance(entry, Mapping) else entry
+    value = getattr(value, "value", value)  # enums
+    if isinstance(value, str) and value.strip():
+        return value.strip().upper()
+    return None
+
+
+def classify_serve_status(payload: Any) -> tuple[Bucket, str | None]:
+    """Fold a status answer into running / failed / pending.
+
+    Accepts a status string, an entry ``{"status": ...}``, a list of entries, or a DRF page
+    ``{"results": [...]}``. Any RUNNING wins (multi-replica rollouts are eventually consistent);
+    otherwise DEPLOY_FAILED, UNHEALTHY and UNAVAILABLE are terminal; anything else, including an
+    empty list or a malformed answer, keeps polling. Returns ``(bucket, status)``; the status is
+    ``None`` for running, as in the reference action.
+    """
+    if isinstance(payload, Mapping) and "results" in payload:
+        payload = payload.get("results")
+    entries = payload if isinstance(payload, (list, tuple)) else [payload]
+    statuses = [s for s in (_status_of(e) for e in entries) if s is not None]
+    if RUNNING in statuses:
+        return "running", None
+    failed = [s for s in statuses if s in FAILED_STATUSES]
+    if failed:
+        return "failed", failed[0]
+    return "pending", (statuses[0] if statuses else None)
+
+
+@dataclass(frozen=True)
+class LifecycleResult:
+    """What :func:`ensure_running` found or did. ``started`` decides whether :func:`teardown` deletes."""
+
+    app_name: str
+    started: bool
+    status: str
+    elapsed_s: float
+    route_prefix: str = ""
+    capacity: CapacityReport | None = None
+
+
+def _as_release(release: PreProcessorRelease | ReleaseConfig) -> PreProcessorRelease:
+    return release if isinstance(release, PreProcessorRelease) else PreProcessorRelease.from_config(release)
+
+
+def _capacity_gate(
+    backend: Any, resources: Resources, release: PreProcessorRelease, node_types: Sequence[NodeType] | None
+) -> CapacityReport | None:
+    snapshot_fn: Callable[[], ClusterSnapshot | None] | None = getattr(backend, "cluster_snapshot", None)
+    try:
+        snapshot = snapshot_fn() if snapshot_fn else None
+    except Exception as exc:  # the gate is an early warning, not a new way to fail
+        log.warning("capacity gate skipped: could not read the cluster (%s)", type(exc).__name__)
+        return None
+    if snapshot is None:
+        log.info("capacity gate skipped: the backend offers no view of the cluster")
+        return None
+    serve_options = (
+        release.config.actions.deployment.serve_options if release.config.actions.deployment else None
+    )
+    report = assess(
+        resources.bundle(), resources.replicas(serve_options), snapshot, node_types, name=release.app_name
+    )
+    log.info("capacity %s: %s", report.verdict.value, report.message)
+    if report.verdict is Verdict.NEVER_FITS:
+        raise CapacityError(report)
+    return report
+
+
+def ensure_running(
+    release: PreProcessorRelease | ReleaseConfig,
+    backend: ServeBackend,
+    *,
+    poll_interval_s: float = 10.0,
+    timeout_s: float = 180.0,
+    check_capacity: bool = True,
+    node_types: Sequence[NodeType] | None = None,
+) -> LifecycleResult:
+    """Make sure ``release``'s Serve application is RUNNING; dispatch it if it is not.
+
+    Raises :class:`~totask_ray.serving.capacity.CapacityError` (a ``RuntimeError``) before dispatch
+    when the cluster, even scaled up by ``node_types``, can never hold it; ``RuntimeError`` with the
+    reference action's messages on a dispatch error, a terminal state, or the timeout.
+    """
+    start = time.monotonic()
+    rel = _as_release(release)
+    name = rel.app_name
+    prefix = rel.route_prefix
+
+    try:
+        bucket, status = classify_serve_status(backend.status(name))
+    except Exception as exc:  # detection is best effort: a failing read means "not known to run"
+        log.warning("could not read the status of %s (%s); dispatching", name, type(exc).__name__)
+        bucket, status = "pending", None
+    if bucket == "running":
+        log.info("%s is already running; not redeploying", name)
+        return LifecycleResult(name, False, RUNNING, time.monotonic() - start, prefix)
+
+    resources = Resources.from_required(rel.config.actions.inference.required_resources)
+    report = _capacity_gate(backend, resources, rel, node_types) if check_capacity else None
+
+    payload = resources.to_payload()
+    log.info("dispatching %s with %s", name, payload)
+    try:
+        backend.dispatch(rel, payload)
+    except Exception as exc:
+        raise RuntimeError(DISPATCH_FAILED.format(error_type=type(exc).__name__)) from exc
+
+    deadline = time.monotonic() + timeout_s
+    last: Any = None
+    while True:
+        try:
+            last = backend.status(name)
+            bucket, status = classify_serve_status(last)
+        except Exception as exc:  # a transient read error is just another pending poll
+            log.debug("status read failed (%s); polling on", type(exc).__name__)
+            bucket, status = "pending", None
+        if bucket == "running":
+            return LifecycleResult(name, True, RUNNING, time.monotonic() - start, prefix, report)
+        if bucket == "failed":
+            raise RuntimeError(TERMINAL_STATE.format(status=status)) from ServeApplicationError(_detail(last))
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise RuntimeError(NOT_READY) from ServeApplicationError(f"last status {status}: {_detail(last)}")
+        time.sleep(min(poll_interval_s, remaining))
+
+
+def _detail(raw: Any) -> str:
+    """The backend's own message (e.g. Serve's traceback of a failing constructor), for __cause__."""
+    entries = raw if isinstance(raw, (list, tuple)) else [raw]
+    parts = []
+    for e in entries:
+        if isinstance(e, Mapping):
+            parts.append(str(e.get("message") or ""))
+            for dep, info in (e.get("deployments") or {}).items():
+                if isinstance(info, Mapping) and info.get("message"):
+                    parts.append(f"{dep}: {info['message']}")
+    return "\n".join(p for p in parts if p) or "no message from the backend"
+
+
+def teardown(result: LifecycleResult, backend: ServeBackend) -> bool:
+    """Delete the app only if this run started it; an app that was already running is left alone."""
+    if not result.started:
+        return False
+    return bool(backend.delete(result.app_name))
+
+
+class RayServeBackend:
+    """Deploy straight onto the connected Ray cluster (``ray.init`` first, or pass ``address``)."""
+
+    def __init__(
+        self,
+        address: str | None = None,
+        *,
+        http_options: Mapping[str, Any] | None = None,
+        delete_timeout_s: float = 60.0,
+    ) -> None:
+        self.address = address
+        self.http_options = dict(http_options) if http_options else None
+        self.delete_timeout_s = delete_timeout_s
+
+    def _connect(self) -> None:
+        import ray
+
+        if not ray.is_initialized():
+            ray.init(address=self.address or "auto", log_to_driver=False, logging_level=logging.WARNING)
+
+    def status(self, app_name: str) -> list[dict[str, Any]]:
+        from ray import serve
+
+        self._connect()
+        app = serve.status().applications.get(app_name)
+        if app is None:
+            return []
+        deployments = {
+            dep_name: {
+                "status": getattr(dep.status, "value", str(dep.status)),
+                "message": dep.message,
+                "replica_states": {
+                    getattr(k, "value", str(k)): v for k, v in (dep.replica_states or {}).items()
+                },
+            }
+            for dep_name, dep in app.deployments.items()
+        }
+        return [
+            {
+                "name": app_name,
+                "status": getattr(app.status, "value", str(app.status)),
+                "message": app.message,
+                "deployments": deployments,
+            }
+        ]
+
+    def list_applications(self) -> dict[str, str]:
+        """``{app name: status}`` of every Serve application on the cluster."""
+        from ray import serve
+
+        self._connect()
+        return {n: getattr(a.status, "value", str(a.status)) for n, a in serve.status().applications.items()}
+
+    def cluster_snapshot(self) -> ClusterSnapshot:
+        self._connect()
+        return read_cluster()
+
+    def dispatch(self, release: PreProcessorRelease, payload: Mapping[str, Any]) -> None:
+        from ray import serve
+
+        self._connect()
+        deployment = release.config.actions.deployment
+        if deployment is None:
+            raise LookupError(f"{release.app_name} declares no actions.deployment.entrypoint")
+        module_name, _, attr = deployment.entrypoint.partition(":")
+        builder = getattr(importlib.import_module(module_name), attr)
+        app = builder(deployment_args(release.config, payload).model_dump())
+        if self.http_options is not None:
+            serve.start(http_options=self.http_options)
+        serve.run_many(
+            [
+                serve.RunTarget(
+                    target=app,
+                    name=release.app_name,
+                    route_prefix=release.route_prefix,
+                    logging_config={"enable_access_log": False},
+                )
+            ],
+            wait_for_applications_running=False,
+        )
+
+    def delete(self, app_name: str) -> bool:
+        """Ask Serve to delete the app and wait (bounded) until it is gone; False if it never existed."""
+        from ray import serve
+
+        self._connect()
+        if app_name not in serve.status().applications:
+            return False
+        serve.delete(app_name, _blocking=False)
+        deadline = time.monotonic() + self.delete_timeout_s
+        while time.monotonic() < deadline:
+            if app_name not in serve.status().applications:
+                return True
+            time.sleep(0.2)
+        log.warning("%s still deleting after %.0f s", app_name, self.delete_timeout_s)
+        return True
+
+
+def _names_other_version(row: Any, app_name: str, version: str) -> bool:
+    if not isinstance(row, Mapping):
+        return False
+    name, row_version = row.get("name"), row.get("version")
+    if isinstance(name, str) and "@" in name and name != app_name:
+        return True
+    return isinstance(row_version, str) and row_version != version
+
+
+class SynapseServeBackend:
+    """Go through the platform: its agent deploys onto its own Ray cluster.
+
+    ``client`` is duck-typed: ``list_serve_applications(plugin_code=..., agent=...) -> list[dict]`` and
+    ``run_plugin(code, body) -> dict``; ``delete_serve_application(app_name, agent=...)`` is used if
+    it exists (the Synapse contract has no delete endpoint).
+    """
+
+    def __init__(self, client: Any, agent: int | str) -> None:
+        self.client = client
+        self.agent = agent
+
+    def status(self, app_name: str) -> Any:
+        """The plugin's apps on this agent, minus those that name another version.
+
+        The listing is per plugin code; the reference action reads every row's status, so a RUNNING
+        1.0.0 would pass for 1.1.0. Rows that say which version they are (``version`` or a
+        ``code@version`` ``name``) are kept only for this version; rows that do not are kept.
+        """
+        code, _, version = app_name.rpartition("@")
+        raw = self.client.list_serve_applications(plugin_code=code, agent=self.agent)
+        rows = raw.get("results") if isinstance(raw, Mapping) and "results" in raw else raw
+        if not isinstance(rows, (list, tuple)):
+            return raw
+        return [r for r in rows if not _names_other_version(r, app_name, version)]
+
+    def dispatch(self, release: PreProcessorRelease, payload: Mapping[str, Any]) -> Any:
+        # The reference client's body plus `version` (an accepted key of plugins/{code}/run/), so the
+        # agent deploys this release and not whichever it takes as the latest. The client adds
+        # `language`.
+        body = {
+            "agent": self.agent,
+            "action": "deployment",
+            "params": dict(payload),
+            "version": release.version,
+        }
+        return self.client.run_plugin(release.code, body)
+
+    def delete(self, app_name: str) -> bool:
+        deleter = getattr(self.client, "delete_serve_application", None)
+        if deleter is None:
+            log.info("the platform offers no way to delete %s; leaving it", app_name)
+            return False
+        deleter(app_name, agent=self.agent)
+        return True
