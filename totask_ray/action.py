@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from totask_ray.annotation import bbox, polygon
+from totask_ray import annotation
 from totask_ray.downloads import DEFAULT_MAX_JSON_BYTES, UrlPolicy, fetch_json_sync
 from totask_ray.params import ToTaskParams
 
@@ -66,11 +66,12 @@ class ToTask:
             common = {"label": det.get("label"), "confidence": det.get("score"), **props}
             oid = f"obj_{i + 1:03d}"
             if det.get("polygon"):
-                objects.append(polygon(oid, int(det.get("class_id", 0)), det["polygon"], **common))
+                objects.append(annotation.polygon(oid, int(det.get("class_id", 0)), det["polygon"], **common))
             else:
                 x, y, w, h = det["bbox"]
-                objects.append(bbox(oid, int(det.get("class_id", 0)), x, y, w, h, **common))
-        return task_data(objects) if objects else {}
+                objects.append(annotation.bbox(oid, int(det.get("class_id", 0)), x, y, w, h, **common))
+        # `task_data` is the hook's parameter (the Synapse signature), so the factory is reached via its module
+        return annotation.task_data(objects) if objects else {}
 
     def setup_inference_params(
         self,
