@@ -20,6 +20,8 @@ for _var in (
 ):
     os.environ.pop(_var, None)
 
+import socket
+
 import pytest
 
 # Logical resources: 4 CPUs on a 2-core box so Data actors and a Serve replica fit together, and one
@@ -57,3 +59,25 @@ def platform(tmp_path_factory):
         yield lp
     finally:
         lp.stop()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def serve_http_port(ray_cluster) -> int:
+    """Start Serve with its proxy on loopback and a free port; return the port actually in use.
+
+    If another test module already started Serve in this session, its options stand (Serve ignores
+    new ones), so the port is read back from the controller rather than assumed.
+    """
+    from ray import serve
+    from ray.serve.context import _get_global_client
+
+    serve.start(http_options={"host": "127.0.0.1", "port": free_port()})
+    config = _get_global_client().http_config
+    assert config.host in ("127.0.0.1", "localhost"), f"Serve's proxy must bind loopback, got {config.host}"
+    return int(config.port)

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from totask_ray.action import ToTask
 from totask_ray.downloads import DownloadError
 from totask_ray.driver import CriticalError, Step
 from totask_ray.pipeline.outcomes import Outcome, Stage
@@ -57,8 +58,13 @@ class InferencePlan:
 class PrepareInference(Step):
     name = "prepare"
 
+    def __init__(self) -> None:
+        self._backend: Any = None
+        self._dispatched: str | None = None
+
     def run(self, ctx: RunContext) -> None:
         from totask_ray.driver import ensure_ray
+        from totask_ray.serving.capacity import CapacityError
         from totask_ray.serving.config import PreProcessorRelease, ReleaseConfigError, parse_release_config
         from totask_ray.serving.lifecycle import RayServeBackend, ensure_running
         from totask_ray.serving.resources import Resources
@@ -76,14 +82,19 @@ class PrepareInference(Step):
             raise CriticalError(f"Pre-processor not active: its release config is invalid: {exc}") from None
         release = PreProcessorRelease.from_config(config, id=raw.id)
         ensure_ray(ctx.options.ray_address)
-        backend = RayServeBackend()
+        backend = self._backend = RayServeBackend()
         o = ctx.options
         try:
             result = ensure_running(
                 release, backend, poll_interval_s=o.serve_poll_interval_s, timeout_s=o.serve_ready_timeout_s
             )
-        except RuntimeError as exc:
+        except CapacityError as exc:  # refused before dispatch: nothing to undo
             raise CriticalError(f"Pre-processor not active: {exc}") from exc
+        except RuntimeError as exc:  # dispatched (or tried to), then failed: this run owns what is there
+            self._dispatched = release.app_name
+            raise CriticalError(f"Pre-processor not active: {exc}") from exc
+        if result.started:
+            self._dispatched = release.app_name
         resources = Resources.from_required(config.actions.inference.required_resources)
         serve_options = config.actions.deployment.serve_options if config.actions.deployment else None
         reserved = float(resources.num_cpus) * resources.replicas(serve_options)
@@ -94,12 +105,11 @@ class PrepareInference(Step):
         log.info("pre-processor %s %s (%.1f s)", release.app_name, verb, result.elapsed_s)
 
     def rollback(self, ctx: RunContext) -> None:
-        from totask_ray.serving.lifecycle import teardown
-
-        plan = ctx.inference
-        if plan is not None and plan.lifecycle.started:
-            log.info("tearing down %s, which this run started", plan.app_name)
-            teardown(plan.lifecycle, plan.backend)
+        """Delete a pre-processor this run dispatched; one that was already running is left alone."""
+        if self._dispatched is not None and self._backend is not None:
+            log.info("tearing down %s, which this run dispatched", self._dispatched)
+            self._backend.delete(self._dispatched)
+            self._dispatched = None
 
 
 def inference_worker_kwargs(ctx: RunContext, settings: WorkerSettings) -> dict[str, Any]:
@@ -159,8 +169,10 @@ class InferenceAnnotator(_Annotator):
         self.call_timeout_s = call_timeout_s
         self.handle = serve.get_app_handle(app_name)
         self._custom_params = settings.action_cls.overrides("setup_inference_params")
-        self._default_params = self.action.setup_inference_params(
-            "", None, {}, model_id=settings.params.model, pre_processor_params=dict(settings.params.pre_processor_params),
+        # Without an override every task gets the same params: compute them once, with the base hook.
+        self._default_params: dict[str, Any] = ToTask.setup_inference_params(
+            self.action, "", None, {}, model_id=settings.params.model,
+            pre_processor_params=dict(settings.params.pre_processor_params),
             pre_processor_config=pre_processor_config, task_data=None,
         )  # fmt: skip
 

@@ -55,7 +55,9 @@ TASK_FILTERS = (
     "id__in",
     "limit",
 )
-_TASK_LIST_PARAMS = frozenset((*TASK_FILTERS, "fields", "expand", "page", "page_size"))
+# `url_host` is sent by SDK clients built with one; the real backend reads it and moves on.
+IGNORED_PARAMS = ("url_host",)
+_TASK_LIST_PARAMS = frozenset((*TASK_FILTERS, "fields", "expand", "page", "page_size", *IGNORED_PARAMS))
 RUN_KEYS = ("agent", "action", "params", "storage_id", "job_id", "debug", "version", "language")
 JOB_PATCH_KEYS = ("status", "progress_record", "metrics_record", "result")
 LOG_KEYS = ("event", "data", "datetime", "job", "step", "level")
@@ -646,7 +648,17 @@ def create_app(
         return JSONResponse(rel)
 
     serve_params = frozenset(
-        ("plugin_code", "job__agent", "agent", "plugin_release", "status", "name", "page", "page_size")
+        (
+            "plugin_code",
+            "job__agent",
+            "agent",
+            "plugin_release",
+            "status",
+            "name",
+            "page",
+            "page_size",
+            *IGNORED_PARAMS,
+        )
     )
 
     async def list_serve_applications(request: Request) -> Response:
@@ -674,7 +686,7 @@ def create_app(
             raise _not_found()
         return JSONResponse(app_)
 
-    agent_params = frozenset(("id", "page", "page_size"))
+    agent_params = frozenset(("id", "page", "page_size", *IGNORED_PARAMS))
 
     async def list_agents(request: Request) -> Response:
         _only_params(request, agent_params)
@@ -810,7 +822,10 @@ def create_app(
             err.update(_unknown_keys(item, LOG_KEYS))
             if not isinstance(item.get("event"), str) or not item["event"]:
                 err["event"] = ["This field is required."]
-            if item.get("job") is not None and not _is_int(item["job"]):
+            job = item.get("job")
+            if isinstance(job, str) and job.strip().isdigit():
+                item["job"] = int(job)  # the SDK's JobLogger sends SYNAPSE_JOB_ID as a string
+            elif job is not None and not _is_int(job):
                 err["job"] = ["A valid integer is required."]
             for k in ("datetime", "step", "level"):
                 if item.get(k) is not None and not isinstance(item[k], str):
@@ -821,7 +836,7 @@ def create_app(
         ids = st.store.add_logs(items)
         return JSONResponse([{"id": i, **item} for i, item in zip(ids, items, strict=True)], status_code=201)
 
-    log_params = frozenset(("job", "page", "page_size"))
+    log_params = frozenset(("job", "page", "page_size", *IGNORED_PARAMS))
 
     async def list_logs(request: Request) -> Response:
         _only_params(request, log_params)

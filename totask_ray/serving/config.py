@@ -97,6 +97,8 @@ class InferenceAction(_Strict):
 class DeploymentAction(_Strict):
     entrypoint: str = Field(pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
     serve_options: ServeOptions = Field(default_factory=ServeOptions)
+    # The app's own constructor options (e.g. a detector's thresholds), passed to build_app as given.
+    options: dict[str, Any] = Field(default_factory=dict)
 
 
 class Actions(_Strict):

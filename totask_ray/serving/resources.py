@@ -146,4 +146,5 @@ def deployment_args(config: ReleaseConfig, payload: Mapping[str, Any] | None = N
         max_ongoing_requests=serve_options.max_ongoing_requests,
         max_batch_size=serve_options.batch.max_batch_size,
         batch_wait_timeout_s=serve_options.batch.batch_wait_timeout_s,
+        options=dict(config.actions.deployment.options) if config.actions.deployment else {},
     )

@@ -1,0 +1,147 @@
+"""The inference method end to end: Ray Data → the real faces app on Ray Serve → the platform.
+
+Critical errors stop the run before anything is written; per-task problems fail only their task.
+Outcomes are read back from the platform.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+
+from helpers import config_for, write_media
+from totask_ray import ToTask, ToTaskError, run_to_task
+from totask_ray.local.seed import write_sample_images
+from totask_ray.params import RunStatus
+from totask_ray.serving.config import load_release_config
+
+pytestmark = pytest.mark.usefixtures("ray_cluster", "serve_http_port")
+
+FAST = {"serve_poll_interval_s": 0.5, "serve_ready_timeout_s": 120, "progress_bar": False, "num_actors": 1}
+
+
+def _release(platform, version: str = "1.0.0", **changes) -> int:
+    cfg = load_release_config("serve_apps/faces").model_dump(mode="json", exclude_none=True)
+    cfg["version"] = version
+    for path, value in changes.items():
+        node = cfg
+        *parents, leaf = path.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return platform.store.create_plugin_release("faces", version, cfg)
+
+
+def _png(array: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def images(platform):
+    sample = write_sample_images(platform.media_dir)
+    return {name: info["path"] for name, info in sample.items()}
+
+
+def _project(platform, paths: list[str]) -> tuple[int, list[int]]:
+    store = platform.store
+    dc = store.create_data_collection("inference", [{"name": "image_1", "is_primary": True}])
+    project = store.create_project("inference", dc)
+    rows = [{"data_unit": store.create_data_unit(dc, {"image_1": {"path": p}}), "status": "pending"} for p in paths]
+    return project, store.create_tasks_bulk(project, rows)
+
+
+def _params(project: int, release: int, **extra) -> dict:
+    return {"name": "Faces", "project": project, "method": "inference", "pre_processor": release,
+            "pre_processor_params": {"confidence_threshold": 0.5}, "batch_size": 8, **extra}  # fmt: skip
+
+
+def test_faces_per_task_outcomes(platform, images, tmp_path):
+    garbage = write_media(platform, "inference/garbage.png", b"this is not an image")
+    paths = [images["astronaut"], images["coffee"], garbage, "inference/missing.png", images["astronaut"]]
+    project, ids = _project(platform, paths)
+    release = _release(platform)
+    result = run_to_task(_params(project, release), platform=config_for(platform), report=tmp_path / "r.jsonl", **FAST)
+
+    assert result.status is RunStatus.SUCCEEDED
+    assert (result.success_count, result.failed_count) == (2, 3)
+    errors = {f.task_id: f.error for f in result.failures}
+    assert errors[ids[1]] == "empty inference result"  # coffee: no face, nothing written
+    assert "could not be decoded" in errors[ids[2]]
+    assert "HTTP 404" in errors[ids[3]] and "signature" not in errors[ids[3]]
+    for tid in (ids[0], ids[4]):
+        data = platform.store.get_task(tid)["data"]
+        (face,) = data["objects"]
+        c = face["coordinates"]
+        assert face["type"] == "bbox" and face["properties"]["label"] == "face"
+        assert 0.5 <= face["properties"]["confidence"] <= 1.0
+        assert 177 <= c["x"] + c["width"] / 2 <= 270 and 67 <= c["y"] + c["height"] / 2 <= 160
+    for tid in ids[1:4]:
+        assert not platform.store.get_task(tid)["data"]
+    assert set(platform.store.history_counts(task_ids=ids).values()) == {1}
+
+
+class PerTaskParams(ToTask):
+    """Even tasks ask for labels the model never emits: their result is empty, odd tasks keep theirs."""
+
+    def setup_inference_params(self, primary_file_url, primary_file_name, data_files, *, model_id,
+                               pre_processor_params, pre_processor_config, task_data):  # fmt: skip
+        params = dict(pre_processor_params)
+        assert pre_processor_config["code"] == "faces" and "image_1" in data_files
+        if task_data["id"] % 2 == 0:
+            params["class_filter"] = ["cat"]
+        return params
+
+
+def test_setup_inference_params_override_reaches_the_app(platform, images):
+    project, ids = _project(platform, [images["astronaut"]] * 6)
+    result = run_to_task(_params(project, _release(platform)), platform=config_for(platform), action_cls=PerTaskParams, **FAST)
+    even = [t for t in ids if t % 2 == 0]
+    assert result.failed_count == len(even) and result.success_count == len(ids) - len(even)
+    for tid in ids:
+        data = platform.store.get_task(tid)["data"]
+        assert bool(data) is (tid % 2 == 1)
+
+
+def test_release_that_does_not_exist(platform, images):
+    project, ids = _project(platform, [images["astronaut"]])
+    with pytest.raises(ToTaskError) as info:
+        run_to_task(_params(project, 999_999), platform=config_for(platform), **FAST)
+    assert str(info.value).startswith("Pre-processor not found")
+    assert platform.store.history_counts(task_ids=ids) == {}
+
+
+def test_capacity_shortfall_is_refused_at_dispatch(platform, images):
+    from ray import serve
+
+    project, ids = _project(platform, [images["astronaut"]])
+    release = _release(platform, "9.0.0-gpu", **{"actions.inference.required_resources.required_gpu_count": 4})
+    with pytest.raises(ToTaskError) as info:
+        run_to_task(_params(project, release), platform=config_for(platform), **FAST)
+    message = str(info.value)
+    assert message.startswith("Pre-processor not active") and "GPU 4" in message
+    assert "faces@9.0.0-gpu" not in serve.status().applications  # refused before dispatch
+    assert platform.store.history_counts(task_ids=ids) == {}
+
+
+def test_an_app_that_fails_to_deploy_fails_fast_and_is_torn_down(platform, images):
+    import time
+
+    from ray import serve
+
+    project, ids = _project(platform, [images["astronaut"]])
+    release = _release(platform, "9.0.0-broken", **{"actions.deployment.options": {"no_such_option": 1}})
+    t0 = time.monotonic()
+    with pytest.raises(ToTaskError) as info:
+        run_to_task(_params(project, release), platform=config_for(platform), **{**FAST, "serve_ready_timeout_s": 300})
+    assert time.monotonic() - t0 < 120  # fails on DEPLOY_FAILED, well before the timeout
+    assert str(info.value) == (
+        "Pre-processor not active: Pre-processor deployment failed: serve application reached terminal state (DEPLOY_FAILED)"
+    )
+    assert "faces@9.0.0-broken" not in serve.status().applications  # rolled back: this run started it
+    assert platform.store.history_counts(task_ids=ids) == {}
