@@ -112,15 +112,16 @@ class JobSink:
     def start(self) -> None:
         self._patch({"status": "RUNNING"})
 
-    def progress(self, done: int, total: int, metrics: Any) -> None:
+    def progress(self, done: int, total: int, metrics: Any, workflow: dict[str, int] | None = None) -> None:
         pct = round(100.0 * done / total, 1) if total else 100.0
         m = metrics.model_dump()
+        steps: dict[str, Any] = {STEP: {k: m[k] for k in ("success", "failed", "stand_by")}}
+        if workflow is not None:
+            steps["workflow_action"] = workflow
         self._patch(
             {
                 "progress_record": {STEP: {"current": done, "total": total, "percent": pct}},
-                "metrics_record": {
-                    "record": {"steps": {STEP: {k: m[k] for k in ("success", "failed", "stand_by")}}}
-                },
+                "metrics_record": {"record": {"steps": steps}},
             }
         )
 
@@ -218,7 +219,11 @@ class Annotate(Step):
             ctx.report_file = open(ctx.options.report, "w", encoding="utf-8")  # noqa: SIM115 - closed in finalize
             ctx.cleanups.append(ctx.report_file.close)
         ctx.tracker = RunTracker(
-            max(total, 0), report=ctx.report_file, job_sink=ctx.job, show_bar=ctx.options.progress_bar
+            max(total, 0),
+            report=ctx.report_file,
+            job_sink=ctx.job,
+            show_bar=ctx.options.progress_bar,
+            workflow=ctx.params.on_success is not None,
         )
         critical = None
         try:
@@ -270,8 +275,8 @@ def _result(ctx: RunContext, status: RunStatus | None = None, message: str | Non
         counts += f", {t.skipped} skipped"
     if metrics.stand_by:
         counts += f", {metrics.stand_by} not processed"
-    if t.workflow_failed:
-        counts += f" ({t.workflow_failed} workflow action(s) failed)"
+    if t.workflow:
+        counts += f"; on_success applied to {t.workflow_applied}, refused for {t.workflow_failed}"
     if t.failures_dropped:
         counts += f"; the first {len(t.failures)} failures are listed, all are in the report"
     if message is None:
@@ -285,6 +290,7 @@ def _result(ctx: RunContext, status: RunStatus | None = None, message: str | Non
         success_count=t.success,
         failed_count=t.failed,
         skipped_count=t.skipped,
+        workflow_applied_count=t.workflow_applied,
         workflow_failed_count=t.workflow_failed,
         failures=list(t.failures),
         metrics=metrics,

@@ -231,6 +231,7 @@ class ToTaskResult(BaseModel):
     failures: list[TaskFailure] = Field(default_factory=list)
     metrics: Metrics = Field(default_factory=Metrics)
     skipped_count: int = 0
+    workflow_applied_count: int = 0
     workflow_failed_count: int = 0
     elapsed_s: float = 0.0
 

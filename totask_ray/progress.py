@@ -85,11 +85,14 @@ class RunTracker:
         show_bar: bool | None = None,
         log_every_s: float = 10.0,
         job_every_s: float = 2.0,
+        workflow: bool = False,
     ):
         self.total = total
         self.success = 0
         self.failed = 0
         self.skipped = 0
+        self.workflow = workflow
+        self.workflow_applied = 0
         self.workflow_failed = 0
         self.duplicates = 0
         self.failures: list[TaskFailure] = []
@@ -130,6 +133,8 @@ class RunTracker:
             if o.workflow_error:
                 self.workflow_failed += 1
                 log.warning("[Task %d] Workflow action failed: %s", o.task_id, o.workflow_error)
+            elif self.workflow and o.written:
+                self.workflow_applied += 1
         elif o.status is Status.SKIPPED:
             self.skipped += 1
         else:
@@ -165,7 +170,10 @@ class RunTracker:
             self._last_log = now
         if self._job is not None and (force or now - self._last_job >= self._job_every):
             self._last_job = now
-            self._job.progress(self.done, total, self.metrics())
+            workflow = (
+                {"success": self.workflow_applied, "failed": self.workflow_failed} if self.workflow else None
+            )
+            self._job.progress(self.done, total, self.metrics(), workflow)
 
     def close(self) -> None:
         self._maybe_report(force=True)

@@ -36,6 +36,7 @@ from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route
 
 from .store import JOB_STATUSES, TASK_FIELDS, Store, TaskQuery, format_ts, parse_ts
+from .workflow import submitted_status, transition_error
 
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
@@ -608,8 +609,32 @@ def create_app(
         if errors:
             raise ApiError(400, errors)
         task_id = request.path_params["id"]
-        if not st.store.update_task(task_id, **body):
+        task = st.store.get_task(task_id)
+        if task is None:
             raise _not_found()
+        if "status" in body and (why := transition_error(task["status"], body["status"])):
+            raise ApiError(400, {"status": [why]})
+        if body.get("assignee") is not None and not any(
+            u["id"] == body["assignee"] for u in st.store.list_users()
+        ):
+            raise ApiError(400, {"assignee": [f"User {body['assignee']} does not exist."]})
+        st.store.update_task(task_id, **body)
+        return JSONResponse(st.store.get_task(task_id))
+
+    async def submit_task(request: Request) -> Response:
+        """Move a task to the next workflow stage (Encord's `submit`)."""
+        body = await _json_body(request) if await request.body() else {}
+        errors = _unknown_keys(_require_object(body), ())
+        if errors:
+            raise ApiError(400, errors)
+        task_id = request.path_params["id"]
+        task = st.store.get_task(task_id)
+        if task is None:
+            raise _not_found()
+        new = submitted_status(task["status"])
+        if new is None:
+            raise ApiError(400, {"status": [f"task {task_id} is already complete; there is no next stage"]})
+        st.store.update_task(task_id, status=new)
         return JSONResponse(st.store.get_task(task_id))
 
     async def annotate_task(request: Request) -> Response:
@@ -951,6 +976,7 @@ def create_app(
         Route("/tasks/{id:int}/", get_task, methods=["GET"]),
         Route("/tasks/{id:int}/", patch_task, methods=["PATCH"]),
         Route("/tasks/{id:int}/annotate_task_data/", annotate_task, methods=["PUT"]),
+        Route("/tasks/{id:int}/submit/", submit_task, methods=["POST"]),
         Route("/data_units/{id:int}/", get_data_unit, methods=["GET"]),
         Route("/plugin_releases/{id:int}/", get_plugin_release, methods=["GET"]),
         Route("/serve_applications/", list_serve_applications, methods=["GET"]),
