@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import json
+import logging
 import socket
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -21,6 +22,9 @@ from urllib.parse import urljoin, urlsplit
 import httpx
 
 from totask_ray.platform.errors import redact_url
+from totask_ray.retry import RetryPolicy
+
+log = logging.getLogger("totask_ray")
 
 DEFAULT_MAX_JSON_BYTES = 10 * 1024 * 1024
 DEFAULT_MAX_IMAGE_BYTES = 50 * 1024 * 1024
@@ -53,6 +57,8 @@ def parse_json_bytes(body: bytes, what: str = "file") -> Any:
         return json.loads(text, parse_constant=_bad_number)
     except ValueError as exc:
         raise DownloadError(f"Invalid JSON format in {what}: {exc}") from None
+    except RecursionError:
+        raise DownloadError(f"Invalid JSON format in {what}: nested too deeply") from None
 
 
 @dataclass(frozen=True)
@@ -94,12 +100,66 @@ class UrlPolicy:
         if self.host_allowed(host):
             return
         for addr in addresses:
-            ip = ipaddress.ip_address(addr.split("%", 1)[0])
-            if not ip.is_global or ip.is_multicast:
+            if not _is_public(ipaddress.ip_address(addr.split("%", 1)[0])):
                 raise DownloadError(
                     f"refusing to fetch from {host}: it resolves to a private, loopback or link-local address; "
                     "add the host to the allow-list if it is trusted"
                 )
+
+
+_NAT64 = (ipaddress.ip_network("64:ff9b::/96"), ipaddress.ip_network("64:ff9b:1::/48"))
+
+
+def _is_public(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    """A globally routable unicast address; an IPv6 address that embeds an IPv4 one (mapped,
+    IPv4-compatible, 6to4, NAT64) must embed a public one too: `::ffff:127.0.0.1` is loopback."""
+    if not ip.is_global or ip.is_multicast:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address):
+        embedded = ip.ipv4_mapped or ip.sixtofour
+        if embedded is None and (int(ip) >> 32 == 0 or any(ip in net for net in _NAT64)):
+            embedded = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+        if embedded is not None:
+            return _is_public(embedded)
+    return True
+
+
+def _transport_problem(exc: httpx.HTTPError) -> str:
+    """A failed exchange in words. httpx-aiohttp reports a refused connection as ConnectTimeout,
+    so the underlying cause decides between "could not connect" and "timed out"."""
+    cause = exc.__cause__
+    if isinstance(exc, httpx.ConnectError) or (
+        isinstance(cause, OSError) and not isinstance(cause, TimeoutError)
+    ):
+        return "could not connect"
+    if isinstance(exc, httpx.TimeoutException):
+        return "timed out"
+    return type(exc).__name__
+
+
+def _policy_session(policy: UrlPolicy, max_connections: int) -> Any:
+    """An aiohttp session whose resolver applies `policy` to the addresses it connects to, so a
+    name that resolves differently the second time (DNS rebinding) is still refused."""
+    import aiohttp
+    from aiohttp.abc import AbstractResolver
+    from aiohttp.resolver import DefaultResolver
+
+    class PolicyResolver(AbstractResolver):
+        def __init__(self) -> None:
+            self._inner = DefaultResolver()
+
+        async def resolve(self, host: str, port: int = 0, family: Any = socket.AF_INET) -> Any:
+            results = await self._inner.resolve(host, port, family)
+            policy.check_addresses(host.lower(), [r["host"] for r in results])
+            return results
+
+        async def close(self) -> None:
+            await self._inner.close()
+
+    connector = aiohttp.TCPConnector(
+        limit=max_connections, resolver=PolicyResolver(), ssl=httpx.create_ssl_context()
+    )
+    return aiohttp.ClientSession(connector=connector)
 
 
 async def _resolve(host: str, port: int) -> list[str]:
@@ -127,12 +187,19 @@ class Downloader:
         connect_timeout_s: float = 5.0,
         max_connections: int = 100,
         transport: httpx.AsyncBaseTransport | None = None,
+        retry: RetryPolicy | None = None,
     ):
         self.policy = policy
+        self.retry = retry or RetryPolicy(
+            retries=4, backoff_s=0.25, max_backoff_s=5.0, max_retry_after_s=30.0
+        )
         if transport is None:
             from httpx_aiohttp import AiohttpTransport
 
-            transport = AiohttpTransport(limits=httpx.Limits(max_connections=max_connections))
+            transport = AiohttpTransport(
+                limits=httpx.Limits(max_connections=max_connections),
+                client=lambda: _policy_session(policy, max_connections),
+            )
         self._http = httpx.AsyncClient(
             transport=transport,
             timeout=httpx.Timeout(timeout_s, connect=connect_timeout_s),
@@ -145,43 +212,60 @@ class Downloader:
         for _ in range(MAX_REDIRECTS + 1):
             host, port = self.policy.check_url(current)
             self.policy.check_addresses(host, await _resolve(host, port))
-            try:
-                async with self._http.stream("GET", current) as resp:
-                    if resp.is_redirect:
-                        location = resp.headers.get("location")
-                        if not location:
-                            raise DownloadError(f"{redact_url(current)} redirected without a location")
-                        current = urljoin(current, location)
-                        continue
-                    if resp.status_code >= 400:
-                        raise DownloadError(
-                            f"Failed to download from {redact_url(current)}: HTTP {resp.status_code}"
-                        )
-                    ctype = resp.headers.get("content-type", "").split(";", 1)[0].strip().lower()
-                    if ctype and not ctype.startswith(content_types) and not ctype.endswith("+json"):
-                        raise DownloadError(
-                            f"{redact_url(current)} has content type {ctype}, expected {content_types[0]}"
-                        )
-                    declared = resp.headers.get("content-length")
-                    if declared and declared.isdigit() and int(declared) > max_bytes:
-                        raise DownloadError(
-                            f"{redact_url(current)} is {int(declared):,} bytes, over the {max_bytes:,}-byte limit"
-                        )
-                    chunks: list[bytes] = []
-                    size = 0
-                    async for chunk in resp.aiter_bytes():
-                        size += len(chunk)
-                        if size > max_bytes:
-                            raise DownloadError(f"{redact_url(current)} is over the {max_bytes:,}-byte limit")
-                        chunks.append(chunk)
-                    return b"".join(chunks), ctype
-            except httpx.TimeoutException:
-                raise DownloadError(f"Failed to download from {redact_url(current)}: timed out") from None
-            except httpx.HTTPError as exc:
-                raise DownloadError(
-                    f"Failed to download from {redact_url(current)}: {type(exc).__name__}"
-                ) from None
+            got = await self._get(current, max_bytes, content_types)
+            if isinstance(got, str):  # a redirect: the next hop is checked like the first
+                current = got
+                continue
+            return got
         raise DownloadError(f"{redact_url(url)} redirected more than {MAX_REDIRECTS} times")
+
+    async def _get(self, url: str, max_bytes: int, content_types: tuple[str, ...]) -> tuple[bytes, str] | str:
+        """One hop: the body, or the redirect's target; throttling and transport errors retried."""
+        attempt = 0
+        while True:
+            try:
+                async with self._http.stream("GET", url) as resp:
+                    delay = self.retry.delay(attempt, replayable=True, response=resp)
+                    if delay is None:
+                        return await self._read(url, resp, max_bytes, content_types)
+                    status = resp.status_code
+            except httpx.HTTPError as exc:
+                delay = self.retry.delay(attempt, replayable=True, exc=exc)
+                if delay is None:
+                    what = "timed out" if isinstance(exc, httpx.TimeoutException) else type(exc).__name__
+                    raise DownloadError(f"Failed to download from {redact_url(url)}: {what}") from None
+                status = None
+            log.debug("retrying %s in %.2f s (HTTP %s)", redact_url(url), delay, status)
+            attempt += 1
+            await asyncio.sleep(delay)
+
+    @staticmethod
+    async def _read(
+        url: str, resp: httpx.Response, max_bytes: int, content_types: tuple[str, ...]
+    ) -> tuple[bytes, str] | str:
+        if resp.is_redirect:
+            location = resp.headers.get("location")
+            if not location:
+                raise DownloadError(f"{redact_url(url)} redirected without a location")
+            return urljoin(url, location)
+        if resp.status_code >= 400:
+            raise DownloadError(f"Failed to download from {redact_url(url)}: HTTP {resp.status_code}")
+        ctype = resp.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+        if ctype and not ctype.startswith(content_types) and not ctype.endswith("+json"):
+            raise DownloadError(f"{redact_url(url)} has content type {ctype}, expected {content_types[0]}")
+        declared = resp.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > max_bytes:
+            raise DownloadError(
+                f"{redact_url(url)} is {int(declared):,} bytes, over the {max_bytes:,}-byte limit"
+            )
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in resp.aiter_bytes():
+            size += len(chunk)
+            if size > max_bytes:
+                raise DownloadError(f"{redact_url(url)} is over the {max_bytes:,}-byte limit")
+            chunks.append(chunk)
+        return b"".join(chunks), ctype
 
     async def fetch_json(self, url: str, *, max_bytes: int = DEFAULT_MAX_JSON_BYTES) -> Any:
         body, _ = await self.fetch(url, max_bytes=max_bytes, content_types=JSON_CONTENT_TYPES)

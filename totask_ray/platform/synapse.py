@@ -17,9 +17,7 @@ concurrency on these machines: shared/reference/http-throughput-notes.md).
 from __future__ import annotations
 
 import asyncio
-import email.utils
 import os
-import random
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -45,12 +43,10 @@ from totask_ray.platform.models import (
     Project,
     Task,
 )
+from totask_ray.retry import RetryPolicy
 
 T = TypeVar("T")
 
-RETRY_STATUSES = frozenset({429, 502, 503, 504})
-# Statuses that mean the server refused the request before acting on it: safe to replay anything.
-NOT_APPLIED_STATUSES = frozenset({429, 503})
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
 TASK_FIELDS = "id,data,data_unit"
 
@@ -159,6 +155,8 @@ class _Core:
 
     def __post_init__(self) -> None:
         self.headers = self.config.headers()
+        c = self.config
+        self.retry = RetryPolicy(c.retries, c.backoff_s, c.max_backoff_s, c.max_retry_after_s)
         self._origin = urlsplit(self.config.host)
 
     def url(self, path: str) -> str:
@@ -192,24 +190,7 @@ class _Core:
         exc: Exception | None = None,
     ) -> float | None:
         """Seconds to wait before the next attempt, or None when this outcome is final."""
-        if attempt >= self.config.retries:
-            return None
-        if response is not None:
-            if response.status_code not in RETRY_STATUSES:
-                return None
-            if not call.replayable and response.status_code not in NOT_APPLIED_STATUSES:
-                return None
-            after = _retry_after(response.headers.get("Retry-After"))
-            if after is not None:
-                return min(after, self.config.max_retry_after_s)
-        elif exc is not None:
-            if not isinstance(exc, httpx.TransportError):
-                return None
-            # Only a connection that was never made is safe to replay for a non-idempotent call.
-            if not call.replayable and not isinstance(exc, httpx.ConnectError):
-                return None
-        backoff = min(self.config.backoff_s * (2**attempt), self.config.max_backoff_s)
-        return backoff * (0.5 + random.random() / 2)  # jitter: many actors must not retry in lockstep
+        return self.retry.delay(attempt, replayable=call.replayable, response=response, exc=exc)
 
     def connection_error(self, call: Call[Any], exc: Exception) -> PlatformConnectionError:
         what = "timed out" if isinstance(exc, httpx.TimeoutException) else "could not connect"
@@ -248,20 +229,6 @@ class _Core:
         for secret in self.config.secrets():
             text = text.replace(secret, "***")
         return text.strip()
-
-
-def _retry_after(value: str | None) -> float | None:
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when.timestamp() - time.time())
 
 
 def _short(exc: Exception) -> str:
