@@ -173,7 +173,7 @@ def test_platform_restarted_mid_run(platform, tmp_path):
             num_actors=2,
             concurrency=8,
             progress_bar=False,
-        )  # fmt: skip
+        )
     )
     wait_for_writes(platform, ids, 40)
     old_pid = platform.pid
@@ -199,7 +199,7 @@ def test_data_actor_killed_mid_run(platform, tmp_path):
             num_actors=2,
             concurrency=4,
             progress_bar=False,
-        )  # fmt: skip
+        )
     )
     wait_for_writes(platform, ids, 60)
     assert kill_processes("MapBatches(FileAnnotator)") >= 1
