@@ -177,37 +177,20 @@ class InferenceAnnotator(_Annotator):
         )  # fmt: skip
 
     async def run_batch(self, ids: list[int]) -> list[Outcome]:
-        prepared = await asyncio.gather(*(self._isolated(self._prepare, tid) for tid in ids))
+        prepared = await asyncio.gather(*(self._isolated(tid, self._prepare, tid) for tid in ids))
         outcomes = [p for p in prepared if isinstance(p, Outcome)]
         ready = [p for p in prepared if isinstance(p, _Ready)]
         groups: dict[str, list[_Ready]] = {}
         for item in ready:
             groups.setdefault(item.key, []).append(item)
         results = await asyncio.gather(*(self._infer_group(g) for g in groups.values()))
-        finishing = [self._isolated(self._finish, item, dets) for group in results for item, dets in group]
+        finishing = [
+            self._isolated(item.task.id, self._finish, item, dets)
+            for group in results
+            for item, dets in group
+        ]
         outcomes.extend(await asyncio.gather(*finishing))
         return outcomes
-
-    async def _isolated(self, fn: Any, *args: Any) -> Any:
-        """`fn`'s result, or the failed outcome of its task: one task's problem stays its own."""
-        return await self._guarded_call(args[0] if isinstance(args[0], int) else args[0].task.id, fn, *args)
-
-    async def _guarded_call(self, task_id: int, fn: Any, *args: Any) -> Any:
-        assert self._sem is not None
-        import time
-
-        async with self._sem:
-            t0 = time.perf_counter()
-            try:
-                result = await fn(*args)
-            except TaskFailed as exc:
-                result = Outcome(task_id, _failed(), exc.stage, safe_error(exc), critical=exc.critical)
-            except Exception as exc:
-                result = Outcome(task_id, _failed(), Stage.CONVERT, safe_error(exc))
-            if isinstance(result, Outcome):
-                result.duration_ms = (time.perf_counter() - t0) * 1000
-                result.node = self.node
-            return result
 
     async def _prepare(self, task_id: int) -> _Ready | Outcome:
         task, unit = await self.fetch_task(task_id)
@@ -299,9 +282,3 @@ class InferenceAnnotator(_Annotator):
         except Exception as exc:
             raise TaskFailed(Stage.CONVERT, f"convert_data_from_inference raised {safe_error(exc)}") from exc
         return await self.validate_and_write(item.task, data)
-
-
-def _failed() -> Any:
-    from totask_ray.pipeline.outcomes import Status
-
-    return Status.FAILED

@@ -45,6 +45,7 @@ class Outcome:
     workflow_error: str = ""
     objects: int = 0
     duration_ms: float = 0.0
+    finished_at: float = 0.0  # unix time: lets a report be plotted as throughput over the run
     node: str = ""
     would_write: str = ""  # JSON of the payload, in dry-run mode only
     extra: dict[str, Any] = field(default_factory=dict)
@@ -74,6 +75,7 @@ def to_columns(outcomes: list[Outcome]) -> dict[str, np.ndarray]:
         "workflow_error": np.array([o.workflow_error for o in outcomes], dtype=object),
         "objects": np.array([o.objects for o in outcomes], dtype=np.int32),
         "duration_ms": np.array([o.duration_ms for o in outcomes], dtype=np.float32),
+        "finished_at": np.array([o.finished_at for o in outcomes], dtype=np.float64),
         "node": np.array([o.node for o in outcomes], dtype=object),
         "would_write": np.array([o.would_write for o in outcomes], dtype=object),
     }
@@ -92,6 +94,7 @@ def from_columns(batch: dict[str, Any]) -> Iterator[Outcome]:
             workflow_error=str(batch["workflow_error"][i] or ""),
             objects=int(batch["objects"][i]),
             duration_ms=float(batch["duration_ms"][i]),
+            finished_at=float(batch["finished_at"][i]),
             node=str(batch["node"][i] or ""),
             would_write=str(batch["would_write"][i] or ""),
         )

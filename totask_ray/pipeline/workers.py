@@ -110,21 +110,25 @@ class _Annotator:
         return to_columns(outcomes)
 
     async def run_batch(self, ids: list[int]) -> list[Outcome]:
-        return list(await asyncio.gather(*(self._guarded(tid) for tid in ids)))
+        return list(await asyncio.gather(*(self._isolated(tid, self.process, tid) for tid in ids)))
 
-    async def _guarded(self, task_id: int) -> Outcome:
+    async def _isolated(self, task_id: int, fn: Callable[..., Awaitable[Any]], *args: Any) -> Any:
+        """`fn(*args)` under the concurrency bound; any failure becomes this task's outcome, never
+        an exception that would abort the batch (and with it the whole dataset)."""
         assert self._sem is not None
         async with self._sem:
             t0 = time.perf_counter()
             try:
-                outcome = await self.process(task_id)
+                result = await fn(*args)
             except TaskFailed as exc:
-                outcome = Outcome(task_id, Status.FAILED, exc.stage, safe_error(exc), critical=exc.critical)
+                result = Outcome(task_id, Status.FAILED, exc.stage, safe_error(exc), critical=exc.critical)
             except Exception as exc:  # a bug or a hook's surprise: this task's failure, not the batch's
-                outcome = Outcome(task_id, Status.FAILED, Stage.CONVERT, safe_error(exc))
-            outcome.duration_ms = (time.perf_counter() - t0) * 1000
-            outcome.node = self.node
-            return outcome
+                result = Outcome(task_id, Status.FAILED, Stage.CONVERT, safe_error(exc))
+            if isinstance(result, Outcome):
+                result.duration_ms = (time.perf_counter() - t0) * 1000
+                result.node = self.node
+                result.finished_at = time.time()
+            return result
 
     async def process(self, task_id: int) -> Outcome:  # pragma: no cover - per annotator
         raise NotImplementedError
