@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/totask-ray demo
+	$(BIN)/totask-ray demo --method all
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -rs --durations=15

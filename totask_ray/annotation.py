@@ -149,6 +149,8 @@ def validate_task_data(data: Any, schema: str = SCHEMA_DM_V1) -> dict[str, Any]:
     try:
         _require_finite(data, "data")
         json.dumps(data, allow_nan=False)
+    except RecursionError:
+        raise AnnotationError("task data is nested too deeply") from None
     except (TypeError, ValueError) as exc:
         raise AnnotationError(f"task data is not valid JSON: {exc}") from None
     if schema == SCHEMA_ANY:
@@ -161,6 +163,8 @@ def validate_task_data(data: Any, schema: str = SCHEMA_DM_V1) -> dict[str, Any]:
         TaskData.model_validate(data)
     except ValidationError as exc:
         raise AnnotationError(_describe(exc, data)) from None
+    except RecursionError:
+        raise AnnotationError("task data is nested too deeply") from None
     return data
 
 

@@ -154,7 +154,7 @@ def run(
 
 @app.command()
 def demo(
-    method: Annotated[str, typer.Option(help="file or inference")] = "file",
+    method: Annotated[str, typer.Option(help="file, inference, or all (file then faces and OCR)")] = "file",
     tasks: Annotated[int, typer.Option(help="Tasks to seed.")] = 200,
     data_dir: Annotated[
         Path | None, typer.Option(help="Platform data dir (default: a temporary one).")

@@ -14,6 +14,9 @@ from typing import Any
 
 log = logging.getLogger("totask_ray")
 
+# The CPU models take ~0.3 s an image here: small inference projects keep the demo short.
+INFERENCE_DEMO_TASKS = 24
+
 
 def _file_params(seeded: dict[str, Any]) -> dict[str, Any]:
     return {
@@ -33,8 +36,8 @@ def run_demo(method: str = "file", tasks: int = 200, data_dir: Path | None = Non
     from totask_ray.local.server import LocalPlatform
     from totask_ray.platform.synapse import SynapseClient, SynapseConfig
 
-    if method not in ("file", "inference"):
-        print(f"unknown method {method!r}: use file or inference")
+    if method not in ("file", "inference", "all"):
+        print(f"unknown method {method!r}: use file, inference or all")
         return 1
     root = Path(data_dir) if data_dir else Path(tempfile.mkdtemp(prefix="totask-demo-"))
     platform = LocalPlatform(data_dir=root)
@@ -47,7 +50,8 @@ def run_demo(method: str = "file", tasks: int = 200, data_dir: Path | None = Non
         config = SynapseConfig(host=platform.url, access_token=platform.token)
         code = 0
         for demo_name, make_params, run_options in runs:
-            seeded = DEMOS[demo_name](platform.store, platform.media_dir, tasks=tasks)
+            n = tasks if demo_name == "files" else min(tasks, INFERENCE_DEMO_TASKS)
+            seeded = DEMOS[demo_name](platform.store, platform.media_dir, tasks=n)
             print(
                 f"seeded demo '{demo_name}': " + json.dumps({k: v for k, v in seeded.items() if k != "truth"})
             )
@@ -62,7 +66,13 @@ def run_demo(method: str = "file", tasks: int = 200, data_dir: Path | None = Non
             with SynapseClient(config) as client:
                 written = _check_written(client, report)
             print(f"checked on the platform: {written} task(s) hold the written annotation; report: {report}")
-            code = max(code, exit_code(result))
+            if "truth" in seeded:
+                print(_truth_summary(platform.store, seeded))
+            if demo_name != "files" and started_ray:
+                _delete_serve_apps()  # the next demo's pre-processor and its actors need the CPUs
+            # Some demo tasks fail by design (face-free images give "empty inference result"):
+            # the demo succeeded when every run did.
+            code = max(code, 1 if exit_code(result) == 1 else 0)
         return code
     finally:
         if started_ray:
@@ -73,11 +83,12 @@ def run_demo(method: str = "file", tasks: int = 200, data_dir: Path | None = Non
 
 
 def _demo_runs(method: str) -> list[tuple[str, Any, dict[str, Any]]]:
-    if method == "file":
-        return [("files", _file_params, {})]
     from totask_ray.inference_demo import inference_demo_runs
 
-    return inference_demo_runs()
+    file_run = [("files", _file_params, {})]
+    if method == "file":
+        return file_run
+    return inference_demo_runs() if method == "inference" else file_run + inference_demo_runs()
 
 
 def _check_written(client: Any, report: Path, sample: int = 20) -> int:
@@ -93,3 +104,36 @@ def _check_written(client: Any, report: Path, sample: int = 20) -> int:
             if checked >= sample:
                 break
     return checked
+
+
+def _truth_summary(store: Any, seeded: dict[str, Any]) -> str:
+    """How the written annotations compare with the demo's ground truth."""
+    from totask_ray.local.seed_inference import match_faces
+
+    truth = {int(k): v for k, v in seeded["truth"].items()}
+    objects = {tid: (store.get_task(tid)["data"] or {}).get("objects", []) for tid in truth}
+    if seeded.get("demo") == "ocr":
+        exact = sum(
+            "\n".join(o["properties"].get("text", "") for o in objects[t]) == text
+            for t, text in truth.items()
+        )
+        return f"OCR: {exact} of {len(truth)} images read exactly"
+    found = missed = extra = 0
+    for tid, boxes in truth.items():
+        got = [
+            [o["coordinates"][k] for k in ("x", "y", "width", "height")]
+            for o in objects[tid]
+            if o["type"] == "bbox"
+        ]
+        m = match_faces(boxes, got)
+        found += len(boxes) - len(m["missed"])
+        missed += len(m["missed"])
+        extra += len(m["extra"])
+    return f"faces: {found} of {found + missed} true faces found with IoU >= 0.5, {extra} extra detections"
+
+
+def _delete_serve_apps() -> None:
+    from ray import serve
+
+    for name in list(serve.status().applications):
+        serve.delete(name)

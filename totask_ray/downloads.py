@@ -22,7 +22,7 @@ from urllib.parse import urljoin, urlsplit
 import httpx
 
 from totask_ray.platform.errors import redact_url
-from totask_ray.retry import RetryPolicy
+from totask_ray.retry import RetryPolicy, describe_transport_error
 
 log = logging.getLogger("totask_ray")
 
@@ -124,19 +124,6 @@ def _is_public(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
     return True
 
 
-def _transport_problem(exc: httpx.HTTPError) -> str:
-    """A failed exchange in words. httpx-aiohttp reports a refused connection as ConnectTimeout,
-    so the underlying cause decides between "could not connect" and "timed out"."""
-    cause = exc.__cause__
-    if isinstance(exc, httpx.ConnectError) or (
-        isinstance(cause, OSError) and not isinstance(cause, TimeoutError)
-    ):
-        return "could not connect"
-    if isinstance(exc, httpx.TimeoutException):
-        return "timed out"
-    return type(exc).__name__
-
-
 def _policy_session(policy: UrlPolicy, max_connections: int) -> Any:
     """An aiohttp session whose resolver applies `policy` to the addresses it connects to, so a
     name that resolves differently the second time (DNS rebinding) is still refused."""
@@ -232,8 +219,9 @@ class Downloader:
             except httpx.HTTPError as exc:
                 delay = self.retry.delay(attempt, replayable=True, exc=exc)
                 if delay is None:
-                    what = "timed out" if isinstance(exc, httpx.TimeoutException) else type(exc).__name__
-                    raise DownloadError(f"Failed to download from {redact_url(url)}: {what}") from None
+                    raise DownloadError(
+                        f"Failed to download from {redact_url(url)}: {describe_transport_error(exc)}"
+                    ) from None
                 status = None
             log.debug("retrying %s in %.2f s (HTTP %s)", redact_url(url), delay, status)
             attempt += 1
@@ -246,7 +234,9 @@ class Downloader:
         if resp.is_redirect:
             location = resp.headers.get("location")
             if not location:
-                raise DownloadError(f"{redact_url(url)} redirected without a location")
+                raise DownloadError(
+                    f"Failed to download from {redact_url(url)}: HTTP {resp.status_code} without a redirect location"
+                )
             return urljoin(url, location)
         if resp.status_code >= 400:
             raise DownloadError(f"Failed to download from {redact_url(url)}: HTTP {resp.status_code}")

@@ -48,7 +48,6 @@ class InferencePlan:
     lifecycle: LifecycleResult
     backend: Any
     config: dict[str, Any]
-    reserved_cpus: float
 
     @property
     def app_name(self) -> str:
@@ -67,7 +66,6 @@ class PrepareInference(Step):
         from totask_ray.serving.capacity import CapacityError
         from totask_ray.serving.config import PreProcessorRelease, ReleaseConfigError, parse_release_config
         from totask_ray.serving.lifecycle import RayServeBackend, ensure_running
-        from totask_ray.serving.resources import Resources
 
         release_id = ctx.params.pre_processor
         try:
@@ -95,11 +93,8 @@ class PrepareInference(Step):
             raise CriticalError(f"Pre-processor not active: {exc}") from exc
         if result.started:
             self._dispatched = release.app_name
-        resources = Resources.from_required(config.actions.inference.required_resources)
-        serve_options = config.actions.deployment.serve_options if config.actions.deployment else None
-        reserved = float(resources.num_cpus) * resources.replicas(serve_options)
         ctx.inference = InferencePlan(
-            release, result, backend, config.model_dump(mode="json", exclude_none=True), reserved
+            release, result, backend, config.model_dump(mode="json", exclude_none=True)
         )
         verb = "started" if result.started else "found running"
         log.info("pre-processor %s %s (%.1f s)", release.app_name, verb, result.elapsed_s)

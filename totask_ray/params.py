@@ -188,6 +188,10 @@ def _problems(exc: ValidationError) -> list[tuple[str, str]]:
         field = ".".join(loc) if loc else "(params)"
         kind = err["type"]
         if kind == "extra_forbidden":
+            if len(loc) > 1 and loc[0] == "on_success":  # a key inside on_success, not a parameter
+                known = ", ".join(sorted(OnSuccess.model_fields))
+                out.append((field, f"is not a known field of on_success; known fields are: {known}"))
+                continue
             known = ", ".join(sorted((f.alias or n) for n, f in ToTaskParams.model_fields.items()))
             out.append((field, f"is not a known parameter; known parameters are: {known}"))
             continue

@@ -19,6 +19,31 @@ RETRY_STATUSES = frozenset({429, 502, 503, 504})
 NOT_APPLIED_STATUSES = frozenset({429, 503})
 
 
+def never_connected(exc: BaseException) -> bool:
+    """True when the request certainly never reached the server (safe to replay anything).
+
+    httpx-aiohttp reports a refused connection as `ConnectTimeout`, so the aiohttp cause decides:
+    `ClientConnectorError` and its kinds (DNS, refused, TLS) all fail before a byte is sent.
+    """
+    if isinstance(exc, httpx.ConnectError):
+        return True
+    try:
+        import aiohttp
+    except ImportError:  # pragma: no cover - aiohttp comes with ray
+        return False
+    return isinstance(exc.__cause__, aiohttp.ClientConnectorError)
+
+
+def describe_transport_error(exc: BaseException) -> str:
+    """A failed exchange in words: "could not connect", "timed out", or the error's kind."""
+    cause = exc.__cause__
+    if never_connected(exc) or (isinstance(cause, OSError) and not isinstance(cause, TimeoutError)):
+        return "could not connect"
+    if isinstance(exc, httpx.TimeoutException):
+        return "timed out"
+    return type(exc).__name__
+
+
 def retry_after_seconds(value: str | None) -> float | None:
     """`Retry-After` as seconds (a number or an HTTP date), or None."""
     if not value:
@@ -63,7 +88,7 @@ class RetryPolicy:
         elif exc is not None:
             if not isinstance(exc, httpx.TransportError):
                 return None
-            if not replayable and not isinstance(exc, httpx.ConnectError):
+            if not replayable and not never_connected(exc):
                 return None
         backoff = min(self.backoff_s * (2**attempt), self.max_backoff_s)
         return backoff * (0.5 + random.random() / 2)

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from totask_ray.params import Method
+from totask_ray.pipeline.source import READ_TASK_CPUS
 
 if TYPE_CHECKING:
     from totask_ray.driver import RunContext
@@ -22,30 +23,34 @@ log = logging.getLogger("totask_ray")
 MAX_DEFAULT_ACTORS = 16
 
 
-def node_cpus() -> list[float]:
-    import ray
+def plan_actors(requested: int | None, actor_cpus: float) -> int:
+    """How many annotator actors to run: as asked, or as many as the nodes' free CPUs hold now.
 
-    return [float(n.get("Resources", {}).get("CPU", 0.0)) for n in ray.nodes() if n.get("Alive")]
-
-
-def plan_actors(requested: int | None, actor_cpus: float, reserved_cpus: float = 0.0) -> int:
-    """How many annotator actors to run: as asked, or one per CPU left after `reserved_cpus`.
-
-    Raises `CriticalError` when not even one actor fits on any node: Ray would wait for ever.
+    Free, not total: Serve replicas (this run's pre-processor or anyone else's) already hold theirs.
+    Raises `CriticalError` at once when not even one actor can be placed: Ray would otherwise wait
+    until the actor start timeout with nothing to show for it.
     """
     from totask_ray.driver import CriticalError
+    from totask_ray.serving.capacity import pack, read_cluster
 
-    cpus = node_cpus()
-    biggest = max(cpus, default=0.0)
-    if actor_cpus > biggest:
+    snapshot = read_cluster()
+    bundle = {"CPU": actor_cpus}
+    # leave a read task's share of a CPU free so task ids can still be listed
+    free = [{**node, "CPU": node.get("CPU", 0.0) - READ_TASK_CPUS} for node in snapshot.available]
+    fits_now = pack(bundle, MAX_DEFAULT_ACTORS if requested is None else requested, free)
+    if fits_now == 0:
+        biggest = max((n.get("CPU", 0.0) for n in snapshot.totals), default=0.0)
+        held = sum(n.get("CPU", 0.0) for n in snapshot.totals) - sum(
+            n.get("CPU", 0.0) for n in snapshot.available
+        )
         raise CriticalError(
-            f"Annotator actors need {actor_cpus} CPU each but the largest node has {biggest}: "
-            "lower actor_cpus or add a bigger node"
+            f"No room for annotator actors: each needs {actor_cpus:g} CPU, the largest node has {biggest:g} and "
+            f"{held:g} CPU are held by other work (e.g. Serve replicas). Lower actor_cpus, delete idle Serve "
+            "applications, or add nodes."
         )
     if requested is not None:
-        return requested
-    free = max(sum(cpus) - reserved_cpus, actor_cpus)
-    return max(1, min(MAX_DEFAULT_ACTORS, int(free // 1) or 1))
+        return requested  # more than fit now: Ray Data places them as resources free up
+    return max(1, min(MAX_DEFAULT_ACTORS, fits_now))
 
 
 def ship_plugin(cls: type) -> None:
@@ -101,10 +106,9 @@ def run_pipeline(ctx: RunContext) -> Iterator[dict[str, Any]]:
 
         annotator: type = InferenceAnnotator
         ctor_kwargs = inference_worker_kwargs(ctx, settings)
-        reserved = ctx.inference.reserved_cpus if ctx.inference is not None else 0.0
     else:
-        annotator, ctor_kwargs, reserved = FileAnnotator, {"settings": settings}, 0.0
-    actors = plan_actors(o.num_actors, o.actor_cpus, reserved)
+        annotator, ctor_kwargs = FileAnnotator, {"settings": settings}
+    actors = plan_actors(o.num_actors, o.actor_cpus)
     source = TaskIdSource(
         ctx.config,
         ctx.params.project,

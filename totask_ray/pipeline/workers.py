@@ -14,6 +14,7 @@ import asyncio
 import inspect
 import json
 import logging
+import re
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -38,6 +39,7 @@ from totask_ray.platform.models import DataUnit, Task
 from totask_ray.platform.synapse import AsyncSynapseClient, SynapseConfig
 
 MAX_ERROR_CHARS = 500
+_URL = re.compile(r"https?://[^\s'\"<>()\[\]{}]+", re.IGNORECASE)
 
 
 class TaskFailed(Exception):
@@ -68,8 +70,8 @@ class WorkerSettings:
 def safe_error(exc: BaseException) -> str:
     """An exception as one short line: type and message, URLs without their query strings."""
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    words = [redact_url(w) if w.startswith(("http://", "https://")) else w for w in text.split(" ")]
-    text = " ".join(words)
+    # wherever a URL appears (quoted by httpx, requests or a plugin), drop its query: signatures
+    text = _URL.sub(lambda m: redact_url(m.group(0)), text)
     if isinstance(exc, PlatformError | DownloadError | AnnotationError | TaskFailed):
         out = text
     else:

@@ -43,7 +43,7 @@ from totask_ray.platform.models import (
     Project,
     Task,
 )
-from totask_ray.retry import RetryPolicy
+from totask_ray.retry import RetryPolicy, describe_transport_error
 
 T = TypeVar("T")
 
@@ -193,7 +193,7 @@ class _Core:
         return self.retry.delay(attempt, replayable=call.replayable, response=response, exc=exc)
 
     def connection_error(self, call: Call[Any], exc: Exception) -> PlatformConnectionError:
-        what = "timed out" if isinstance(exc, httpx.TimeoutException) else "could not connect"
+        what = describe_transport_error(exc)
         return PlatformConnectionError(
             f"{self.label(call)} {what} ({type(exc).__name__}) at {redact_url(self.config.host)}"
         )
