@@ -245,3 +245,4 @@ def seed_files_demo(store: Store, media_dir: str | Path, tasks: int = 100, seed:
 
 # Demos by name: `(store, media_dir, *, tasks, seed, ...) -> dict of the ids made`.
 DEMOS: dict[str, Callable[..., dict[str, Any]]] = {"files": seed_files_demo}
+from . import seed_inference  # noqa: E402, F401 - registers the "faces" and "ocr" demos in DEMOS
