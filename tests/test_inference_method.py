@@ -10,8 +10,8 @@ import io
 
 import numpy as np
 import pytest
-
 from helpers import config_for, write_media
+
 from totask_ray import ToTask, ToTaskError, run_to_task
 from totask_ray.local.seed import write_sample_images
 from totask_ray.params import RunStatus
@@ -52,7 +52,10 @@ def _project(platform, paths: list[str]) -> tuple[int, list[int]]:
     store = platform.store
     dc = store.create_data_collection("inference", [{"name": "image_1", "is_primary": True}])
     project = store.create_project("inference", dc)
-    rows = [{"data_unit": store.create_data_unit(dc, {"image_1": {"path": p}}), "status": "pending"} for p in paths]
+    rows = [
+        {"data_unit": store.create_data_unit(dc, {"image_1": {"path": p}}), "status": "pending"}
+        for p in paths
+    ]
     return project, store.create_tasks_bulk(project, rows)
 
 
@@ -66,7 +69,9 @@ def test_faces_per_task_outcomes(platform, images, tmp_path):
     paths = [images["astronaut"], images["coffee"], garbage, "inference/missing.png", images["astronaut"]]
     project, ids = _project(platform, paths)
     release = _release(platform)
-    result = run_to_task(_params(project, release), platform=config_for(platform), report=tmp_path / "r.jsonl", **FAST)
+    result = run_to_task(
+        _params(project, release), platform=config_for(platform), report=tmp_path / "r.jsonl", **FAST
+    )
 
     assert result.status is RunStatus.SUCCEEDED
     assert (result.success_count, result.failed_count) == (2, 3)
@@ -100,7 +105,9 @@ class PerTaskParams(ToTask):
 
 def test_setup_inference_params_override_reaches_the_app(platform, images):
     project, ids = _project(platform, [images["astronaut"]] * 6)
-    result = run_to_task(_params(project, _release(platform)), platform=config_for(platform), action_cls=PerTaskParams, **FAST)
+    result = run_to_task(
+        _params(project, _release(platform)), platform=config_for(platform), action_cls=PerTaskParams, **FAST
+    )
     even = [t for t in ids if t % 2 == 0]
     assert result.failed_count == len(even) and result.success_count == len(ids) - len(even)
     for tid in ids:
@@ -120,7 +127,9 @@ def test_capacity_shortfall_is_refused_at_dispatch(platform, images):
     from ray import serve
 
     project, ids = _project(platform, [images["astronaut"]])
-    release = _release(platform, "9.0.0-gpu", **{"actions.inference.required_resources.required_gpu_count": 4})
+    release = _release(
+        platform, "9.0.0-gpu", **{"actions.inference.required_resources.required_gpu_count": 4}
+    )
     with pytest.raises(ToTaskError) as info:
         run_to_task(_params(project, release), platform=config_for(platform), **FAST)
     message = str(info.value)
@@ -138,10 +147,62 @@ def test_an_app_that_fails_to_deploy_fails_fast_and_is_torn_down(platform, image
     release = _release(platform, "9.0.0-broken", **{"actions.deployment.options": {"no_such_option": 1}})
     t0 = time.monotonic()
     with pytest.raises(ToTaskError) as info:
-        run_to_task(_params(project, release), platform=config_for(platform), **{**FAST, "serve_ready_timeout_s": 300})
+        run_to_task(
+            _params(project, release), platform=config_for(platform), **{**FAST, "serve_ready_timeout_s": 300}
+        )
     assert time.monotonic() - t0 < 120  # fails on DEPLOY_FAILED, well before the timeout
     assert str(info.value) == (
         "Pre-processor not active: Pre-processor deployment failed: serve application reached terminal state (DEPLOY_FAILED)"
     )
     assert "faces@9.0.0-broken" not in serve.status().applications  # rolled back: this run started it
     assert platform.store.history_counts(task_ids=ids) == {}
+
+
+def _boxes(data: dict | None) -> list[list[float]]:
+    objs = (data or {}).get("objects", [])
+    return [[o["coordinates"][k] for k in ("x", "y", "width", "height")] for o in objs if o["type"] == "bbox"]
+
+
+def test_faces_match_ground_truth(platform):
+    from totask_ray.local.seed_inference import match_faces, seed_faces_demo
+
+    seeded = seed_faces_demo(platform.store, platform.media_dir, tasks=16, seed=1)
+    params = {"name": "Faces_Truth", "project": seeded["project"], "method": "inference",
+              "pre_processor": seeded["pre_processor"], "pre_processor_params": seeded["pre_processor_params"],
+              "batch_size": 8}  # fmt: skip
+    result = run_to_task(params, platform=config_for(platform), **FAST)
+    truth = {int(k): v for k, v in seeded["truth"].items()}
+    assert any(truth.values()) and not all(truth.values())  # both kinds of image are there
+    for tid, faces in truth.items():
+        data = platform.store.get_task(tid)["data"]
+        found = _boxes(data)
+        if not faces:
+            assert not found, f"task {tid}: a face-free image got {found}"
+            continue
+        match = match_faces(faces, found)
+        assert not match["missed"], f"task {tid}: truth {faces}, found {found}, IoUs {match['ious']}"
+        assert min(match["ious"]) >= 0.5
+        for o in data["objects"]:
+            assert o["properties"]["label"] == "face" and 0.5 <= o["properties"]["confidence"] <= 1
+    assert result.success_count == sum(1 for f in truth.values() if f)
+
+
+def test_ocr_reads_the_generated_text_exactly(platform):
+    from ray import serve
+
+    from totask_ray.local.seed_inference import seed_ocr_demo
+
+    seeded = seed_ocr_demo(platform.store, platform.media_dir, tasks=8, seed=2)
+    params = {"name": "Ocr_Truth", "project": seeded["project"], "method": "inference",
+              "pre_processor": seeded["pre_processor"], "pre_processor_params": seeded["pre_processor_params"],
+              "batch_size": 4}  # fmt: skip
+    try:
+        result = run_to_task(params, platform=config_for(platform), **FAST)
+    finally:
+        for name in [n for n in serve.status().applications if n.startswith("ocr@")]:
+            serve.delete(name)
+    assert result.failed_count == 0
+    for tid, text in seeded["truth"].items():
+        objs = platform.store.get_task(int(tid))["data"]["objects"]
+        assert "\n".join(o["properties"]["text"] for o in objs) == text
+        assert all(o["type"] == "polygon" for o in objs)
