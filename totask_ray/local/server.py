@@ -66,7 +66,7 @@ def load_plugin_runner(spec: str | None) -> Any:
     if not module_name or not attr:
         raise ValueError(f"plugin runner must be given as 'module:attr', got {spec!r}")
     obj = getattr(importlib.import_module(module_name), attr)
-    return obj() if callable(obj) and not hasattr(obj, "deploy") else obj
+    return obj() if isinstance(obj, type) or (callable(obj) and not hasattr(obj, "deploy")) else obj
 
 
 def _uvicorn_choices() -> tuple[str, str]:
