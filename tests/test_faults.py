@@ -112,11 +112,18 @@ def wait_for_writes(platform, ids: list[int], at_least: int, timeout: float = 12
 
 
 def kill_processes(title_part: str) -> int:
-    """SIGKILL every Ray worker whose process title contains `title_part`; how many were killed."""
+    """SIGKILL this suite's Ray workers whose process title contains `title_part`.
+
+    Only descendants of this process (its `ray.init` started the raylet that started them): other
+    Ray clusters on the machine are never touched.
+    """
     killed = 0
-    for proc in psutil.process_iter(["pid", "cmdline"]):
-        cmd = " ".join(proc.info.get("cmdline") or [])
-        if title_part in cmd and proc.pid != os.getpid():
+    for proc in psutil.Process(os.getpid()).children(recursive=True):
+        try:
+            cmd = " ".join(proc.cmdline())
+        except psutil.Error:
+            continue
+        if title_part in cmd:
             os.kill(proc.pid, signal.SIGKILL)
             killed += 1
     return killed
