@@ -78,3 +78,17 @@ def test_submit_and_assign_after_writing(platform, tmp_path):
         assert (task["status"], task["assignee"]) == ("in_review", user)
     record = platform.store.get_job(job)
     assert record["metrics_record"]["record"]["steps"]["workflow_action"] == {"success": 4, "failed": 0}
+
+
+@pytest.mark.usefixtures("ray_cluster")
+def test_on_success_that_moves_tasks_out_of_the_filter_skips_none(platform):
+    # Offset pages read while tasks leave the `status: pending` filter would skip some: the run
+    # lists the ids first when on_success changes a filtered field.
+    project, ids = make_project(platform, [good_unit(platform, i, "wf3") for i in range(120)])
+    result = run_to_task(
+        {**FILE, "project": project, "task_filters": {"status": "pending"}, "on_success": {"submit": True}},
+        platform=config_for(platform), num_actors=2, progress_bar=False, page_size=10,
+    )  # fmt: skip
+    assert (result.total_tasks, result.success_count, result.workflow_applied_count) == (120, 120, 120)
+    assert {platform.store.get_task(t)["status"] for t in ids} == {"in_review"}
+    assert set(platform.store.history_counts(task_ids=ids).values()) == {1}

@@ -75,6 +75,35 @@ def ship_plugin(cls: type) -> None:
         cloudpickle.register_pickle_by_value(module)
 
 
+def listing_moves_under_us(ctx: RunContext) -> bool:
+    """True when writing a task can take it out of the filters (on_success changes a filtered
+    field): offset pages read later would then skip tasks."""
+    action = ctx.params.on_success
+    if action is None:
+        return False
+    moved = {"status"} if (action.status is not None or action.submit) else set()
+    if action.assignee is not None:
+        moved.add("assignee")
+    return any(key.split("__", 1)[0] in moved for key in ctx.params.task_filters)
+
+
+def snapshot_dataset(ctx: RunContext, source: Any) -> Any:
+    """Every matching id read before anything is written (8 bytes a task), as a dataset."""
+    import numpy as np
+    import ray.data
+
+    from totask_ray.pipeline.source import _block
+
+    ids = np.fromiter(
+        ctx.client.iter_task_ids(
+            ctx.params.project, ctx.params.task_filters, page_size=ctx.options.page_size
+        ),
+        dtype=np.int64,
+    )
+    log.info("on_success changes a filtered field: listed %d task id(s) before writing", len(ids))
+    return ray.data.from_arrow(_block(ids.tolist(), source.exclude))
+
+
 def configure_data_context(ctx: RunContext) -> None:
     from ray.data import DataContext
 
@@ -117,8 +146,9 @@ def run_pipeline(ctx: RunContext) -> Iterator[dict[str, Any]]:
         page_size=o.page_size,
         exclude=ctx.exclude,
     )
+    dataset = snapshot_dataset(ctx, source) if listing_moves_under_us(ctx) else task_dataset(source)
     log.info("annotating %d task(s) with %d %s actor(s)", ctx.total, actors, annotator.__name__)
-    ds = task_dataset(source).map_batches(
+    ds = dataset.map_batches(
         annotator,
         fn_constructor_kwargs=ctor_kwargs,
         batch_size=ctx.params.batch_size,

@@ -18,6 +18,7 @@ import pyarrow as pa
 from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
+from totask_ray.platform.errors import NotFoundError
 from totask_ray.platform.synapse import SynapseClient, SynapseConfig
 
 READ_TASK_CPUS = 0.1
@@ -87,7 +88,10 @@ class TaskIdSource(Datasource):
         def read() -> Iterable[pa.Table]:
             with SynapseClient(config) as client:
                 for page in range(first_page, last_page + 1):
-                    result = client.task_id_page(project, filters, page=page, page_size=size)
+                    try:
+                        result = client.task_id_page(project, filters, page=page, page_size=size)
+                    except NotFoundError:
+                        return  # the listing shrank since it was counted: this page is gone
                     if result.ids:
                         yield _block(result.ids, exclude)
                     if not result.next:
