@@ -272,8 +272,14 @@ def test_serve_replica_killed_mid_run(platform, tmp_path):
         assert len(contents) <= 1
     failed = [o for o in outcomes.values() if o["status"] == "failed"]
     assert all("pre-processor" in o["error"] for o in failed), failed[:3]
+    print(
+        f"\n[fault summary] replica: tasks={len(ids)} success={result.success_count} failed={result.failed_count}"
+    )
     again = run_to_task(
         params, platform=config_for(platform), resume=report, report=tmp_path / "r2.jsonl", **run
+    )
+    print(
+        f"[fault summary] re-run: tasks={again.total_tasks} success={again.success_count} failed={again.failed_count}"
     )
     assert again.failed_count == 0
     assert all(store.get_task(t)["data"]["objects"] for t in ids)
