@@ -1,0 +1,97 @@
+"""The benchmark suite: `python -m bench file|inference|memory|startup|all [--tasks N] [--runs R] [--smoke]`.
+
+- file       tasks/s of the file method: platform raw capacity, the public SDK, totask-ray
+             (plain loopback and +10 ms platform latency)
+- inference  images/s with the faces app: raw model, the SDK's inference path, totask-ray
+- memory     the driver's peak RSS over a file-method run at 10,000 and 200,000 tasks
+- startup    `totask-ray run` to the first annotation on the platform, warm cluster, with a breakdown
+- all        every bench above, on one local Ray started once
+
+`--smoke` runs every bench quickly (few tasks, one run) so they cannot rot (tests/test_bench_smoke.py);
+its numbers mean nothing. Results and the commands used: BENCHMARKS.md.
+(`python -m bench.platform` and `python -m bench.serving` are separate, older benches.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from bench import common as c
+
+BENCHES = ("file", "inference", "memory", "startup")
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
+    ap.add_argument("bench", choices=(*BENCHES, "all"))
+    ap.add_argument(
+        "--tasks", type=int, default=None, help="tasks (file, startup: 10000; inference: 160 images)"
+    )
+    ap.add_argument(
+        "--runs", type=int, default=3, help="interleaved runs per contender (>= 3 for real figures)"
+    )
+    ap.add_argument("--smoke", action="store_true", help="few tasks, one run: checks the benches still work")
+    ap.add_argument(
+        "--ray-cpus", type=int, default=None, help="logical CPUs of the local Ray (default: nproc)"
+    )
+    g = ap.add_argument_group("file")
+    g.add_argument("--latency", default=None, help="platform latencies in ms, comma separated (default 0,10)")
+    g.add_argument(
+        "--sdk-tasks", type=int, default=None, help="tasks per SDK run at batch_size > 1 (default 2000)"
+    )
+    g.add_argument(
+        "--sdk-seq-tasks", type=int, default=None, help="tasks per SDK run at batch_size 1 (default 1000)"
+    )
+    g.add_argument(
+        "--profile",
+        default=None,
+        metavar="DIR",
+        help="after the measured runs, one more totask-ray run with py-spy on its actors (stacks kept in DIR)",
+    )
+    g = ap.add_argument_group("memory")
+    g.add_argument("--sizes", default=None, help="task counts, comma separated (default 10000,200000)")
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    which = BENCHES if args.bench == "all" else (args.bench,)
+    t0 = time.perf_counter()
+    ray_s = c.start_ray(args.ray_cpus)
+    info = c.machine_info()
+    c.say(
+        f"machine: {info['nproc']} cores ({info['cpu']}), {info['ram_gib']} GiB RAM, load average {info['loadavg']}, "
+        f"Python {info['python']}, Ray {info['ray']}, {info['date']}; local Ray started in {ray_s:.1f} s"
+        + (" -- SMOKE MODE: the numbers below mean nothing" if args.smoke else "")
+    )
+    code = 0
+    for name in which:
+        c.say(f"\n## bench {name}")
+        b0 = time.perf_counter()
+        try:
+            if name == "file":
+                from bench import file_method as mod
+            elif name == "inference":
+                from bench import inference as mod  # type: ignore[no-redef]
+            elif name == "memory":
+                from bench import memory as mod  # type: ignore[no-redef]
+            else:
+                from bench import startup as mod  # type: ignore[no-redef]
+            mod.main(args, ray_started=True)
+        except Exception as exc:
+            import traceback
+
+            traceback.print_exc()
+            c.say(f"bench {name} FAILED: {type(exc).__name__}: {exc}")
+            code = 1
+        c.say(f"(bench {name} took {time.perf_counter() - b0:.0f} s)")
+    c.say(
+        f"\ntotal {time.perf_counter() - t0:.0f} s; load average now {[round(x, 2) for x in __import__('os').getloadavg()]}"
+    )
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,304 @@
+"""Inference method, images/s with the faces app (OpenCV Haar cascade on Ray Serve).
+
+    python -m bench inference [--tasks 160] [--runs 3]
+
+The same images everywhere: skimage's astronaut (one face) alternating with four face-free
+pictures (coffee, chelsea, rocket, motorcycle), written by `totask_ray.local.seed.write_sample_images`
+into the embedded platform's media dir, one task per image. Contenders, interleaved run by run:
+
+- raw 1 thread: `HaarFaceDetector().detect(images, InferenceParams())` in this process on the
+  decoded images, in batches of the release's `max_batch_size` (16), with OpenCV on one thread,
+  as the 1-CPU replica runs it (the replica sets `cv2.setNumThreads(<its CPUs>)`);
+- raw 2 threads: the same with OpenCV on both cores (what the model alone can do on this box);
+- raw decode+detect: PIL decode of the file bytes + detection, one thread (the per-image work the
+  pipeline cannot avoid);
+- sdk: the public SDK's inference path (`plugins/{code}/run/` through the platform's plugin
+  runner), when the platform has one;
+- totask-ray: `run_to_task` (method inference, defaults) with the faces release stored on the
+  platform (`serve_apps/faces/config.yaml`), on the warm local Ray; the app is deployed once by a
+  warm-up run before the timed runs (deploy time reported separately).
+
+totask-ray writes only the tasks whose image has a face (an empty result fails its task and
+writes nothing, like the SDK), so its steady-state rate is the write rate between the 10 % and 90 %
+marks divided by the share of tasks written.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from bench import common as c
+
+IMAGE_CYCLE = (
+    "astronaut",
+    "coffee",
+    "astronaut",
+    "chelsea",
+    "astronaut",
+    "rocket",
+    "astronaut",
+    "motorcycle",
+)
+RUNNER_MODULE = c.ROOT / "totask_ray" / "local" / "ray_runner.py"
+
+
+def _release_config(version: str) -> dict[str, Any]:
+    from totask_ray.serving.config import load_release_config
+
+    cfg = load_release_config(c.ROOT / "serve_apps" / "faces").model_dump(mode="json", exclude_none=True)
+    cfg["version"] = version
+    return cfg
+
+
+def _project(bp: c.BenchPlatform, paths: list[str]) -> tuple[int, list[int]]:
+    store = bp.store
+    dc = store.create_data_collection(
+        "bench inference", [{"name": "image_1", "is_primary": True, "file_type": "image"}]
+    )
+    project = store.create_project("bench inference", dc)
+    units = store.create_data_units_bulk(
+        dc, [{"files": {"image_1": {"path": p, "is_primary": True}}} for p in paths]
+    )
+    rows = [{"data_unit": du, "status": "pending"} for du in units]
+    return project, store.create_tasks_bulk(project, rows)
+
+
+def _decode(body: bytes) -> Any:
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(io.BytesIO(body)) as img:
+        return np.asarray(img.convert("RGB"))
+
+
+def run_raw(images: list[Any], batch: int, threads: int, bodies: list[bytes] | None = None) -> dict[str, Any]:
+    import cv2
+
+    from serve_apps.faces.app import HaarFaceDetector
+    from totask_ray.serving.interface import InferenceParams
+
+    cv2.setNumThreads(threads)
+    model = HaarFaceDetector()
+    params = InferenceParams()
+    model.detect(images[:1], params)  # warm
+    me = os.getpid()
+    with c.CpuMeter({"bench process": lambda: [me]}) as cpu:
+        t0 = time.perf_counter()
+        found = 0
+        for i in range(0, len(images), batch):
+            chunk = (
+                [_decode(b) for b in bodies[i : i + batch]] if bodies is not None else images[i : i + batch]
+            )
+            found += sum(1 for d in model.detect(chunk, params) if d)
+        secs = time.perf_counter() - t0
+    return {"images": len(images), "seconds": round(secs, 3), "images_per_s": round(len(images) / secs, 2),
+            "steady_per_s": None, "with_faces": found, "cpu": cpu.shares()}  # fmt: skip
+
+
+def run_totask(bp: c.BenchPlatform, project: int, n: int, release: int, report: Path) -> dict[str, Any]:
+    from totask_ray.driver import run_to_task
+
+    params = {"name": "bench_inference", "project": project, "method": "inference", "pre_processor": release,
+              "task_filters": {}}  # fmt: skip
+    job = bp.store.create_job("to_task", params, agent_id=bp.agent)
+    wm = c.history_watermark(bp.store)
+    me = os.getpid()
+    groups = {
+        "driver": lambda: [me],
+        "ray": lambda: c.descendants(lambda: set(bp.pid_list())),
+        "server": bp.pid_list,
+    }
+    e0 = time.time()
+    with c.CpuMeter(groups) as cpu:
+        t0 = time.perf_counter()
+        result = run_to_task(params, platform=bp.config(), report=report, job_id=job, progress_bar=False,
+                             serve_poll_interval_s=0.5)  # fmt: skip
+        secs = time.perf_counter() - t0
+    writes = c.writes_since(bp.store, wm)
+    share = len(writes) / n if n else 0
+    steady = c.steady_rate([t for _, t in writes])
+    out = {
+        "images": n,
+        "seconds": round(secs, 3),
+        "images_per_s": round(n / secs, 2),
+        "steady_per_s": None if steady is None or share == 0 else round(steady / share, 2),
+        "with_faces": len(writes),
+        "cpu": cpu.shares(),
+        "failed": result.failed_count,
+        "to_first_write_s": round(writes[0][1] - e0, 2) if writes else None,
+    }
+    other = [f.error for f in result.failures if f.error != "empty inference result"]
+    if result.success_count + result.failed_count != n or other:
+        out["error"] = f"{result.message}; {other[:2]}"
+    return out
+
+
+RUNNER = "totask_ray.local.ray_runner:ray_plugin_runner"
+
+
+def sdk_unavailable(smoke: bool) -> tuple[Path | None, str | None]:
+    if not RUNNER_MODULE.exists():
+        return None, "n/a: no platform runner (totask_ray/local/ray_runner.py is not there)"
+    py, why = c.sdk_python(build=not smoke)
+    return (py, None) if py is not None else (None, f"n/a: {why}")
+
+
+def run_sdk(bp: c.BenchPlatform, sdk_py: Path, project: int, n: int, release: int) -> dict[str, Any]:
+    """The SDK's ToTaskAction, inference method: one `plugins/faces/run/` POST per task (windows of
+    the release's max_batch_size, concurrent inside a window), which the platform's Ray runner
+    forwards to the app's HTTP route; the replica downloads the image from the platform itself."""
+    params = {"name": "bench_sdk_inference", "project": project, "agent": bp.agent, "method": "inference",
+              "pre_processor": release, "model": 1, "pre_processor_params": {}, "task_filters": {}}  # fmt: skip
+    wm = c.history_watermark(bp.store)
+    groups = {"ray": lambda: c.descendants(lambda: set(bp.pid_list())), "server": bp.pid_list}
+    e0 = time.time()
+    with c.CpuMeter(groups) as cpu:
+        r = c.run_sdk_totask(sdk_py, bp, params, bp.tmp / "sdk")
+    cpu.add("sdk", r.cpu_s)
+    writes = c.writes_since(bp.store, wm)
+    share = len(writes) / n if n else 0
+    steady = c.steady_rate([t for _, t in writes])
+    res = r.result or {}
+    out: dict[str, Any] = {
+        "images": n,
+        "seconds": round(r.seconds, 3),
+        "images_per_s": round(n / r.seconds, 2),
+        "steady_per_s": None if steady is None or share == 0 else round(steady / share, 2),
+        "with_faces": len(writes),
+        "to_first_write_s": round(writes[0][1] - e0, 2) if writes else None,
+        "cpu": cpu.shares(),
+        "failed": res.get("failed_count"),
+    }
+    if r.returncode != 0 or (res.get("success_count", 0) + res.get("failed_count", 0)) != n or not writes:
+        out["error"] = f"exit {r.returncode}, result {str(res)[:300]}, stderr {r.stderr_tail[-300:]}"
+    return out
+
+
+def main(args: Any, *, ray_started: bool = False) -> dict[str, Any]:
+    from ray import serve
+
+    from totask_ray.local.seed import write_sample_images
+
+    n = args.tasks if args.tasks and args.bench == "inference" else (8 if args.smoke else 160)
+    runs = 1 if args.smoke else args.runs
+    if not ray_started:
+        c.start_ray(args.ray_cpus)
+    serve_port = c.start_serve_loopback()
+    sdk_py, sdk_why = sdk_unavailable(args.smoke)
+    runner = None
+    if sdk_py is not None:  # the platform's server process attaches to this Ray as a second driver
+        os.environ["TOTASK_PLATFORM_RAY_ADDRESS"] = c.ray_address()
+        os.environ["TOTASK_PLATFORM_SERVE_PORT"] = str(serve_port)
+        runner = RUNNER
+    import logging
+
+    # Face-free images end as "empty inference result" task failures by design: keep their
+    # per-task warnings out of the bench's output.
+    logging.getLogger("totask_ray").setLevel(logging.ERROR)
+    with c.platform(plugin_runner=runner) as bp:
+        sample = write_sample_images(bp.lp.media_dir)
+        names = [IMAGE_CYCLE[i % len(IMAGE_CYCLE)] for i in range(n)]
+        paths = [sample[k]["path"] for k in names]
+        bodies = [(Path(bp.lp.media_dir) / p).read_bytes() for p in paths]
+        images = [_decode(b) for b in bodies]
+        project, _ids = _project(bp, paths)
+        warm_project, _ = _project(bp, paths[:8])
+        version = f"1.0.0-bench{int(time.time())}"
+        cfg = _release_config(version)
+        batch = int(cfg["actions"]["deployment"]["serve_options"]["batch"]["max_batch_size"])
+        release = bp.store.create_plugin_release("faces", version, cfg)
+
+        deploy_s = None
+        if not args.smoke:  # smoke: the first timed run deploys the app
+            t0 = time.perf_counter()
+            warm = run_totask(bp, warm_project, 8, release, bp.tmp / "warm.jsonl")
+            deploy_s = time.perf_counter() - t0
+            c.log(
+                f"faces app deployed by a warm-up run of 8 images in {deploy_s:.1f} s ({warm.get('error', 'ok')})"
+            )
+        if sdk_py is not None and not args.smoke:
+            t1 = time.perf_counter()
+            warm_sdk = run_sdk(bp, sdk_py, warm_project, 8, release)
+            c.log(f"SDK warm-up run of 8 images (finds the app, records it RUNNING): {time.perf_counter() - t1:.1f} s "
+                  f"({warm_sdk.get('error', 'ok')})")  # fmt: skip
+
+        contenders = [
+            ("raw 1 thread", lambda: run_raw(images, batch, 1)),
+            ("raw 2 threads", lambda: run_raw(images, batch, 2)),
+            ("raw decode+detect 1 thread", lambda: run_raw(images, batch, 1, bodies)),
+            ("totask-ray", lambda: run_totask(bp, project, n, release, bp.tmp / "report.jsonl")),
+        ]
+        if sdk_py is not None:
+            contenders.append(("sdk", lambda: run_sdk(bp, sdk_py, project, n, release)))
+        results: dict[str, list[dict[str, Any]]] = {name: [] for name, _ in contenders}
+        load = c.LoadSampler().start()
+        for r in range(runs):
+            for name, fn in contenders:
+                res = fn()
+                results[name].append(res)
+                c.log(f"inference run {r + 1}/{runs} {name}: {res['images']} images in {res['seconds']:.1f} s, "
+                      f"{res['images_per_s']:.1f}/s (steady {res['steady_per_s']}), cpu {c.fmt_shares(res['cpu'])}"
+                      + (f" ERROR {res['error']}" if "error" in res else ""))  # fmt: skip
+        load.stop()
+        with_faces = results["raw 1 thread"][0]["with_faces"]
+        import contextlib
+
+        with contextlib.suppress(Exception):
+            serve.delete(f"faces@{version}")
+
+    summary: dict[str, dict[str, Any]] = {}
+    for name, rs in results.items():
+        good = [x for x in rs if "error" not in x]
+        summary[name] = {
+            "images_per_s": c.median([x["images_per_s"] for x in good]) if good else None,
+            "steady_per_s": c.median([x["steady_per_s"] for x in good if x["steady_per_s"]])
+            if good
+            else None,
+            "seconds": c.median([x["seconds"] for x in good]) if good else None,
+            "cpu": {
+                k: c.median([x["cpu"].get(k, 0.0) for x in good])
+                for k in sorted({k for x in rs for k in x["cpu"]})
+            },
+            "runs": [x["images_per_s"] for x in rs],
+            "failed_runs": len(rs) - len(good),
+        }
+    if sdk_py is None:
+        summary["sdk"] = {"images_per_s": None, "steady_per_s": None, "seconds": None, "cpu": {}, "runs": [],
+                          "failed_runs": 0, "note": sdk_why or ""}  # fmt: skip
+    raw1 = summary["raw 1 thread"]["images_per_s"]
+    ours = summary["totask-ray"]
+    rows = []
+    for name, v in summary.items():
+        rows.append([name, c.fmt(n), c.fmt(v["seconds"], 1), c.fmt(v["images_per_s"], 1), c.fmt(v["steady_per_s"], 1),
+                     c.fmt(c.ratio(v["images_per_s"], raw1), 2), " ".join(f"{k} {x:.2f}" for k, x in v["cpu"].items()),
+                     f"{v['failed_runs']}/{len(v['runs'])}" if v["runs"] else v.get("note", ""),
+                     " ".join(c.fmt(x, 1) for x in v["runs"])])  # fmt: skip
+    c.say(c.table(
+        ["contender", "images", "s", "images/s", "steady/s", "vs raw 1 thread", "CPU share (cores)", "failed runs", "runs images/s"],
+        rows,
+        f"Inference, faces app, {n} images ({with_faces} with a face found by the raw model), batches of {batch}, "
+        f"medians of {runs} interleaved runs; deploy by the warm-up run: {c.fmt(deploy_s, 1)} s",
+    ))  # fmt: skip
+    c.say(load.text())
+    lines = []
+    for key, basis in (("images_per_s", "whole run"), ("steady_per_s", "steady state")):
+        val = c.ratio(ours[key], raw1)
+        text, met = c.target_line(f"totask-ray / raw 1 thread [{basis}]", val, ">=", 0.85, "x")
+        lines.append({"target": "totask-ray / raw", "basis": key, "value": val, "met": met, "text": text})
+        val2 = c.ratio(ours[key], summary["raw 2 threads"]["images_per_s"])
+        lines.append({"info": f"totask-ray / raw 2 threads [{basis}]: {c.fmt(val2, 2)}{'x' if val2 else ''}"})
+    for key, basis in (("images_per_s", "whole run"), ("steady_per_s", "steady state")):
+        val = c.ratio(ours[key], summary["sdk"][key])
+        text, met = c.target_line(f"totask-ray / sdk [{basis}]", val, ">=", 5.0, "x")
+        lines.append({"target": "totask-ray / sdk", "basis": key, "value": val, "met": met,
+                      "text": text + (f" -- {sdk_why}" if sdk_why else "")})  # fmt: skip
+    for t in lines:
+        c.say("  " + t.get("text", t.get("info", "")))
+    out = {"images": n, "batch": batch, "deploy_s": deploy_s, "load": load.summary(), "contenders": summary,
+           "targets": lines, "machine": c.machine_info()}  # fmt: skip
+    c.dump_json("inference", out)
+    return out
