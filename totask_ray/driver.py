@@ -213,6 +213,8 @@ class Annotate(Step):
     def run(self, ctx: RunContext) -> None:
         from totask_ray.pipeline.run import run_pipeline
 
+        ensure_ray(ctx.options.ray_address, verbose=ctx.options.verbose_ray)
+
         total = ctx.total - (len(ctx.exclude) if ctx.exclude is not None else 0)
         if ctx.options.report is not None:
             ctx.options.report.parent.mkdir(parents=True, exist_ok=True)
