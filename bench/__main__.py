@@ -1,7 +1,7 @@
 """The benchmark suite: `python -m bench file|inference|memory|startup|all [--tasks N] [--runs R] [--smoke]`.
 
 - file       tasks/s of the file method: platform raw capacity, the public SDK, totask-ray
-             (plain loopback and +10 ms platform latency)
+             (plain loopback and +20 ms platform latency)
 - inference  images/s with the faces app: raw model, the SDK's inference path, totask-ray
 - memory     the driver's peak RSS over a file-method run at 10,000 and 200,000 tasks
 - startup    `totask-ray run` to the first annotation on the platform, warm cluster, with a breakdown
@@ -37,7 +37,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         "--ray-cpus", type=int, default=None, help="logical CPUs of the local Ray (default: nproc)"
     )
     g = ap.add_argument_group("file")
-    g.add_argument("--latency", default=None, help="platform latencies in ms, comma separated (default 0,10)")
+    g.add_argument("--latency", default=None, help="platform latencies in ms, comma separated (default 0,20)")
+    g.add_argument(
+        "--only",
+        default=None,
+        help="run only contenders whose name starts with one of these, comma separated (e.g. raw,totask)",
+    )
     g.add_argument(
         "--sdk-tasks", type=int, default=None, help="tasks per SDK run at batch_size > 1 (default 2000)"
     )
@@ -52,6 +57,13 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     )
     g = ap.add_argument_group("memory")
     g.add_argument("--sizes", default=None, help="task counts, comma separated (default 10000,200000)")
+    g.add_argument(
+        "--data-context",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="diagnostic: set a Ray DataContext field in the measured driver (repeatable)",
+    )
     return ap.parse_args(argv)
 
 

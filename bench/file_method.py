@@ -2,7 +2,7 @@
 
     python -m bench file [--tasks 10000] [--runs 3] [--latency 0,10] [--sdk-tasks 2000] [--sdk-seq-tasks 1000]
 
-For each platform latency (0 = plain loopback; 10 = the platform waits 10 ms before every answer,
+For each platform latency (0 = plain loopback; 20 = the platform waits 20 ms before every answer,
 a remote platform without netem), one embedded platform is started and seeded once with `--tasks`
 file-method tasks; then, run by run, interleaved, every contender annotates those same tasks
 (rewriting the same data again, which the platform accepts):
@@ -34,7 +34,7 @@ from bench import common as c
 
 RAW_CONCURRENCY = (16, 64, 128)
 SDK_BATCHES = (1, 8, 32, 64)
-LATENCIES = (0.0, 10.0)
+LATENCIES = (0.0, 20.0)
 
 
 # -- contenders -----------------------------------------------------------------------------------
@@ -218,6 +218,7 @@ def bench_latency(
     raw_conc: tuple[int, ...],
     sdk_batches: tuple[int, ...],
     profile_dir: Path | None = None,
+    only: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     with c.platform(latency_ms=latency_ms) as bp:
         seed_s = c.seed_files(bp, tasks)
@@ -228,6 +229,8 @@ def bench_latency(
             if sdk_py is not None:
                 contenders.append((f"sdk b{b}", (lambda b=b, n=n: run_sdk(bp, sdk_py, b, n))))
         contenders.append(("totask-ray", lambda: run_totask(bp, bp.tmp / "report.jsonl")))
+        if only:
+            contenders = [(n, f) for n, f in contenders if n.startswith(only)]
         results: dict[str, list[dict[str, Any]]] = {name: [] for name, _ in contenders}
         load = c.LoadSampler().start()
         for r in range(runs):
@@ -392,6 +395,7 @@ def main(args: Any, *, ray_started: bool = False) -> dict[str, Any]:
         sdk_tasks, sdk_seq_tasks = args.sdk_tasks or 2000, args.sdk_seq_tasks or 1000
         raw_conc, batches = RAW_CONCURRENCY, SDK_BATCHES
         latencies = tuple(float(x) for x in args.latency.split(",")) if args.latency else LATENCIES
+    only = tuple(x.strip() for x in args.only.split(",") if x.strip()) if getattr(args, "only", None) else ()
     sdk_py, why = c.sdk_python(build=not args.smoke)
     if sdk_py is None:
         c.say(f"SDK contenders skipped: {why}")
@@ -401,7 +405,7 @@ def main(args: Any, *, ray_started: bool = False) -> dict[str, Any]:
     for lat in latencies:
         profile_dir = Path(args.profile) if getattr(args, "profile", None) else None
         res = bench_latency(
-            lat, tasks, runs, sdk_py, why, sdk_tasks, sdk_seq_tasks, raw_conc, batches, profile_dir
+            lat, tasks, runs, sdk_py, why, sdk_tasks, sdk_seq_tasks, raw_conc, batches, profile_dir, only
         )
         print_results(res)
         if res.get("profile"):

@@ -10,6 +10,10 @@ the kernel saw it. Sizes are interleaved run by run. Only the driver is measured
 are other processes.
 
 The target is on the growth between sizes: peak(200k) - peak(10k) <= 50 MB.
+
+`--data-context KEY=VALUE` (repeatable) sets a Ray `DataContext` field in the measured driver before
+the run. It is a diagnostic, not a tuning knob of the product: e.g. `target_max_block_size=65536`
+shows what the run does once Ray Data stops coalescing the pipeline's tiny blocks (see BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ def child(argv: list[str]) -> int:
     ap.add_argument("--project", type=int, required=True)
     ap.add_argument("--job", type=int, default=None)
     ap.add_argument("--report", required=True)
+    ap.add_argument("--data-context", action="append", default=[])
     a = ap.parse_args(argv)
 
     import psutil
@@ -55,7 +60,12 @@ def child(argv: list[str]) -> int:
     from totask_ray.platform.synapse import SynapseConfig
 
     ensure_ray(a.address)
-    import ray.data  # noqa: F401 - the pipeline imports it; count it in the baseline, not the growth
+    import ray.data  # the pipeline imports it; count it in the baseline, not the growth
+
+    dc = ray.data.DataContext.get_current()
+    for item in a.data_context:  # diagnostics only: see --data-context
+        key, _, value = item.partition("=")
+        setattr(dc, key, type(getattr(dc, key))(value))
 
     baseline = me.memory_info().rss
     peak = [baseline]
@@ -70,9 +80,22 @@ def child(argv: list[str]) -> int:
     params = {"name": "bench_memory", "project": a.project, "method": "file",
               "target_specification_name": "annotation_data", "task_filters": {}}  # fmt: skip
     t1 = time.perf_counter()
-    result = run_to_task(
-        params, platform=SynapseConfig.from_env(), report=Path(a.report), job_id=a.job, progress_bar=False
-    )
+    try:
+        result = run_to_task(
+            params, platform=SynapseConfig.from_env(), report=Path(a.report), job_id=a.job, progress_bar=False
+        )
+    except Exception as exc:  # report the run's own message and what caused it (e.g. Ray Data's)
+        stop.set()
+        cause = exc.__cause__
+        failure = {
+            "error": f"{type(exc).__name__}: {exc}",
+            "cause": "" if cause is None else f"{type(cause).__name__}: {cause}"[:3000],
+            "after_s": round(time.perf_counter() - t1, 1),
+            "peak_sampled_mb": round(peak[0] / 2**20, 1),
+        }
+        sys.stdout.write(MARK + json.dumps(failure) + "\n")
+        sys.stdout.flush()
+        return 1
     secs = time.perf_counter() - t1
     stop.set()
     end = me.memory_info().rss
@@ -98,7 +121,9 @@ def child(argv: list[str]) -> int:
 # -- the bench ------------------------------------------------------------------------------------
 
 
-def run_child(bp: Any, project: int, n: int, address: str, report: Path) -> dict[str, Any]:
+def run_child(
+    bp: Any, project: int, n: int, address: str, report: Path, data_context: list[str] | None = None
+) -> dict[str, Any]:
     import psutil
 
     from bench import common as c
@@ -109,6 +134,8 @@ def run_child(bp: Any, project: int, n: int, address: str, report: Path) -> dict
     env["SYNAPSE_ACCESS_TOKEN"] = bp.token
     cmd = [sys.executable, "-m", "bench.memory", "--child", "--address", address, "--project", str(project),
            "--job", str(job), "--report", str(report)]  # fmt: skip
+    for item in data_context or []:
+        cmd += ["--data-context", item]
     t0 = time.perf_counter()
     proc = subprocess.Popen(
         cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=c.ROOT
@@ -124,9 +151,15 @@ def run_child(bp: Any, project: int, n: int, address: str, report: Path) -> dict
     out, err = proc.communicate()
     wall = time.perf_counter() - t0
     res: dict[str, Any] = {"tasks": n, "wall_s": round(wall, 1)}
+    (report.parent / f"driver-{n}-{job}.err").write_text(err)
     line = next((ln for ln in out.splitlines() if ln.startswith(MARK)), None)
     if proc.returncode != 0 or line is None:
-        res["error"] = f"driver exit {proc.returncode}: {err[-500:]}"
+        failure = json.loads(line[len(MARK) :]) if line else {}
+        res["error"] = f"driver exit {proc.returncode}: " + (
+            f"{failure.get('error')} after {failure.get('after_s')} s; cause: {failure.get('cause')}"
+            if failure
+            else err[-800:]
+        )
         return res
     res.update(json.loads(line[len(MARK) :]))
     res["peak_outside_mb"] = round(outside_peak / 2**20, 1)
@@ -159,7 +192,7 @@ def main(args: Any, *, ray_started: bool = False) -> dict[str, Any]:
         load = c.LoadSampler().start()
         for r in range(runs):
             for n in sizes:
-                res = run_child(bp, projects[n], n, address, bp.tmp / f"report-{n}.jsonl")
+                res = run_child(bp, projects[n], n, address, bp.tmp / f"report-{n}.jsonl", args.data_context)
                 results[n].append(res)
                 c.log(f"memory run {r + 1}/{runs} {n:,} tasks: " + json.dumps(res))
         load.stop()

@@ -10,17 +10,19 @@ signature is a credential).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import json
 import logging
 import socket
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urljoin, urlsplit
 
 import httpx
 
+from totask_ray import aio
 from totask_ray.platform.errors import redact_url
 from totask_ray.retry import RetryPolicy, describe_transport_error
 
@@ -29,6 +31,7 @@ log = logging.getLogger("totask_ray")
 DEFAULT_MAX_JSON_BYTES = 10 * 1024 * 1024
 DEFAULT_MAX_IMAGE_BYTES = 50 * 1024 * 1024
 MAX_REDIRECTS = 5
+CHUNK_BYTES = 64 * 1024
 JSON_CONTENT_TYPES = (
     "application/json",
     "text/json",
@@ -124,10 +127,9 @@ def _is_public(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
     return True
 
 
-def _policy_session(policy: UrlPolicy, max_connections: int) -> Any:
-    """An aiohttp session whose resolver applies `policy` to the addresses it connects to, so a
-    name that resolves differently the second time (DNS rebinding) is still refused."""
-    import aiohttp
+def _policy_resolver(policy: UrlPolicy) -> Any:
+    """An aiohttp resolver that applies `policy` to the addresses it connects to, so a name that
+    resolves differently the second time (DNS rebinding) is still refused, before any connection."""
     from aiohttp.abc import AbstractResolver
     from aiohttp.resolver import DefaultResolver
 
@@ -143,18 +145,20 @@ def _policy_session(policy: UrlPolicy, max_connections: int) -> Any:
         async def close(self) -> None:
             await self._inner.close()
 
-    connector = aiohttp.TCPConnector(
-        limit=max_connections, resolver=PolicyResolver(), ssl=httpx.create_ssl_context()
-    )
-    return aiohttp.ClientSession(connector=connector)
+    return PolicyResolver()
+
+
+def _ip_literal(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return False
+    return True
 
 
 async def _resolve(host: str, port: int) -> list[str]:
-    try:
-        ipaddress.ip_address(host)
-        return [host]
-    except ValueError:
-        pass
+    if _ip_literal(host):
+        return [host.strip("[]")]
     loop = asyncio.get_running_loop()
     try:
         infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
@@ -163,8 +167,23 @@ async def _resolve(host: str, port: int) -> list[str]:
     return [info[4][0] for info in infos]
 
 
+@dataclass
+class _Hop:
+    """One answer, open: status, headers and its body as chunks (read under a byte cap)."""
+
+    status: int
+    headers: Any
+    chunks: Any  # AsyncIterator[bytes]
+
+
 class Downloader:
-    """Async, bounded, policy-checked downloads over one shared connection pool."""
+    """Async, bounded, policy-checked downloads over one shared connection pool.
+
+    Speaks aiohttp directly (see `totask_ray.aio`); its resolver checks every address it connects
+    to, so a name is checked once per new connection, not once per file. An httpx `transport` may
+    be given instead (tests inject answers through it); names are then resolved and checked
+    before each request.
+    """
 
     def __init__(
         self,
@@ -180,17 +199,17 @@ class Downloader:
         self.retry = retry or RetryPolicy(
             retries=4, backoff_s=0.25, max_backoff_s=5.0, max_retry_after_s=30.0
         )
-        if transport is None:
-            from httpx_aiohttp import AiohttpTransport
-
-            transport = AiohttpTransport(
-                limits=httpx.Limits(max_connections=max_connections),
-                client=lambda: _policy_session(policy, max_connections),
+        self._max_connections = max_connections
+        self._timeout = aio.timeout(timeout_s, connect_timeout_s)
+        self._session: Any = None
+        self._httpx = (
+            None
+            if transport is None
+            else httpx.AsyncClient(
+                transport=transport,
+                timeout=httpx.Timeout(timeout_s, connect=connect_timeout_s),
+                follow_redirects=False,
             )
-        self._http = httpx.AsyncClient(
-            transport=transport,
-            timeout=httpx.Timeout(timeout_s, connect=connect_timeout_s),
-            follow_redirects=False,
         )
 
     async def fetch(self, url: str, *, max_bytes: int, content_types: tuple[str, ...]) -> tuple[bytes, str]:
@@ -198,7 +217,9 @@ class Downloader:
         current = url
         for _ in range(MAX_REDIRECTS + 1):
             host, port = self.policy.check_url(current)
-            self.policy.check_addresses(host, await _resolve(host, port))
+            if not self.policy.host_allowed(host) and (self._httpx is not None or _ip_literal(host)):
+                # aiohttp never asks its resolver about an IP literal; without aiohttp, nothing does
+                self.policy.check_addresses(host, await _resolve(host, port))
             got = await self._get(current, max_bytes, content_types)
             if isinstance(got, str):  # a redirect: the next hop is checked like the first
                 current = got
@@ -206,16 +227,35 @@ class Downloader:
             return got
         raise DownloadError(f"{redact_url(url)} redirected more than {MAX_REDIRECTS} times")
 
+    @contextlib.asynccontextmanager
+    async def _open(self, url: str) -> AsyncIterator[_Hop]:
+        if self._httpx is not None:
+            async with self._httpx.stream("GET", url) as resp:
+                yield _Hop(resp.status_code, resp.headers, resp.aiter_bytes())
+            return
+        if self._session is None:
+            self._session = aio.session(self._max_connections, resolver=_policy_resolver(self.policy))
+        try:
+            async with self._session.get(aio.url(url), allow_redirects=False, timeout=self._timeout) as resp:
+                yield _Hop(resp.status, resp.headers, resp.content.iter_chunked(CHUNK_BYTES))
+        except Exception as exc:
+            mapped = aio.transport_error(exc)
+            if mapped is None:
+                raise
+            raise mapped from exc
+
     async def _get(self, url: str, max_bytes: int, content_types: tuple[str, ...]) -> tuple[bytes, str] | str:
         """One hop: the body, or the redirect's target; throttling and transport errors retried."""
         attempt = 0
         while True:
             try:
-                async with self._http.stream("GET", url) as resp:
-                    delay = self.retry.delay(attempt, replayable=True, response=resp)
+                async with self._open(url) as hop:
+                    delay = self.retry.delay(
+                        attempt, replayable=True, response=aio.Reply(hop.status, hop.headers, b"")
+                    )
                     if delay is None:
-                        return await self._read(url, resp, max_bytes, content_types)
-                    status = resp.status_code
+                        return await self._read(url, hop, max_bytes, content_types)
+                    status = hop.status
             except httpx.HTTPError as exc:
                 delay = self.retry.delay(attempt, replayable=True, exc=exc)
                 if delay is None:
@@ -229,28 +269,28 @@ class Downloader:
 
     @staticmethod
     async def _read(
-        url: str, resp: httpx.Response, max_bytes: int, content_types: tuple[str, ...]
+        url: str, hop: _Hop, max_bytes: int, content_types: tuple[str, ...]
     ) -> tuple[bytes, str] | str:
-        if resp.is_redirect:
-            location = resp.headers.get("location")
+        if 300 <= hop.status < 400 and hop.status != 304:
+            location = hop.headers.get("location")
             if not location:
                 raise DownloadError(
-                    f"Failed to download from {redact_url(url)}: HTTP {resp.status_code} without a redirect location"
+                    f"Failed to download from {redact_url(url)}: HTTP {hop.status} without a redirect location"
                 )
             return urljoin(url, location)
-        if resp.status_code >= 400:
-            raise DownloadError(f"Failed to download from {redact_url(url)}: HTTP {resp.status_code}")
-        ctype = resp.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+        if hop.status >= 400:
+            raise DownloadError(f"Failed to download from {redact_url(url)}: HTTP {hop.status}")
+        ctype = hop.headers.get("content-type", "").split(";", 1)[0].strip().lower()
         if ctype and not ctype.startswith(content_types) and not ctype.endswith("+json"):
             raise DownloadError(f"{redact_url(url)} has content type {ctype}, expected {content_types[0]}")
-        declared = resp.headers.get("content-length")
+        declared = hop.headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > max_bytes:
             raise DownloadError(
                 f"{redact_url(url)} is {int(declared):,} bytes, over the {max_bytes:,}-byte limit"
             )
         chunks: list[bytes] = []
         size = 0
-        async for chunk in resp.aiter_bytes():
+        async for chunk in hop.chunks:
             size += len(chunk)
             if size > max_bytes:
                 raise DownloadError(f"{redact_url(url)} is over the {max_bytes:,}-byte limit")
@@ -266,7 +306,11 @@ class Downloader:
         return body
 
     async def aclose(self) -> None:
-        await self._http.aclose()
+        if self._httpx is not None:
+            await self._httpx.aclose()
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
 
 
 def fetch_json_sync(
@@ -275,7 +319,7 @@ def fetch_json_sync(
     """The same checks for a blocking caller (a plugin hook calling the default implementation)."""
 
     async def go() -> Any:
-        dl = Downloader(policy, timeout_s=timeout_s, transport=httpx.AsyncHTTPTransport())
+        dl = Downloader(policy, timeout_s=timeout_s)
         try:
             return await dl.fetch_json(url, max_bytes=max_bytes)
         finally:

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import httpx
 
+from totask_ray.aio import Reply
+
 RETRY_STATUSES = frozenset({429, 502, 503, 504})
 NOT_APPLIED_STATUSES = frozenset({429, 503})
 
@@ -71,7 +73,7 @@ class RetryPolicy:
         attempt: int,
         *,
         replayable: bool,
-        response: httpx.Response | None = None,
+        response: httpx.Response | Reply | None = None,
         exc: BaseException | None = None,
     ) -> float | None:
         """Seconds to wait before attempt `attempt + 1`, or None when this outcome is final."""

@@ -113,7 +113,9 @@ def configure_data_context(ctx: RunContext) -> None:
     dc.enable_operator_progress_bars = verbose
     dc.enable_auto_log_stats = False
     dc.execution_no_progress_timeout_s = ctx.options.no_progress_timeout_s
-    dc.wait_for_min_actors_s = ctx.options.actor_start_timeout_s
+    # Actors start while the first ids are read (waiting for them first costs seconds to the first
+    # write); plan_actors has already checked they fit, and the no-progress timeout covers the rest.
+    dc.wait_for_min_actors_s = -1
     if not verbose:
         logging.getLogger("ray.data").setLevel(logging.WARNING)
 

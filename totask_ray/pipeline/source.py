@@ -1,10 +1,15 @@
 """Task ids, streamed from the platform into a Ray Dataset.
 
 The driver reads only the first page (to learn `count`); the rest is read by Ray Data read tasks,
-each walking a contiguous range of pages and yielding one small block per page, so neither the
-driver nor any worker holds the whole listing. Read tasks ask for a fraction of a CPU: a read that
-needs a whole CPU can starve behind Data actors and Serve replicas (the measured deadlock in
-shared/reference/ray-2.60-notes.md).
+each walking a short range of pages, so neither the driver nor any worker holds the whole listing.
+Read tasks ask for a fraction of a CPU: a read that needs a whole CPU can starve behind Data actors
+and Serve replicas (the measured deadlock in shared/reference/ray-2.60-notes.md).
+
+Listing is far faster than annotating (a page of 100 ids costs a few ms; annotating them, a
+second), so reads are many short tasks, at most `READ_CONCURRENCY` at a time: Ray reuses those
+few worker processes instead of starting one per read (each start imports Ray Data: seconds on a
+small machine, all before the first task is annotated), and Ray Data hands a read's ids on only
+when that read ends (it coalesces a task's small blocks), so a short range reaches the actors soon.
 """
 
 from __future__ import annotations
@@ -22,7 +27,8 @@ from totask_ray.platform.errors import NotFoundError
 from totask_ray.platform.synapse import SynapseClient, SynapseConfig
 
 READ_TASK_CPUS = 0.1
-MAX_READ_TASKS = 16
+PAGES_PER_READ_TASK = 10
+READ_CONCURRENCY = 2
 
 
 def _block(ids: list[int], exclude: np.ndarray | None) -> pa.Table:
@@ -66,8 +72,7 @@ class TaskIdSource(Datasource):
         self, parallelism: int, per_task_row_limit: int | None = None, data_context: Any = None
     ) -> list[ReadTask]:
         pages = max(1, math.ceil(self.count / self.page_size))
-        n = max(1, min(parallelism, pages, MAX_READ_TASKS))
-        per = math.ceil(pages / n)
+        per = PAGES_PER_READ_TASK  # `parallelism` is ignored: reads are sized for a quick first block
         tasks = []
         for start in range(1, pages + 1, per):
             stop = min(pages, start + per - 1)
@@ -103,4 +108,4 @@ class TaskIdSource(Datasource):
 def task_dataset(source: TaskIdSource) -> Any:
     import ray.data
 
-    return ray.data.read_datasource(source, num_cpus=READ_TASK_CPUS)
+    return ray.data.read_datasource(source, num_cpus=READ_TASK_CPUS, concurrency=READ_CONCURRENCY)

@@ -10,8 +10,9 @@ request that may have been applied is never replayed unless it is idempotent: a 
 POST is retried only when the server refused it before doing anything (429, 503) or the
 connection was never made.
 
-The async client uses the aiohttp transport for httpx (httpx's own async transport collapses under
-concurrency on these machines: shared/reference/http-throughput-notes.md).
+The async client speaks aiohttp directly (httpx's own async transport collapses under concurrency
+on these machines, shared/reference/http-throughput-notes.md, and its models on top of aiohttp
+cost the workers as much CPU as the rest of a task: `totask_ray.aio`).
 """
 
 from __future__ import annotations
@@ -22,11 +23,12 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, urlencode, urlsplit
 
 import httpx
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
+from totask_ray import aio
 from totask_ray.platform.errors import (
     PlatformConnectionError,
     PlatformError,
@@ -186,7 +188,7 @@ class _Core:
         self,
         call: Call[Any],
         attempt: int,
-        response: httpx.Response | None = None,
+        response: httpx.Response | aio.Reply | None = None,
         exc: Exception | None = None,
     ) -> float | None:
         """Seconds to wait before the next attempt, or None when this outcome is final."""
@@ -198,7 +200,7 @@ class _Core:
             f"{self.label(call)} {what} ({type(exc).__name__}) at {redact_url(self.config.host)}"
         )
 
-    def finish(self, call: Call[T], response: httpx.Response) -> T:
+    def finish(self, call: Call[T], response: httpx.Response | aio.Reply) -> T:
         if response.status_code >= 400:
             raise http_error(
                 call.method, self.label(call).split(" ", 1)[1], response.status_code, self._detail(response)
@@ -216,7 +218,7 @@ class _Core:
                 f"{self.label(call)} answered with an unexpected shape: {_short(exc)}"
             ) from None
 
-    def _detail(self, response: httpx.Response) -> str:
+    def _detail(self, response: httpx.Response | aio.Reply) -> str:
         try:
             body = response.json()
         except ValueError:
@@ -459,28 +461,59 @@ class SynapseClient(_Endpoints):
 
 
 class AsyncSynapseClient(_Endpoints):
-    """Async client for the workers: one per actor, many requests in flight on one event loop."""
+    """Async client for the workers: one per actor, many requests in flight on one event loop.
+
+    It speaks aiohttp directly (`totask_ray.aio`: the per-request CPU of httpx's models bounded the
+    workers). An httpx `transport` may be given instead: tests inject platform faults through it.
+    The session is made on first use, on the loop that uses it (aiohttp sessions belong to one).
+    """
 
     def __init__(self, config: SynapseConfig, *, transport: httpx.AsyncBaseTransport | None = None):
         self._core = _Core(config)
-        if transport is None:
-            from httpx_aiohttp import AiohttpTransport
+        self._httpx = (
+            None
+            if transport is None
+            else httpx.AsyncClient(timeout=config.timeout(), transport=transport, follow_redirects=False)
+        )
+        self._session: Any = None
+        self._timeout = aio.timeout(config.read_timeout_s, config.connect_timeout_s)
+        self._json_headers = {**self._core.headers, "Content-Type": "application/json"}
 
-            transport = AiohttpTransport(
-                limits=httpx.Limits(
-                    max_connections=config.max_connections, max_keepalive_connections=config.max_connections
-                )
-            )
-        self._http = httpx.AsyncClient(timeout=config.timeout(), transport=transport, follow_redirects=False)
+    async def _send(self, call: Call[Any], url: str) -> Any:
+        """One attempt: the whole answer, or an httpx transport error."""
+        if self._httpx is not None:
+            response = await self._httpx.request(call.method, url, **self._core.request_kwargs(call))
+            await response.aread()
+            return response
+        if self._session is None:
+            self._session = aio.session(self.config.max_connections)
+        if call.params:
+            url = f"{url}?{urlencode(call.params)}"
+        body = None if call.json is None else aio.dumps(call.json)
+        headers = self._core.headers if body is None else self._json_headers
+        try:
+            async with self._session.request(
+                call.method,
+                aio.url(url),
+                headers=headers,
+                data=body,
+                allow_redirects=False,
+                timeout=self._timeout,
+            ) as resp:
+                return aio.Reply(resp.status, resp.headers, await resp.read())
+        except Exception as exc:
+            mapped = aio.transport_error(exc)
+            if mapped is None:
+                raise
+            raise mapped from exc
 
     async def _execute(self, call: Call[T]) -> T:
         core = self._core
         url = core.url(call.path)
-        kwargs = core.request_kwargs(call)
         attempt = 0
         while True:
             try:
-                response = await self._http.request(call.method, url, **kwargs)
+                response = await self._send(call, url)
             except httpx.TransportError as exc:
                 delay = core.retry_delay(call, attempt, exc=exc)
                 if delay is None:
@@ -504,7 +537,11 @@ class AsyncSynapseClient(_Endpoints):
             page = await self.next_task_id_page(page.next)
 
     async def aclose(self) -> None:
-        await self._http.aclose()
+        if self._httpx is not None:
+            await self._httpx.aclose()
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
 
     async def __aenter__(self) -> AsyncSynapseClient:
         return self
