@@ -108,4 +108,7 @@ class TaskIdSource(Datasource):
 def task_dataset(source: TaskIdSource) -> Any:
     import ray.data
 
-    return ray.data.read_datasource(source, num_cpus=READ_TASK_CPUS, concurrency=READ_CONCURRENCY)
+    reads = math.ceil(max(1, math.ceil(source.count / source.page_size)) / PAGES_PER_READ_TASK)
+    return ray.data.read_datasource(
+        source, num_cpus=READ_TASK_CPUS, concurrency=max(1, min(READ_CONCURRENCY, reads))
+    )
