@@ -155,7 +155,12 @@ def run_pipeline(ctx: RunContext) -> Iterator[dict[str, Any]]:
         fn_constructor_kwargs=ctor_kwargs,
         batch_size=ctx.params.batch_size,
         batch_format="numpy",
-        compute=ActorPoolStrategy(size=actors),
+        # One actor first, the rest while it works: three actors importing Ray Data at once on a
+        # small node took seconds longer to write anything. Two blocks in flight per actor keep
+        # the tail short (a block queued behind another on a busy actor waits while others idle).
+        compute=ActorPoolStrategy(
+            min_size=1, max_size=actors, initial_size=1, max_tasks_in_flight_per_actor=2
+        ),
         num_cpus=o.actor_cpus,
     )
     try:

@@ -1,7 +1,7 @@
 """Task ids, streamed from the platform into a Ray Dataset.
 
 The driver reads only the first page (to learn `count`); the rest is read by Ray Data read tasks,
-each walking a short range of pages, so neither the driver nor any worker holds the whole listing.
+each walking a short range of pages (200 ids by default), so neither the driver nor any worker holds the whole listing.
 Read tasks ask for a fraction of a CPU: a read that needs a whole CPU can starve behind Data actors
 and Serve replicas (the measured deadlock in shared/reference/ray-2.60-notes.md).
 
@@ -9,7 +9,8 @@ Listing is far faster than annotating (a page of 100 ids costs a few ms; annotat
 second), so reads are many short tasks, at most `READ_CONCURRENCY` at a time: Ray reuses those
 few worker processes instead of starting one per read (each start imports Ray Data: seconds on a
 small machine, all before the first task is annotated), and Ray Data hands a read's ids on only
-when that read ends (it coalesces a task's small blocks), so a short range reaches the actors soon.
+when that read ends (it coalesces a task's small blocks), so a short range reaches the actors soon;
+small blocks also spread the last tasks of a run over every actor.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from totask_ray.platform.errors import NotFoundError
 from totask_ray.platform.synapse import SynapseClient, SynapseConfig
 
 READ_TASK_CPUS = 0.1
-PAGES_PER_READ_TASK = 10
+PAGES_PER_READ_TASK = 2
 READ_CONCURRENCY = 2
 
 
