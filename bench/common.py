@@ -586,7 +586,6 @@ def dump_json(name: str, obj: Any) -> None:
 
 PROFILE_GROUPS = (
     ("httpx (request/response models, URL parsing, cookies)", ("httpx/",)),
-    ("httpx-aiohttp transport", ("httpx_aiohttp/",)),
     ("aiohttp / yarl / multidict (incl. socket writes)", ("aiohttp/", "yarl/", "multidict/")),
     ("asyncio / uvloop / selectors", ("asyncio/", "uvloop/", "selectors.py")),
     ("json", ("json/", "orjson")),

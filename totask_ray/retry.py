@@ -24,8 +24,8 @@ NOT_APPLIED_STATUSES = frozenset({429, 503})
 def never_connected(exc: BaseException) -> bool:
     """True when the request certainly never reached the server (safe to replay anything).
 
-    httpx-aiohttp reports a refused connection as `ConnectTimeout`, so the aiohttp cause decides:
-    `ClientConnectorError` and its kinds (DNS, refused, TLS) all fail before a byte is sent.
+    `totask_ray.aio` raises aiohttp's failures as httpx errors chained to them; the aiohttp cause
+    decides: `ClientConnectorError` and its kinds (DNS, refused, TLS) all fail before a byte is sent.
     """
     if isinstance(exc, httpx.ConnectError):
         return True

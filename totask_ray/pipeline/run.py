@@ -122,7 +122,6 @@ def configure_data_context(ctx: RunContext) -> None:
 
 def run_pipeline(ctx: RunContext) -> Iterator[dict[str, Any]]:
     """Yield outcome batches (numpy columns) as the annotators produce them."""
-    from ray.data import ActorPoolStrategy
 
     from totask_ray.driver import CriticalError, worker_settings
     from totask_ray.pipeline.source import TaskIdSource, task_dataset
@@ -155,12 +154,7 @@ def run_pipeline(ctx: RunContext) -> Iterator[dict[str, Any]]:
         fn_constructor_kwargs=ctor_kwargs,
         batch_size=ctx.params.batch_size,
         batch_format="numpy",
-        # One actor first, the rest while it works: three actors importing Ray Data at once on a
-        # small node took seconds longer to write anything. Two blocks in flight per actor keep
-        # the tail short (a block queued behind another on a busy actor waits while others idle).
-        compute=ActorPoolStrategy(
-            min_size=1, max_size=actors, initial_size=1, max_tasks_in_flight_per_actor=2
-        ),
+        compute=actor_pool(actors, fixed=o.num_actors is not None),
         num_cpus=o.actor_cpus,
     )
     try:
@@ -169,6 +163,23 @@ def run_pipeline(ctx: RunContext) -> Iterator[dict[str, Any]]:
         raise
     except Exception as exc:
         raise CriticalError(_explain(exc)) from exc
+
+
+def actor_pool(actors: int, *, fixed: bool) -> Any:
+    """The annotator pool: as many actors as asked for, or grown from one.
+
+    By default one actor starts first and the pool grows to `actors` while it works: three actors
+    importing Ray Data at once on a small node took seconds longer to write anything, and a run
+    with little to do never pays for actors it would not use. A size the user asked for is kept
+    from the start (they may be spreading the work over nodes on purpose). Two blocks in flight
+    per actor keep the end of a run short: a block queued behind another on a busy actor would
+    wait while other actors idle.
+    """
+    from ray.data import ActorPoolStrategy
+
+    if fixed:
+        return ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=2)
+    return ActorPoolStrategy(min_size=1, max_size=actors, initial_size=1, max_tasks_in_flight_per_actor=2)
 
 
 def _explain(exc: Exception) -> str:
