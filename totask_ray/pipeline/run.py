@@ -9,6 +9,7 @@ start timeout are set so a mis-budgeted run fails with a clear message instead o
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -118,6 +119,10 @@ def configure_data_context(ctx: RunContext) -> None:
     dc.wait_for_min_actors_s = -1
     if not verbose:
         logging.getLogger("ray.data").setLevel(logging.WARNING)
+        # a run with fewer id blocks than actors is normal (small projects, resumes): not news
+        warnings.filterwarnings(
+            "ignore", message="The (minimum|maximum) number of concurrent", category=UserWarning
+        )
 
 
 def run_pipeline(ctx: RunContext) -> Iterator[dict[str, Any]]:
