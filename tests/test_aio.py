@@ -26,6 +26,21 @@ async def _serve(handler):
     return runner, f"http://127.0.0.1:{port}"
 
 
+async def _failure(url: str, timeout) -> BaseException:
+    """The httpx error `aio.transport_error` makes of what one GET through a session raises."""
+    session = aio.session(4)  # on the running loop: aiohttp sessions belong to one
+    try:
+        async with session.get(url, timeout=timeout) as r:
+            await r.read()
+    except Exception as exc:
+        mapped = aio.transport_error(exc)
+        assert mapped is not None, exc
+        return mapped
+    finally:
+        await session.close()
+    raise AssertionError(f"GET {url} did not fail")
+
+
 def test_signed_url_reaches_the_server_exactly_as_given():
     """A signature covers the URL's exact bytes: %2F, %7E and '+' must not be re-quoted."""
     seen: list[str] = []
@@ -57,20 +72,7 @@ def test_refused_connection_is_never_connected_and_said_so():
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
 
-    async def go() -> BaseException:
-        session = aio.session(4)
-        try:
-            async with session.get(f"http://127.0.0.1:{port}/x", timeout=aio.timeout(2, 2)):
-                pass
-        except Exception as exc:
-            mapped = aio.transport_error(exc)
-            assert mapped is not None
-            return mapped
-        finally:
-            await session.close()
-        raise AssertionError("connected to a closed port")
-
-    err = asyncio.run(go())
+    err = asyncio.run(_failure(f"http://127.0.0.1:{port}/x", aio.timeout(2, 2)))
     assert isinstance(err, httpx.ConnectError)
     assert never_connected(err)  # so even a POST may be replayed
     assert describe_transport_error(err) == "could not connect"
@@ -83,18 +85,10 @@ def test_slow_answer_is_a_read_timeout():
 
     async def go() -> BaseException:
         runner, base = await _serve(handler)
-        session = aio.session(4)
         try:
-            async with session.get(f"{base}/slow", timeout=aio.timeout(0.3, 2)) as r:
-                await r.read()
-        except Exception as exc:
-            mapped = aio.transport_error(exc)
-            assert mapped is not None
-            return mapped
+            return await _failure(f"{base}/slow", aio.timeout(0.3, 2))
         finally:
-            await session.close()
             await runner.cleanup()
-        raise AssertionError("no timeout")
 
     err = asyncio.run(go())
     assert isinstance(err, httpx.ReadTimeout)
