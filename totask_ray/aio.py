@@ -13,8 +13,9 @@ httpx exceptions those already classify (`could not connect`, `timed out`, repla
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -73,6 +74,19 @@ def transport_error(exc: BaseException) -> httpx.TransportError | None:
     err = kind(str(exc) or type(exc).__name__)
     err.__cause__ = exc
     return err
+
+
+@contextlib.contextmanager
+def transport_errors() -> Iterator[None]:
+    """Inside: aiohttp's transport failures leave as `transport_error` makes them; anything else
+    (a policy refusal from the resolver, a bug) leaves unchanged."""
+    try:
+        yield
+    except Exception as exc:
+        mapped = transport_error(exc)
+        if mapped is None:
+            raise
+        raise mapped from exc
 
 
 def session(limit: int, *, resolver: Any = None, ssl: Any = None) -> Any:

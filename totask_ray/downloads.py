@@ -235,14 +235,9 @@ class Downloader:
             return
         if self._session is None:
             self._session = aio.session(self._max_connections, resolver=_policy_resolver(self.policy))
-        try:
+        with aio.transport_errors():
             async with self._session.get(aio.url(url), allow_redirects=False, timeout=self._timeout) as resp:
                 yield _Hop(resp.status, resp.headers, resp.content.iter_chunked(CHUNK_BYTES))
-        except Exception as exc:
-            mapped = aio.transport_error(exc)
-            if mapped is None:
-                raise
-            raise mapped from exc
 
     async def _get(self, url: str, max_bytes: int, content_types: tuple[str, ...]) -> tuple[bytes, str] | str:
         """One hop: the body, or the redirect's target; throttling and transport errors retried."""

@@ -69,10 +69,19 @@ class TaskIdSource(Datasource):
     def estimate_inmemory_data_size(self) -> int:
         return self.count * 8
 
+    @property
+    def pages(self) -> int:
+        return max(1, math.ceil(self.count / self.page_size))
+
+    @property
+    def read_count(self) -> int:
+        """How many read tasks `get_read_tasks` makes."""
+        return math.ceil(self.pages / PAGES_PER_READ_TASK)
+
     def get_read_tasks(
         self, parallelism: int, per_task_row_limit: int | None = None, data_context: Any = None
     ) -> list[ReadTask]:
-        pages = max(1, math.ceil(self.count / self.page_size))
+        pages = self.pages
         per = PAGES_PER_READ_TASK  # `parallelism` is ignored: reads are sized for a quick first block
         tasks = []
         for start in range(1, pages + 1, per):
@@ -109,7 +118,6 @@ class TaskIdSource(Datasource):
 def task_dataset(source: TaskIdSource) -> Any:
     import ray.data
 
-    reads = math.ceil(max(1, math.ceil(source.count / source.page_size)) / PAGES_PER_READ_TASK)
     return ray.data.read_datasource(
-        source, num_cpus=READ_TASK_CPUS, concurrency=max(1, min(READ_CONCURRENCY, reads))
+        source, num_cpus=READ_TASK_CPUS, concurrency=min(READ_CONCURRENCY, source.read_count)
     )

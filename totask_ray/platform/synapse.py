@@ -491,7 +491,7 @@ class AsyncSynapseClient(_Endpoints):
             url = f"{url}?{urlencode(call.params)}"
         body = None if call.json is None else aio.dumps(call.json)
         headers = self._core.headers if body is None else self._json_headers
-        try:
+        with aio.transport_errors():
             async with self._session.request(
                 call.method,
                 aio.url(url),
@@ -501,11 +501,6 @@ class AsyncSynapseClient(_Endpoints):
                 timeout=self._timeout,
             ) as resp:
                 return aio.Reply(resp.status, resp.headers, await resp.read())
-        except Exception as exc:
-            mapped = aio.transport_error(exc)
-            if mapped is None:
-                raise
-            raise mapped from exc
 
     async def _execute(self, call: Call[T]) -> T:
         core = self._core
