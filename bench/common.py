@@ -330,7 +330,7 @@ class BenchPlatform:
         return self.lp.token
 
     def config(self) -> Any:
-        from totask_ray.platform.synapse import SynapseConfig
+        from totask_ray.platform.synapse.client import SynapseConfig
 
         return SynapseConfig(host=self.lp.url, access_token=self.lp.token)
 
@@ -351,7 +351,7 @@ class BenchPlatform:
 def platform(
     latency_ms: float = 0, tmp: Path | None = None, plugin_runner: str | None = None
 ) -> Iterator[BenchPlatform]:
-    from totask_ray.local.server import LocalPlatform
+    from totask_ray.embedded.server import LocalPlatform
 
     with contextlib.ExitStack() as stack:
         if tmp is None:
@@ -367,7 +367,7 @@ def platform(
 
 def seed_files(bp: BenchPlatform, tasks: int, seed: int = 0) -> float:
     """Seed the files demo (one task per data unit, each with its own annotation JSON); seconds taken."""
-    from totask_ray.local.seed import seed_files_demo
+    from totask_ray.embedded.seed import seed_files_demo
 
     t0 = time.perf_counter()
     bp.seeded = seed_files_demo(bp.store, bp.lp.media_dir, tasks=tasks, seed=seed)
@@ -453,7 +453,7 @@ def start_serve_loopback() -> int:
 
 def sdk_python(build: bool = True) -> tuple[Path | None, str]:
     """(python of the synapse-sdk venv, "") or (None, why not). Builds it (~100 s) when `build`."""
-    from totask_ray.sdk_env import SdkEnvError, ensure_sdk_venv, find_python312, sdk_venv_ready
+    from devtools.sdk_env import SdkEnvError, ensure_sdk_venv, find_python312, sdk_venv_ready
 
     ready = sdk_venv_ready(ROOT)
     if ready is not None:

@@ -57,7 +57,7 @@ def child(argv: list[str]) -> int:
     me = psutil.Process()
     t0 = time.perf_counter()
     from totask_ray.driver import ensure_ray, run_to_task
-    from totask_ray.platform.synapse import SynapseConfig
+    from totask_ray.platform.synapse.client import SynapseConfig
 
     ensure_ray(a.address)
     import ray.data  # the pipeline imports it; count it in the baseline, not the growth

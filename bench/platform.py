@@ -24,7 +24,7 @@ from typing import Any
 import aiohttp
 import psutil
 
-from totask_ray.local.server import LocalPlatform
+from totask_ray.embedded.server import LocalPlatform
 
 TARGETS = {"get_task": 1000.0, "put_annotate": 500.0}
 

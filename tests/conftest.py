@@ -51,7 +51,7 @@ def ray_cluster():
 @pytest.fixture(scope="session")
 def platform(tmp_path_factory):
     """The embedded platform, as a separate server process over real HTTP on loopback."""
-    from totask_ray.local.server import LocalPlatform
+    from totask_ray.embedded.server import LocalPlatform
 
     lp = LocalPlatform(data_dir=tmp_path_factory.mktemp("platform"), fault_injection=True)
     lp.start()

@@ -10,7 +10,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from totask_ray.platform.synapse import SynapseConfig
+from totask_ray.platform.synapse.client import SynapseConfig
 
 SPECS = [
     {"name": "image_1", "is_primary": True, "file_type": "image"},

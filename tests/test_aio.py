@@ -10,9 +10,9 @@ import httpx
 import pytest
 from aiohttp import web
 
-from totask_ray import aio
-from totask_ray.downloads import Downloader, UrlPolicy
-from totask_ray.retry import describe_transport_error, never_connected
+from totask_ray.net import wire as aio
+from totask_ray.net.downloads import Downloader, UrlPolicy
+from totask_ray.net.retry import describe_transport_error, never_connected
 
 
 async def _serve(handler):

@@ -33,7 +33,7 @@ from helpers import config_for, file_server, good_unit, make_project, read_repor
 from totask_ray import ToTaskError, run_to_task
 from totask_ray.params import ParamsError, RunStatus, ToTaskParams
 from totask_ray.platform.errors import PlatformResponseError
-from totask_ray.platform.synapse import AsyncSynapseClient, SynapseClient
+from totask_ray.platform.synapse.client import AsyncSynapseClient, SynapseClient
 from totask_ray.serving.interface import PreProcessorOutputError, validate_output
 
 FILE_PARAMS = {"name": "Bad_Input_Job", "method": "file", "target_specification_name": "annotation_data"}
@@ -435,7 +435,7 @@ TASK_ANSWERS: dict[int, tuple[Any, str, str]] = {
 def test_malformed_task_answers_fail_only_their_task(platform, monkeypatch):
     """The real FileAnnotator, its platform client on a fake transport (the embedded server cannot
     answer these shapes); downloads are real, from a loopback file server."""
-    from totask_ray.downloads import UrlPolicy
+    from totask_ray.net.downloads import UrlPolicy
     from totask_ray.pipeline.workers import FileAnnotator, WorkerSettings
 
     monkeypatch.setattr("totask_ray.pipeline.workers._node_id", lambda: "")  # no Ray in this test
@@ -586,8 +586,8 @@ MODEL_ANSWERS = {
 def test_bad_model_output_fails_only_its_task_through_the_inference_worker(platform, monkeypatch):
     import ray.serve
 
-    from totask_ray.downloads import UrlPolicy
     from totask_ray.inference import InferenceAnnotator
+    from totask_ray.net.downloads import UrlPolicy
     from totask_ray.pipeline.workers import WorkerSettings
 
     monkeypatch.setattr("totask_ray.pipeline.workers._node_id", lambda: "")  # no Ray in this test

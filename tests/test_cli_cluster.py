@@ -180,7 +180,7 @@ TWO_NODES = textwrap.dedent(
     import ray
     from ray.cluster_utils import Cluster
     from totask_ray import run_to_task
-    from totask_ray.platform.synapse import SynapseConfig
+    from totask_ray.platform.synapse.client import SynapseConfig
 
     url, token, project, report = sys.argv[1:5]
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})

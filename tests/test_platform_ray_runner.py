@@ -21,17 +21,17 @@ from typing import Any
 import httpx
 import pytest
 
-from totask_ray.local.app import media_signature
-from totask_ray.local.ray_runner import ENV_RAY_ADDRESS, ENV_SERVE_PORT
-from totask_ray.local.seed import write_sample_images
-from totask_ray.local.seed_inference import match_faces, release_config, seed_faces_demo
-from totask_ray.local.server import LocalPlatform
-from totask_ray.platform.synapse import SynapseClient, SynapseConfig
+from totask_ray.embedded.app import media_signature
+from totask_ray.embedded.ray_runner import ENV_RAY_ADDRESS, ENV_SERVE_PORT
+from totask_ray.embedded.seed import write_sample_images
+from totask_ray.embedded.seed_inference import match_faces, release_config, seed_faces_demo
+from totask_ray.embedded.server import LocalPlatform
+from totask_ray.platform.synapse.client import SynapseClient, SynapseConfig
 from totask_ray.serving.lifecycle import RayServeBackend, route_prefix
 
 pytestmark = pytest.mark.timeout(300)
 
-RUNNER = "totask_ray.local.ray_runner:ray_plugin_runner"
+RUNNER = "totask_ray.embedded.ray_runner:ray_plugin_runner"
 VERSION = "1.0.0+runner"
 APP = f"faces@{VERSION}"
 # The astronaut's face in the 512x512 picture: box centre about (223, 113).
@@ -269,7 +269,7 @@ def test_deleting_the_app_shows_in_serve_applications(rp, deployed):
 
 
 def test_the_runner_factory_reads_the_environment(monkeypatch):
-    from totask_ray.local.ray_runner import PlatformRayBackend, ray_plugin_runner
+    from totask_ray.embedded.ray_runner import PlatformRayBackend, ray_plugin_runner
 
     monkeypatch.setenv(ENV_RAY_ADDRESS, "127.0.0.1:1")
     monkeypatch.setenv(ENV_SERVE_PORT, "8123")
@@ -330,9 +330,9 @@ def _scripted_platform(tmp_path: Path, backend: ScriptedServe, scenario) -> None
     """Run `scenario(client, store, release_id, runner)` against the platform app in-process."""
     import asyncio
 
-    from totask_ray.local.app import create_app
-    from totask_ray.local.ray_runner import RayPluginRunner
-    from totask_ray.local.store import Store
+    from totask_ray.embedded.app import create_app
+    from totask_ray.embedded.ray_runner import RayPluginRunner
+    from totask_ray.embedded.store import Store
 
     store = Store(tmp_path / "platform.db")
     release = store.create_plugin_release("faces", "1.0.0", release_config("faces"))

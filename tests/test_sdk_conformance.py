@@ -1,6 +1,6 @@
 """Conformance of the embedded platform with the REAL public client, `synapse-sdk==2026.2.17`.
 
-The SDK needs Python >= 3.12, so it lives in its own venv (`totask_ray.sdk_env`, built once under
+The SDK needs Python >= 3.12, so it lives in its own venv (`devtools.sdk_env`, built once under
 `.venv-sdk/` and reused; only a machine without any Python >= 3.12 skips). Three SDK processes run
 against the session platform at once:
 
@@ -29,8 +29,8 @@ from typing import Any
 import httpx
 import pytest
 
-from totask_ray.local.seed import seed_files_demo
-from totask_ray.sdk_env import SDK_VERSION, SdkEnvError, ensure_sdk_venv, find_python312, sdk_venv_ready
+from devtools.sdk_env import SDK_VERSION, SdkEnvError, ensure_sdk_venv, find_python312, sdk_venv_ready
+from totask_ray.embedded.seed import seed_files_demo
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SCRIPT_DIR = Path(__file__).resolve().parent / "sdk_conformance"

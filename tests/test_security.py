@@ -28,8 +28,8 @@ import yaml
 from helpers import file_server, read_report
 from test_bad_input import NEVER, SIG, RecordingRoutes, bad_input_project
 
-import totask_ray.downloads as downloads
-from totask_ray.downloads import Downloader, DownloadError, UrlPolicy, fetch_json_sync
+import totask_ray.net.downloads as downloads
+from totask_ray.net.downloads import Downloader, DownloadError, UrlPolicy, fetch_json_sync
 
 PLATFORM = "http://127.0.0.1:8000"  # the platform's own host: always allowed
 GOOD = b'{"objects": []}'
@@ -260,7 +260,7 @@ def test_every_download_has_a_byte_cap():
 def test_embedded_platform_binds_loopback_and_guards_its_endpoints(platform):
     import psutil
 
-    from totask_ray.local.server import LocalPlatform
+    from totask_ray.embedded.server import LocalPlatform
 
     assert inspect.signature(LocalPlatform).parameters["host"].default == "127.0.0.1"
     assert platform.url.startswith("http://127.0.0.1:")

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from totask_ray.local.seed import DEMOS
-from totask_ray.local.seed_inference import (
+from totask_ray.embedded.seed import DEMOS
+from totask_ray.embedded.seed_inference import (
     FACES_PARAMS,
     OCR_PARAMS,
     iou,
@@ -25,7 +25,7 @@ from totask_ray.local.seed_inference import (
     seed_faces_demo,
     seed_ocr_demo,
 )
-from totask_ray.local.store import Store
+from totask_ray.embedded.store import Store
 from totask_ray.serving.config import parse_release_config
 from totask_ray.serving.interface import InferenceParams
 

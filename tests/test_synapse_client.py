@@ -19,7 +19,13 @@ from totask_ray.platform.errors import (
     ServerError,
     ValidationFailed,
 )
-from totask_ray.platform.synapse import AsyncSynapseClient, Call, SynapseClient, SynapseConfig, encode_filters
+from totask_ray.platform.synapse.client import (
+    AsyncSynapseClient,
+    Call,
+    SynapseClient,
+    SynapseConfig,
+    encode_filters,
+)
 
 
 @pytest.fixture(scope="module")

@@ -11,12 +11,12 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from totask_ray import annotation
-from totask_ray.downloads import DEFAULT_MAX_JSON_BYTES, UrlPolicy, fetch_json_sync
+from totask_ray.net.downloads import DEFAULT_MAX_JSON_BYTES, UrlPolicy, fetch_json_sync
 from totask_ray.params import ToTaskParams
 
 if TYPE_CHECKING:
     from totask_ray.params import ToTaskResult
-    from totask_ray.platform.synapse import SynapseConfig
+    from totask_ray.platform.synapse.client import SynapseConfig
 
 
 class ToTask:

@@ -15,7 +15,7 @@ from typing import Annotated, Any
 
 import typer
 
-from totask_ray.local.cli import platform_app
+from totask_ray.embedded.cli import platform_app
 from totask_ray.serving.cli import serve_app
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -124,7 +124,7 @@ def run(
     from totask_ray.driver import ToTaskError, ensure_ray, run_to_task
     from totask_ray.params import ParamsError, ToTaskParams
     from totask_ray.platform.errors import PlatformError
-    from totask_ray.platform.synapse import SynapseConfig
+    from totask_ray.platform.synapse.client import SynapseConfig
 
     try:
         params = ToTaskParams.from_file(job)

@@ -32,9 +32,9 @@ def _file_params(seeded: dict[str, Any]) -> dict[str, Any]:
 def run_demo(method: str = "file", tasks: int = 200, data_dir: Path | None = None) -> int:
     from totask_ray.cli import exit_code, print_result
     from totask_ray.driver import ToTaskError, ensure_ray, run_to_task
-    from totask_ray.local.seed import DEMOS
-    from totask_ray.local.server import LocalPlatform
-    from totask_ray.platform.synapse import SynapseClient, SynapseConfig
+    from totask_ray.embedded.seed import DEMOS
+    from totask_ray.embedded.server import LocalPlatform
+    from totask_ray.platform.synapse.client import SynapseClient, SynapseConfig
 
     if method not in ("file", "inference", "all"):
         print(f"unknown method {method!r}: use file, inference or all")
@@ -108,7 +108,7 @@ def _check_written(client: Any, report: Path, sample: int = 20) -> int:
 
 def _truth_summary(store: Any, seeded: dict[str, Any]) -> str:
     """How the written annotations compare with the demo's ground truth."""
-    from totask_ray.local.seed_inference import match_faces
+    from totask_ray.embedded.seed_inference import match_faces
 
     truth = {int(k): v for k, v in seeded["truth"].items()}
     objects = {tid: (store.get_task(tid)["data"] or {}).get("objects", []) for tid in truth}

@@ -23,12 +23,12 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from totask_ray.action import ToTask
-from totask_ray.downloads import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_JSON_BYTES, UrlPolicy
+from totask_ray.net.downloads import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_JSON_BYTES, UrlPolicy
 from totask_ray.params import Method, RunStatus, ToTaskParams, ToTaskResult
 from totask_ray.pipeline.outcomes import Status, from_columns, read_report
 from totask_ray.platform.errors import NotFoundError, PlatformError
 from totask_ray.platform.models import DataCollection, Project
-from totask_ray.platform.synapse import SynapseClient, SynapseConfig
+from totask_ray.platform.synapse.client import SynapseClient, SynapseConfig
 from totask_ray.progress import STEP, RunTracker
 
 log = logging.getLogger("totask_ray")

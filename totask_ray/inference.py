@@ -24,8 +24,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from totask_ray.action import ToTask
-from totask_ray.downloads import DownloadError
 from totask_ray.driver import CriticalError, Step
+from totask_ray.net.downloads import DownloadError
 from totask_ray.pipeline.outcomes import Outcome, Stage
 from totask_ray.pipeline.workers import TaskFailed, WorkerSettings, _Annotator, safe_error
 from totask_ray.platform.errors import NotFoundError

@@ -10,7 +10,7 @@ from typing import Any
 
 import httpx
 
-from totask_ray.local.server import bind_socket
+from totask_ray.embedded.server import bind_socket
 
 
 def follow_pages(

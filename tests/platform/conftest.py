@@ -12,8 +12,8 @@ from typing import Any
 import httpx
 import pytest
 
-from totask_ray.local.seed import seed_files_demo
-from totask_ray.local.server import LocalPlatform
+from totask_ray.embedded.seed import seed_files_demo
+from totask_ray.embedded.server import LocalPlatform
 
 
 @pytest.fixture(scope="module")

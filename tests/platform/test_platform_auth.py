@@ -113,7 +113,7 @@ def test_faults_endpoint_is_404_when_disabled(remote_like):
 
 def test_token_not_on_command_line_and_restart_keeps_port_and_data(remote_like):
     cmdline = " ".join(psutil.Process(remote_like.pid).cmdline())
-    assert remote_like.token not in cmdline and "totask_ray.local.server" in cmdline
+    assert remote_like.token not in cmdline and "totask_ray.embedded.server" in cmdline
     url, old_pid = remote_like.url, remote_like.pid
     pid = remote_like.store.create_project("survives restart")
     remote_like.restart()
@@ -124,7 +124,7 @@ def test_token_not_on_command_line_and_restart_keeps_port_and_data(remote_like):
 
 
 def test_stop_refuses_connections_and_context_manager(tmp_path):
-    from totask_ray.local.server import LocalPlatform
+    from totask_ray.embedded.server import LocalPlatform
 
     with LocalPlatform(tmp_path / "p", token="fixed-token") as lp:
         assert lp.token == "fixed-token" and lp.url.startswith("http://127.0.0.1:")

@@ -16,7 +16,7 @@ import pytest
 
 import totask_ray
 
-CLI = [sys.executable, "-c", "from totask_ray.local.cli import platform_app; platform_app()"]
+CLI = [sys.executable, "-c", "from totask_ray.embedded.cli import platform_app; platform_app()"]
 REPO = str(Path(totask_ray.__file__).resolve().parents[1])
 
 

@@ -8,8 +8,8 @@ import httpx
 import pytest
 from _platform_helpers import follow_pages, serve_in_thread
 
-from totask_ray.local.app import NO_RUNNER_DETAIL, PluginRunError, create_app
-from totask_ray.local.store import Store
+from totask_ray.embedded.app import NO_RUNNER_DETAIL, PluginRunError, create_app
+from totask_ray.embedded.store import Store
 
 CONFIG = {
     "name": "Echo detector",

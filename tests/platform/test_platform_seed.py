@@ -7,8 +7,8 @@ import sqlite3
 
 import pytest
 
-from totask_ray.local.seed import DEMOS, seed_files_demo
-from totask_ray.local.store import Store, TaskQuery
+from totask_ray.embedded.seed import DEMOS, seed_files_demo
+from totask_ray.embedded.store import Store, TaskQuery
 
 
 def test_seed_over_the_admin_endpoint(client, platform):

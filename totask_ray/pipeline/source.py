@@ -25,7 +25,7 @@ from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
 from totask_ray.platform.errors import NotFoundError
-from totask_ray.platform.synapse import SynapseClient, SynapseConfig
+from totask_ray.platform.synapse.client import SynapseClient, SynapseConfig
 
 READ_TASK_CPUS = 0.1
 PAGES_PER_READ_TASK = 2

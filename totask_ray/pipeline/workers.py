@@ -25,18 +25,19 @@ import numpy as np
 
 from totask_ray.action import ToTask
 from totask_ray.annotation import AnnotationError, validate_task_data
-from totask_ray.downloads import (
+from totask_ray.net.downloads import (
     DEFAULT_MAX_IMAGE_BYTES,
     DEFAULT_MAX_JSON_BYTES,
     Downloader,
     DownloadError,
     UrlPolicy,
 )
+from totask_ray.net.redact import redact_url
 from totask_ray.params import ExistingDataPolicy, ToTaskParams
 from totask_ray.pipeline.outcomes import Outcome, Stage, Status, to_columns
-from totask_ray.platform.errors import AuthenticationError, PlatformError, redact_url
+from totask_ray.platform.errors import AuthenticationError, PlatformError
 from totask_ray.platform.models import DataUnit, Task
-from totask_ray.platform.synapse import AsyncSynapseClient, SynapseConfig
+from totask_ray.platform.synapse.client import AsyncSynapseClient, SynapseConfig
 
 MAX_ERROR_CHARS = 500
 _URL = re.compile(r"https?://[^\s'\"<>()\[\]{}]+", re.IGNORECASE)

@@ -7,20 +7,6 @@ status; they never carry a token, a signed URL or a stack trace. The original ex
 
 from __future__ import annotations
 
-from urllib.parse import urlsplit, urlunsplit
-
-
-def redact_url(url: str) -> str:
-    """The URL without credentials, query or fragment: safe to show in a message or a log."""
-    try:
-        parts = urlsplit(str(url))
-    except ValueError:
-        return "<invalid url>"
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
-    return urlunsplit((parts.scheme, host, parts.path, "", ""))
-
 
 class PlatformError(Exception):
     """Anything that went wrong talking to the platform."""

@@ -625,7 +625,7 @@ def ray_plugin_runner(
     deploy_timeout_s: float | None = None,
     infer_timeout_s: float | None = None,
 ) -> RayPluginRunner:
-    """The factory `LocalPlatform(plugin_runner="totask_ray.local.ray_runner:ray_plugin_runner")`
+    """The factory `LocalPlatform(plugin_runner="totask_ray.embedded.ray_runner:ray_plugin_runner")`
     loads. The platform calls it with no arguments, so every setting falls back to the environment
     (see the module docstring); arguments win when a caller passes them."""
     env = os.environ

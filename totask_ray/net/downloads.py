@@ -22,9 +22,9 @@ from urllib.parse import urljoin, urlsplit
 
 import httpx
 
-from totask_ray import aio
-from totask_ray.platform.errors import redact_url
-from totask_ray.retry import RetryPolicy, describe_transport_error
+from totask_ray.net import wire as aio
+from totask_ray.net.redact import redact_url
+from totask_ray.net.retry import RetryPolicy, describe_transport_error
 
 log = logging.getLogger("totask_ray")
 
@@ -179,7 +179,7 @@ class _Hop:
 class Downloader:
     """Async, bounded, policy-checked downloads over one shared connection pool.
 
-    Speaks aiohttp directly (see `totask_ray.aio`); its resolver checks every address it connects
+    Speaks aiohttp directly (see `totask_ray.net.wire`); its resolver checks every address it connects
     to, so a name is checked once per new connection, not once per file. An httpx `transport` may
     be given instead (tests inject answers through it); names are then resolved and checked
     before each request.

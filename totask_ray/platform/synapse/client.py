@@ -12,7 +12,7 @@ connection was never made.
 
 The async client speaks aiohttp directly (httpx's own async transport collapses under concurrency
 on these machines, shared/reference/http-throughput-notes.md, and its models on top of aiohttp
-cost the workers as much CPU as the rest of a task: `totask_ray.aio`).
+cost the workers as much CPU as the rest of a task: `totask_ray.net.wire`).
 """
 
 from __future__ import annotations
@@ -28,13 +28,14 @@ from urllib.parse import parse_qs, urlencode, urlsplit
 import httpx
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
-from totask_ray import aio
+from totask_ray.net import wire as aio
+from totask_ray.net.redact import redact_url
+from totask_ray.net.retry import RetryPolicy, describe_transport_error
 from totask_ray.platform.errors import (
     PlatformConnectionError,
     PlatformError,
     PlatformResponseError,
     http_error,
-    redact_url,
 )
 from totask_ray.platform.models import (
     Agent,
@@ -45,7 +46,6 @@ from totask_ray.platform.models import (
     Project,
     Task,
 )
-from totask_ray.retry import RetryPolicy, describe_transport_error
 
 T = TypeVar("T")
 
@@ -463,7 +463,7 @@ class SynapseClient(_Endpoints):
 class AsyncSynapseClient(_Endpoints):
     """Async client for the workers: one per actor, many requests in flight on one event loop.
 
-    It speaks aiohttp directly (`totask_ray.aio`: the per-request CPU of httpx's models bounded the
+    It speaks aiohttp directly (`totask_ray.net.wire`: the per-request CPU of httpx's models bounded the
     workers). An httpx `transport` may be given instead: tests inject platform faults through it.
     The session is made on first use, on the loop that uses it (aiohttp sessions belong to one).
     """

@@ -6,7 +6,7 @@ worker, uvloop and httptools when available, no access log). The token travels i
 variable, never on the command line. The child prints one JSON line `{"event": "ready", "url": ...}`
 on stdout when it accepts requests; everything else it says goes to `<data_dir>/server.log`.
 
-`python -m totask_ray.local.server` is the child's entry point (see `main`).
+`python -m totask_ray.embedded.server` is the child's entry point (see `main`).
 """
 
 from __future__ import annotations
@@ -144,10 +144,10 @@ def _watch_parent() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """The child process: `python -m totask_ray.local.server --data-dir D [--fd N | --host H --port P]`.
+    """The child process: `python -m totask_ray.embedded.server --data-dir D [--fd N | --host H --port P]`.
     The token comes from the environment variable TOTASK_PLATFORM_TOKEN (the tenant from
     TOTASK_PLATFORM_TENANT)."""
-    ap = argparse.ArgumentParser(prog="python -m totask_ray.local.server")
+    ap = argparse.ArgumentParser(prog="python -m totask_ray.embedded.server")
     ap.add_argument("--data-dir", required=True)
     ap.add_argument("--fd", type=int, default=None, help="an inherited, bound socket to serve")
     ap.add_argument("--host", default="127.0.0.1")
@@ -254,7 +254,7 @@ class LocalPlatform:
         cmd = [
             sys.executable,
             "-m",
-            "totask_ray.local.server",
+            "totask_ray.embedded.server",
             "--data-dir",
             str(self.data_dir),
             "--fd",

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import httpx
 
-from totask_ray.aio import Reply
+from totask_ray.net.wire import Reply
 
 RETRY_STATUSES = frozenset({429, 502, 503, 504})
 NOT_APPLIED_STATUSES = frozenset({429, 503})
@@ -24,7 +24,7 @@ NOT_APPLIED_STATUSES = frozenset({429, 503})
 def never_connected(exc: BaseException) -> bool:
     """True when the request certainly never reached the server (safe to replay anything).
 
-    `totask_ray.aio` raises aiohttp's failures as httpx errors chained to them; the aiohttp cause
+    `totask_ray.net.wire` raises aiohttp's failures as httpx errors chained to them; the aiohttp cause
     decides: `ClientConnectorError` and its kinds (DNS, refused, TLS) all fail before a byte is sent.
     """
     if isinstance(exc, httpx.ConnectError):
