@@ -109,7 +109,7 @@ def run_totask(
 ) -> dict[str, Any]:
     import os
 
-    from totask_ray.driver import run_to_task
+    from totask_ray import run_to_task
 
     params = {
         "name": "bench_file",

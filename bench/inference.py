@@ -100,7 +100,7 @@ def run_raw(images: list[Any], batch: int, threads: int, bodies: list[bytes] | N
 
 
 def run_totask(bp: c.BenchPlatform, project: int, n: int, release: int, report: Path) -> dict[str, Any]:
-    from totask_ray.driver import run_to_task
+    from totask_ray import run_to_task
 
     params = {"name": "bench_inference", "project": project, "method": "inference", "pre_processor": release,
               "task_filters": {}}  # fmt: skip

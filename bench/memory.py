@@ -56,7 +56,8 @@ def child(argv: list[str]) -> int:
 
     me = psutil.Process()
     t0 = time.perf_counter()
-    from totask_ray.driver import ensure_ray, run_to_task
+    from totask_ray import run_to_task
+    from totask_ray.cluster import ensure_ray
     from totask_ray.platform.synapse.client import SynapseConfig
 
     ensure_ray(a.address)

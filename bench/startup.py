@@ -43,8 +43,8 @@ def child(argv: list[str]) -> int:
     import totask_ray.cli as cli
 
     marks["cli_imported"] = time.time()
-    import totask_ray.driver as driver
-    import totask_ray.pipeline.run as prun
+    import totask_ray.cluster as cluster
+    import totask_ray.run.steps as steps
 
     marks["imports"] = time.time()
 
@@ -58,18 +58,19 @@ def child(argv: list[str]) -> int:
 
         return wrapper
 
-    driver.ensure_ray = timed("ray_connect", driver.ensure_ray)
-    for cls in (driver.Initialize, driver.PrepareFile, driver.FetchTasks, driver.Annotate):
+    # the CLI connects first (totask_ray.cluster), the annotate step finds Ray already up
+    cluster.ensure_ray = steps.ensure_ray = timed("ray_connect", cluster.ensure_ray)
+    for cls in (steps.Initialize, steps.Prepare, steps.FetchTasks, steps.Annotate):
         cls.run = timed(cls.name, cls.run)
-    original = prun.run_pipeline
+    original = steps.run_pipeline
 
-    def run_pipeline(ctx: Any) -> Any:
+    def run_pipeline(spec: Any) -> Any:
         marks["pipeline_start"] = time.time()
-        for batch in original(ctx):
+        for batch in original(spec):
             marks.setdefault("first_outcome_batch", time.time())
             yield batch
 
-    prun.run_pipeline = run_pipeline
+    steps.run_pipeline = run_pipeline
     code = 0
     try:
         cli.app(argv, standalone_mode=False)

@@ -31,7 +31,8 @@ import pytest
 from helpers import config_for, file_server, good_unit, make_project, read_report, write_media
 
 from totask_ray import ToTaskError, run_to_task
-from totask_ray.params import ParamsError, RunStatus, ToTaskParams
+from totask_ray.params import ParamsError, ToTaskParams
+from totask_ray.result import RunStatus
 from totask_ray.platform.errors import PlatformResponseError
 from totask_ray.platform.synapse.client import AsyncSynapseClient, SynapseClient
 from totask_ray.serving.interface import PreProcessorOutputError, validate_output
@@ -382,7 +383,7 @@ def test_malformed_pagination_is_a_clear_response_error(platform, case, body, wo
 
 def test_malformed_pagination_fails_the_run_before_anything_is_written(platform, monkeypatch):
     """The real driver over the real platform, with only the task listing replaced by a bad shape."""
-    import totask_ray.driver as driver
+    import totask_ray.run.driver as driver
 
     project, ids = make_project(platform, [good_unit(platform, i, "badpage") for i in range(2)])
     real = httpx.Client(timeout=10)
@@ -396,7 +397,7 @@ def test_malformed_pagination_fails_the_run_before_anything_is_written(platform,
         return httpx.Response(answer.status_code, headers=answer.headers, content=answer.content)
 
     monkeypatch.setattr(
-        driver, "SynapseClient", lambda config: SynapseClient(config, transport=httpx.MockTransport(handler))
+        driver, "connect", lambda config: SynapseClient(config, transport=httpx.MockTransport(handler))
     )
     try:
         with pytest.raises(ToTaskError) as info:
@@ -436,9 +437,10 @@ def test_malformed_task_answers_fail_only_their_task(platform, monkeypatch):
     """The real FileAnnotator, its platform client on a fake transport (the embedded server cannot
     answer these shapes); downloads are real, from a loopback file server."""
     from totask_ray.net.downloads import UrlPolicy
-    from totask_ray.pipeline.workers import FileAnnotator, WorkerSettings
+    from totask_ray.methods.file import FileAnnotator
+    from totask_ray.pipeline.annotator import WorkerSettings
 
-    monkeypatch.setattr("totask_ray.pipeline.workers._node_id", lambda: "")  # no Ray in this test
+    monkeypatch.setattr("totask_ray.pipeline.annotator._node_id", lambda: "")  # no Ray in this test
     written: dict[int, Any] = {}
     ann = {"objects": [box()]}
 
@@ -586,11 +588,11 @@ MODEL_ANSWERS = {
 def test_bad_model_output_fails_only_its_task_through_the_inference_worker(platform, monkeypatch):
     import ray.serve
 
-    from totask_ray.inference import InferenceAnnotator
+    from totask_ray.methods.inference import InferenceAnnotator
     from totask_ray.net.downloads import UrlPolicy
-    from totask_ray.pipeline.workers import WorkerSettings
+    from totask_ray.pipeline.annotator import WorkerSettings
 
-    monkeypatch.setattr("totask_ray.pipeline.workers._node_id", lambda: "")  # no Ray in this test
+    monkeypatch.setattr("totask_ray.pipeline.annotator._node_id", lambda: "")  # no Ray in this test
     store = platform.store
     dc = store.create_data_collection("bad model output", [{"name": "image_1", "is_primary": True}])
     project = store.create_project("bad model output", dc)

@@ -24,7 +24,7 @@ import pytest
 from helpers import config_for, good_unit, make_project, read_report
 
 from totask_ray import run_to_task
-from totask_ray.params import RunStatus
+from totask_ray.result import RunStatus
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_cluster")]
 

@@ -14,7 +14,7 @@ from helpers import config_for, write_media
 
 from totask_ray import ToTask, ToTaskError, run_to_task
 from totask_ray.embedded.seed import write_sample_images
-from totask_ray.params import RunStatus
+from totask_ray.result import RunStatus
 from totask_ray.serving.config import load_release_config
 
 pytestmark = pytest.mark.usefixtures("ray_cluster", "serve_http_port")

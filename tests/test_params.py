@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from totask_ray.params import Method, ParamsError, RunStatus, ToTaskParams, ToTaskResult
+from totask_ray.params import Method, ParamsError, ToTaskParams
+from totask_ray.result import RunStatus, ToTaskResult
 
 BASE = {"name": "File_Job", "project": 1, "method": "file", "target_specification_name": "annotation_data"}
 

@@ -356,7 +356,7 @@ def test_cli_over_the_bad_input_project_leaks_no_token(platform, ray_cluster, tm
 
 
 def test_a_hook_exception_quoting_a_signed_url_is_redacted():
-    from totask_ray.pipeline.workers import safe_error
+    from totask_ray.pipeline.annotator import safe_error
 
     url = f"http://127.0.0.1:8000/media/a.json?expires=1&signature={SIG}"
     response = httpx.Response(404, request=httpx.Request("GET", url))

@@ -11,7 +11,7 @@ import pytest
 from helpers import config_for, good_unit, make_project
 
 from totask_ray import run_to_task
-from totask_ray.params import RunStatus
+from totask_ray.result import RunStatus
 
 FILE = {"name": "Workflow_Job", "target_specification_name": "annotation_data"}
 

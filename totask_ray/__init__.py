@@ -18,11 +18,12 @@ logging.getLogger("httpx").setLevel(logging.WARNING)
 
 _EXPORTS = {
     "ToTask": "totask_ray.action",
-    "ToTaskError": "totask_ray.driver",
-    "run_to_task": "totask_ray.driver",
+    "ToTaskError": "totask_ray.errors",
+    "run_to_task": "totask_ray.run.driver",
+    "RunOptions": "totask_ray.run.context",
     "ParamsError": "totask_ray.params",
     "ToTaskParams": "totask_ray.params",
-    "ToTaskResult": "totask_ray.params",
+    "ToTaskResult": "totask_ray.result",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -4,19 +4,18 @@ A Synapse plugin ports by changing its import: the hooks keep their names, argum
 types. Hooks may be plain functions (they run in a worker thread, many at a time) or `async def`
 (they run on the worker's event loop). When `convert_data_from_file` is not overridden, the workers
 use an async download path that does the same thing without a thread per task.
+
+This module is the contract a plugin writes against, so it imports nothing of the run: a plugin is
+run by `totask_ray.run_to_task(params, action_cls=MyToTask)` or `totask-ray run --plugin`.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from totask_ray import annotation
 from totask_ray.net.downloads import DEFAULT_MAX_JSON_BYTES, UrlPolicy, fetch_json_sync
 from totask_ray.params import ToTaskParams
-
-if TYPE_CHECKING:
-    from totask_ray.params import ToTaskResult
-    from totask_ray.platform.synapse.client import SynapseConfig
 
 
 class ToTask:
@@ -92,20 +91,6 @@ class ToTask:
         if model_id is not None:
             params.setdefault("model", model_id)
         return params
-
-    # -- running -----------------------------------------------------------------------------------
-
-    def run(self, platform: SynapseConfig | None = None, **options: Any) -> ToTaskResult:
-        """Run this action over the tasks its params select; see `totask_ray.driver.run_to_task`."""
-        from totask_ray.driver import run_to_task
-
-        if self.params is None:
-            raise ValueError("ToTask needs params to run: ToTask(params={...}).run(...)")
-        return run_to_task(self.params, platform=platform, action_cls=type(self), **options)
-
-    def start(self) -> ToTaskResult:
-        """Synapse spelling of `run()`, with the platform from the SYNAPSE_* environment variables."""
-        return self.run()
 
     # -- helpers for the workers -------------------------------------------------------------------
 

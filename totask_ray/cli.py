@@ -11,11 +11,12 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
 from totask_ray.embedded.cli import platform_app
+from totask_ray.result import EXIT_FAILED
 from totask_ray.serving.cli import serve_app
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -29,8 +30,6 @@ app = typer.Typer(
 )
 app.add_typer(platform_app, name="platform", help="The embedded Synapse-compatible platform.")
 app.add_typer(serve_app, name="serve", help="Pre-processors on Ray Serve: deploy, status, delete.")
-
-EXIT_OK, EXIT_FAILED, EXIT_PARTIAL = 0, 1, 2
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -58,36 +57,6 @@ def load_action_class(spec: str | None) -> type:
     if not (isinstance(cls, type) and issubclass(cls, ToTask)):
         raise typer.BadParameter(f"{spec} is not a subclass of totask_ray.ToTask")
     return cls
-
-
-def print_result(result: Any) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    console = Console(stderr=False)
-    table = Table(title=f"ToTask {result.status.value}", show_header=True)
-    for col in ("total", "success", "failed", "stand_by", "skipped", "elapsed s"):
-        table.add_column(col, justify="right")
-    m = result.metrics
-    table.add_row(str(m.total), str(result.success_count), str(result.failed_count), str(m.stand_by),
-                  str(result.skipped_count), f"{result.elapsed_s:.1f}")  # fmt: skip
-    console.print(table)
-    console.print(result.message)
-    if result.failures:
-        ft = Table(title="Failed tasks (first 20)")
-        ft.add_column("task", justify="right")
-        ft.add_column("error")
-        for f in result.failures[:20]:
-            ft.add_row(str(f.task_id), f.error)
-        console.print(ft)
-
-
-def exit_code(result: Any) -> int:
-    from totask_ray.params import RunStatus
-
-    if result.status is RunStatus.FAILED:
-        return EXIT_FAILED
-    return EXIT_PARTIAL if result.failed_count else EXIT_OK
 
 
 @app.command()
@@ -121,10 +90,13 @@ def run(
 ) -> None:
     """Run the ToTask action described by JOB on a Ray cluster."""
     _setup_logging(verbose)
-    from totask_ray.driver import ToTaskError, ensure_ray, run_to_task
+    from totask_ray.cluster import ensure_ray
+    from totask_ray.console import print_result
+    from totask_ray.errors import ToTaskError
     from totask_ray.params import ParamsError, ToTaskParams
     from totask_ray.platform.errors import PlatformError
-    from totask_ray.platform.synapse.client import SynapseConfig
+    from totask_ray.platform.synapse import SynapseConfig
+    from totask_ray.run.driver import run_to_task
 
     try:
         params = ToTaskParams.from_file(job)
@@ -149,7 +121,7 @@ def run(
 
             ray.shutdown()
     print_result(result)
-    raise typer.Exit(exit_code(result))
+    raise typer.Exit(result.exit_code)
 
 
 @app.command()

@@ -16,6 +16,31 @@ log = logging.getLogger("totask_ray")
 
 # The CPU models take ~0.3 s an image here: small inference projects keep the demo short.
 INFERENCE_DEMO_TASKS = 24
+# Both pre-processors ship inside wheels (OpenCV's Haar cascade, RapidOCR's PP-OCR models), so the
+# inference demos deploy them on the local Ray without downloading anything.
+INFERENCE_RUN = {"serve_poll_interval_s": 1.0}
+
+
+def _inference_params(name: str, threshold: float) -> Any:
+    def make(seeded: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "name": name,
+            "project": seeded["project"],
+            "method": "inference",
+            "pre_processor": seeded["pre_processor"],
+            "pre_processor_params": seeded.get("pre_processor_params") or {"confidence_threshold": threshold},
+            "batch_size": 8,
+        }
+
+    return make
+
+
+def inference_demo_runs() -> list[tuple[str, Any, dict[str, Any]]]:
+    """(demo seeder name, params from its seeded ids, run options) for each demo run."""
+    return [
+        ("faces", _inference_params("Demo_Faces", 0.5), INFERENCE_RUN),
+        ("ocr", _inference_params("Demo_OCR", 0.5), INFERENCE_RUN),
+    ]
 
 
 def _file_params(seeded: dict[str, Any]) -> dict[str, Any]:
@@ -30,11 +55,13 @@ def _file_params(seeded: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_demo(method: str = "file", tasks: int = 200, data_dir: Path | None = None) -> int:
-    from totask_ray.cli import exit_code, print_result
-    from totask_ray.driver import ToTaskError, ensure_ray, run_to_task
+    from totask_ray.cluster import ensure_ray
+    from totask_ray.console import print_result
     from totask_ray.embedded.seed import DEMOS
     from totask_ray.embedded.server import LocalPlatform
+    from totask_ray.errors import ToTaskError
     from totask_ray.platform.synapse.client import SynapseClient, SynapseConfig
+    from totask_ray.run.driver import run_to_task
 
     if method not in ("file", "inference", "all"):
         print(f"unknown method {method!r}: use file, inference or all")
@@ -72,7 +99,7 @@ def run_demo(method: str = "file", tasks: int = 200, data_dir: Path | None = Non
                 _delete_serve_apps()  # the next demo's pre-processor and its actors need the CPUs
             # Some demo tasks fail by design (face-free images give "empty inference result"):
             # the demo succeeded when every run did.
-            code = max(code, 1 if exit_code(result) == 1 else 0)
+            code = max(code, 1 if result.exit_code == 1 else 0)
         return code
     finally:
         if started_ray:
@@ -83,8 +110,6 @@ def run_demo(method: str = "file", tasks: int = 200, data_dir: Path | None = Non
 
 
 def _demo_runs(method: str) -> list[tuple[str, Any, dict[str, Any]]]:
-    from totask_ray.inference_demo import inference_demo_runs
-
     file_run = [("files", _file_params, {})]
     if method == "file":
         return file_run

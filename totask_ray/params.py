@@ -1,4 +1,4 @@
-"""The contract of a run: what a user may ask for (`ToTaskParams`) and what they get back (`ToTaskResult`).
+"""What a user may ask a run to do: `ToTaskParams` (what they get back is `totask_ray.result`).
 
 Parameter names are the Synapse ToTask action's, so a Synapse user learns nothing new. Everything is
 validated before anything runs; `ParamsError` turns pydantic's errors into one line per field that
@@ -203,42 +203,3 @@ def _problems(exc: ValidationError) -> list[tuple[str, str]]:
         hint = _HINTS.get(loc[0])
         out.append((field, f"{msg}; {hint}" if hint else msg))
     return out
-
-
-class RunStatus(StrEnum):
-    SUCCEEDED = "SUCCEEDED"
-    FAILED = "FAILED"
-
-
-class TaskFailure(BaseModel):
-    task_id: int
-    error: str
-
-
-class Metrics(BaseModel):
-    """The guide's metrics categories; `stand_by` is what has not been processed yet."""
-
-    total: int = 0
-    success: int = 0
-    failed: int = 0
-    stand_by: int = 0
-
-
-class ToTaskResult(BaseModel):
-    """What a run returns, with the Synapse action's field names."""
-
-    status: RunStatus
-    message: str
-    total_tasks: int = 0
-    success_count: int = 0
-    failed_count: int = 0
-    failures: list[TaskFailure] = Field(default_factory=list)
-    metrics: Metrics = Field(default_factory=Metrics)
-    skipped_count: int = 0
-    workflow_applied_count: int = 0
-    workflow_failed_count: int = 0
-    elapsed_s: float = 0.0
-
-    def __getitem__(self, key: str) -> Any:
-        """`result['status']`, as the Synapse action's dict result is read."""
-        return getattr(self, key)

@@ -243,6 +243,7 @@ class Downloader:
         """One hop: the body, or the redirect's target; throttling and transport errors retried."""
         attempt = 0
         while True:
+            failure = None
             try:
                 async with self._open(url) as hop:
                     delay = self.retry.delay(
@@ -254,10 +255,13 @@ class Downloader:
             except httpx.HTTPError as exc:
                 delay = self.retry.delay(attempt, replayable=True, exc=exc)
                 if delay is None:
-                    raise DownloadError(
-                        f"Failed to download from {redact_url(url)}: {describe_transport_error(exc)}"
-                    ) from None
+                    failure = describe_transport_error(exc)
                 status = None
+            if failure is not None:
+                # raised out here, not in the except block: `from None` only hides the chain, and
+                # the transport error in `__context__` quotes the whole URL (aiohttp's connect
+                # timeout does), signature included
+                raise DownloadError(f"Failed to download from {redact_url(url)}: {failure}")
             log.debug("retrying %s in %.2f s (HTTP %s)", redact_url(url), delay, status)
             attempt += 1
             await asyncio.sleep(delay)

@@ -1,27 +1,61 @@
 """Assemble and run the Ray Data pipeline: task ids → annotator actors → outcome batches.
 
-Sizing is explicit: each annotator actor reserves `actor_cpus`, read tasks a tenth of a CPU, and
-the pool is checked against what the nodes can hold before anything starts (a pipeline whose
-actors cannot be placed would otherwise wait forever). Ray Data's no-progress timeout and actor
-start timeout are set so a mis-budgeted run fails with a clear message instead of hanging.
+This module knows no method: it is handed an annotator class and its constructor arguments
+(`AnnotatorSpec`) and carries task ids through it. Sizing is explicit: each annotator actor
+reserves `actor_cpus`, read tasks a tenth of a CPU, and the pool is checked against what the nodes
+can hold before anything starts (a pipeline whose actors cannot be placed would otherwise wait
+forever). Ray Data's no-progress timeout is set so a mis-budgeted run fails with a clear message
+instead of hanging.
 """
 
 from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
 
-from totask_ray.params import Method
-from totask_ray.pipeline.source import READ_TASK_CPUS
+import numpy as np
 
-if TYPE_CHECKING:
-    from totask_ray.driver import RunContext
+from totask_ray.errors import CriticalError
+from totask_ray.params import OnSuccess
+from totask_ray.pipeline.source import READ_TASK_CPUS, TaskIdSource, id_block, task_dataset
+from totask_ray.platform.base import Platform
+from totask_ray.platform.connect import PlatformConfig
 
 log = logging.getLogger("totask_ray")
 
 MAX_DEFAULT_ACTORS = 16
+
+
+@dataclass(frozen=True)
+class AnnotatorSpec:
+    """The actor class a method runs and what its constructor takes (shipped once to each actor)."""
+
+    cls: type
+    kwargs: dict[str, Any]
+
+
+@dataclass
+class PipelineSpec:
+    """Everything the pipeline needs to know of a run, and nothing about its method."""
+
+    annotator: AnnotatorSpec
+    platform: PlatformConfig
+    project: int
+    task_filters: Mapping[str, Any]
+    total: int
+    batch_size: int
+    on_success: OnSuccess | None = None
+    exclude: np.ndarray | None = None
+    page_size: int = 500
+    num_actors: int | None = None
+    actor_cpus: float = 0.5
+    no_progress_timeout_s: float = 300.0
+    verbose: bool = False
+    plugin_cls: type | None = None
+    lister: Platform | None = field(default=None, repr=False)  # for a snapshot of the ids (see below)
 
 
 def plan_actors(requested: int | None, actor_cpus: float) -> int:
@@ -29,9 +63,8 @@ def plan_actors(requested: int | None, actor_cpus: float) -> int:
 
     Free, not total: Serve replicas (this run's pre-processor or anyone else's) already hold theirs.
     Raises `CriticalError` at once when not even one actor can be placed: Ray would otherwise wait
-    until the actor start timeout with nothing to show for it.
+    with nothing to show for it.
     """
-    from totask_ray.driver import CriticalError
     from totask_ray.serving.capacity import pack, read_cluster
 
     snapshot = read_cluster()
@@ -54,7 +87,7 @@ def plan_actors(requested: int | None, actor_cpus: float) -> int:
     return max(1, min(MAX_DEFAULT_ACTORS, fits_now))
 
 
-def ship_plugin(cls: type) -> None:
+def ship_plugin(cls: type | None) -> None:
     """Make a user's ToTask subclass loadable on the workers.
 
     A plugin installed as a package (or shipped with `ray job submit --working-dir`) is imported by
@@ -66,6 +99,8 @@ def ship_plugin(cls: type) -> None:
 
     from ray import cloudpickle
 
+    if cls is None:
+        return
     name = cls.__module__
     if name == "__main__" or name.startswith("totask_ray"):
         return  # cloudpickle already ships __main__ by value; ours is installed everywhere
@@ -76,44 +111,37 @@ def ship_plugin(cls: type) -> None:
         cloudpickle.register_pickle_by_value(module)
 
 
-def listing_moves_under_us(ctx: RunContext) -> bool:
+def listing_moves_under_us(on_success: OnSuccess | None, task_filters: Mapping[str, Any]) -> bool:
     """True when writing a task can take it out of the filters (on_success changes a filtered
     field): offset pages read later would then skip tasks."""
-    action = ctx.params.on_success
-    if action is None:
+    if on_success is None:
         return False
-    moved = {"status"} if (action.status is not None or action.submit) else set()
-    if action.assignee is not None:
+    moved = {"status"} if (on_success.status is not None or on_success.submit) else set()
+    if on_success.assignee is not None:
         moved.add("assignee")
-    return any(key.split("__", 1)[0] in moved for key in ctx.params.task_filters)
+    return any(key.split("__", 1)[0] in moved for key in task_filters)
 
 
-def snapshot_dataset(ctx: RunContext, source: Any) -> Any:
+def snapshot_dataset(spec: PipelineSpec, source: TaskIdSource) -> Any:
     """Every matching id read before anything is written (8 bytes a task), as a dataset."""
-    import numpy as np
     import ray.data
 
-    from totask_ray.pipeline.source import _block
-
+    assert spec.lister is not None, "a snapshot of the ids needs a platform client to list them"
     ids = np.fromiter(
-        ctx.client.iter_task_ids(
-            ctx.params.project, ctx.params.task_filters, page_size=ctx.options.page_size
-        ),
-        dtype=np.int64,
+        spec.lister.iter_task_ids(spec.project, spec.task_filters, page_size=spec.page_size), dtype=np.int64
     )
     log.info("on_success changes a filtered field: listed %d task id(s) before writing", len(ids))
-    return ray.data.from_arrow(_block(ids.tolist(), source.exclude))
+    return ray.data.from_arrow(id_block(ids.tolist(), source.exclude))
 
 
-def configure_data_context(ctx: RunContext) -> None:
+def configure_data_context(no_progress_timeout_s: float, verbose: bool) -> None:
     from ray.data import DataContext
 
     dc = DataContext.get_current()
-    verbose = ctx.options.verbose_ray
     dc.enable_progress_bars = verbose
     dc.enable_operator_progress_bars = verbose
     dc.enable_auto_log_stats = False
-    dc.execution_no_progress_timeout_s = ctx.options.no_progress_timeout_s
+    dc.execution_no_progress_timeout_s = no_progress_timeout_s
     # Actors start while the first ids are read (waiting for them first costs seconds to the first
     # write); plan_actors has already checked they fit, and the no-progress timeout covers the rest.
     dc.wait_for_min_actors_s = -1
@@ -125,42 +153,30 @@ def configure_data_context(ctx: RunContext) -> None:
         )
 
 
-def run_pipeline(ctx: RunContext) -> Iterator[dict[str, Any]]:
+def run_pipeline(spec: PipelineSpec) -> Iterator[dict[str, Any]]:
     """Yield outcome batches (numpy columns) as the annotators produce them."""
-
-    from totask_ray.driver import CriticalError, worker_settings
-    from totask_ray.pipeline.source import TaskIdSource, task_dataset
-    from totask_ray.pipeline.workers import FileAnnotator
-
-    o = ctx.options
-    configure_data_context(ctx)
-    ship_plugin(ctx.action_cls)
-    settings = worker_settings(ctx)
-    if ctx.params.method is Method.INFERENCE:
-        from totask_ray.inference import InferenceAnnotator, inference_worker_kwargs
-
-        annotator: type = InferenceAnnotator
-        ctor_kwargs = inference_worker_kwargs(ctx, settings)
-    else:
-        annotator, ctor_kwargs = FileAnnotator, {"settings": settings}
-    actors = plan_actors(o.num_actors, o.actor_cpus)
+    configure_data_context(spec.no_progress_timeout_s, spec.verbose)
+    ship_plugin(spec.plugin_cls)
+    actors = plan_actors(spec.num_actors, spec.actor_cpus)
     source = TaskIdSource(
-        ctx.config,
-        ctx.params.project,
-        ctx.params.task_filters,
-        ctx.total,
-        page_size=o.page_size,
-        exclude=ctx.exclude,
+        spec.platform,
+        spec.project,
+        spec.task_filters,
+        spec.total,
+        page_size=spec.page_size,
+        exclude=spec.exclude,
     )
-    dataset = snapshot_dataset(ctx, source) if listing_moves_under_us(ctx) else task_dataset(source)
-    log.info("annotating %d task(s) with %d %s actor(s)", ctx.total, actors, annotator.__name__)
+    moving = listing_moves_under_us(spec.on_success, spec.task_filters)
+    dataset = snapshot_dataset(spec, source) if moving else task_dataset(source)
+    annotator = spec.annotator
+    log.info("annotating %d task(s) with %d %s actor(s)", spec.total, actors, annotator.cls.__name__)
     ds = dataset.map_batches(
-        annotator,
-        fn_constructor_kwargs=ctor_kwargs,
-        batch_size=ctx.params.batch_size,
+        annotator.cls,
+        fn_constructor_kwargs=annotator.kwargs,
+        batch_size=spec.batch_size,
         batch_format="numpy",
-        compute=actor_pool(actors, fixed=o.num_actors is not None),
-        num_cpus=o.actor_cpus,
+        compute=actor_pool(actors, fixed=spec.num_actors is not None),
+        num_cpus=spec.actor_cpus,
     )
     try:
         yield from ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=1)
@@ -195,6 +211,4 @@ def _explain(exc: Exception) -> str:
             "The pipeline made no progress within the no-progress timeout: the cluster cannot run the annotator "
             "actors and the pre-processor together. Lower actor_cpus, the pre-processor's resources, or add nodes."
         )
-    if "actor" in low and ("timed out" in low or "timeout" in low):
-        return "Annotator actors could not start in time: the cluster has no room for them. Lower actor_cpus or add nodes."
     return f"The pipeline failed: {type(exc).__name__}: {text[:300]}"

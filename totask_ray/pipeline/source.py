@@ -15,6 +15,7 @@ small blocks also spread the last tasks of a run over every actor.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -24,15 +25,15 @@ import pyarrow as pa
 from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
+from totask_ray.platform.connect import PlatformConfig, connect
 from totask_ray.platform.errors import NotFoundError
-from totask_ray.platform.synapse.client import SynapseClient, SynapseConfig
 
 READ_TASK_CPUS = 0.1
 PAGES_PER_READ_TASK = 2
 READ_CONCURRENCY = 2
 
 
-def _block(ids: list[int], exclude: np.ndarray | None) -> pa.Table:
+def id_block(ids: list[int], exclude: np.ndarray | None) -> pa.Table:
     arr = np.asarray(ids, dtype=np.int64)
     if exclude is not None and len(exclude):
         pos = np.searchsorted(exclude, arr)
@@ -42,14 +43,14 @@ def _block(ids: list[int], exclude: np.ndarray | None) -> pa.Table:
 
 
 class TaskIdSource(Datasource):
-    """A Ray Data `Datasource` over `sdk/tasks/?fields=id` pages.
+    """A Ray Data `Datasource` over the platform's task-id pages.
 
     `exclude` (sorted ids) drops tasks already done in a previous run (`--resume`).
     """
 
     def __init__(
         self,
-        config: SynapseConfig,
+        config: PlatformConfig,
         project: int,
         filters: Mapping[str, Any],
         count: int,
@@ -101,14 +102,14 @@ class TaskIdSource(Datasource):
         )
 
         def read() -> Iterable[pa.Table]:
-            with SynapseClient(config) as client:
+            with contextlib.closing(connect(config)) as client:
                 for page in range(first_page, last_page + 1):
                     try:
                         result = client.task_id_page(project, filters, page=page, page_size=size)
                     except NotFoundError:
                         return  # the listing shrank since it was counted: this page is gone
                     if result.ids:
-                        yield _block(result.ids, exclude)
+                        yield id_block(result.ids, exclude)
                     if not result.next:
                         return
 

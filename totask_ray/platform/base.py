@@ -1,24 +1,39 @@
-"""What the driver and the workers need of a labeling platform, in the platform's own words.
+"""What the run and the annotators need of a labeling platform, in the platform's own words.
 
-The Synapse client implements this; another platform (Label Studio next) is one more module that
-implements the same methods. Nothing outside `platform/` builds a URL.
+The driver, the id source and the annotators speak to a platform only through these protocols, and
+get one from `totask_ray.platform.connect`, the one place that picks the concrete client. Another
+platform (Label Studio next) is one more client that implements the same methods. Nothing outside
+`platform/` builds a URL.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 from totask_ray.platform.models import Agent, DataCollection, DataUnit, Job, PluginRelease, Project, Task
 
 
+@dataclass(frozen=True)
+class TaskIdPage:
+    """One page of a task listing: the total count, the ids on this page, and whether more follow."""
+
+    count: int
+    ids: list[int]
+    next: str | None
+
+
 @runtime_checkable
 class Platform(Protocol):
-    """Blocking calls the driver makes (steps, pre-processor release, job records)."""
+    """Blocking calls: the driver's steps, the id source's reads, pre-processor releases, job records."""
 
     def get_project(self, project_id: int) -> Project: ...
     def get_data_collection(self, collection_id: int) -> DataCollection: ...
     def count_tasks(self, project_id: int, filters: Mapping[str, Any]) -> int: ...
+    def task_id_page(
+        self, project_id: int, filters: Mapping[str, Any], *, page: int = 1, page_size: int | None = None
+    ) -> TaskIdPage: ...
     def iter_task_ids(
         self, project_id: int, filters: Mapping[str, Any], page_size: int | None = None
     ) -> Iterator[int]: ...
@@ -27,6 +42,7 @@ class Platform(Protocol):
     def run_plugin(self, code: str, body: dict[str, Any]) -> Any: ...
     def get_agent(self, agent_id: int) -> Agent | None: ...
     def create_job(self, body: dict[str, Any]) -> Job: ...
+    def get_job(self, job_id: int) -> Job: ...
     def update_job(self, job_id: int, changes: dict[str, Any]) -> dict[str, Any]: ...
     def post_logs(self, events: list[dict[str, Any]]) -> Any: ...
     def close(self) -> None: ...
@@ -34,7 +50,7 @@ class Platform(Protocol):
 
 @runtime_checkable
 class AsyncPlatform(Protocol):
-    """Per-task calls the workers make, many at a time on one event loop."""
+    """Per-task calls the annotators make, many at a time on one event loop."""
 
     async def get_task(self, task_id: int) -> Task: ...
     async def get_data_unit(self, data_unit_id: int) -> DataUnit: ...

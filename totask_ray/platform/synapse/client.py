@@ -31,6 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, f
 from totask_ray.net import wire as aio
 from totask_ray.net.redact import redact_url
 from totask_ray.net.retry import RetryPolicy, describe_transport_error
+from totask_ray.platform.base import TaskIdPage
 from totask_ray.platform.errors import (
     PlatformConnectionError,
     PlatformError,
@@ -253,13 +254,6 @@ def encode_filters(filters: Mapping[str, Any]) -> dict[str, str]:
         else:
             out[key] = str(value)
     return out
-
-
-@dataclass(frozen=True)
-class TaskIdPage:
-    count: int
-    ids: list[int]
-    next: str | None
 
 
 def _page_of_ids(body: Any) -> TaskIdPage:

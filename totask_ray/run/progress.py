@@ -12,8 +12,8 @@ import sys
 import time
 from typing import IO, Any
 
-from totask_ray.params import Metrics, TaskFailure
 from totask_ray.pipeline.outcomes import Outcome, Status
+from totask_ray.result import Metrics, TaskFailure
 
 log = logging.getLogger("totask_ray")
 

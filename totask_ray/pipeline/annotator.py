@@ -1,11 +1,13 @@
-"""The annotator actors: callable classes for `Dataset.map_batches`.
+"""The base of every annotator actor: a callable class for `Dataset.map_batches`.
 
-Each actor holds one async platform client, one downloader and (for inference) one Serve handle,
-and runs a batch's tasks concurrently on Ray Data's event loop, bounded by a semaphore. A task
-is either written correctly or reported failed with its reason: every exception inside a task
-becomes that task's outcome, never an exception that kills the batch (one UDF exception would
-abort the whole dataset). Only an outcome marked critical (the platform refused our token) asks
-the driver to stop.
+A method (file, inference) subclasses `Annotator` and writes one thing, what a task's data is made
+from; everything that must be the same for every method lives here: one async platform client and
+one downloader per actor, a batch's tasks run concurrently on Ray Data's event loop under a
+semaphore, per-task isolation, the validate-and-write, the workflow action, the outcome. A task is
+either written correctly or reported failed with its reason: every exception inside a task becomes
+that task's outcome, never an exception that kills the batch (one UDF exception would abort the
+whole dataset). Only an outcome marked critical (the platform refused our token) asks the driver to
+stop.
 """
 
 from __future__ import annotations
@@ -35,9 +37,10 @@ from totask_ray.net.downloads import (
 from totask_ray.net.redact import redact_url
 from totask_ray.params import ExistingDataPolicy, ToTaskParams
 from totask_ray.pipeline.outcomes import Outcome, Stage, Status, to_columns
+from totask_ray.platform.base import AsyncPlatform
+from totask_ray.platform.connect import PlatformConfig, connect_async
 from totask_ray.platform.errors import AuthenticationError, PlatformError
 from totask_ray.platform.models import DataUnit, Task
-from totask_ray.platform.synapse.client import AsyncSynapseClient, SynapseConfig
 
 MAX_ERROR_CHARS = 500
 _URL = re.compile(r"https?://[^\s'\"<>()\[\]{}]+", re.IGNORECASE)
@@ -56,7 +59,7 @@ class TaskFailed(Exception):
 class WorkerSettings:
     """Everything an actor needs, shipped once to each actor (picklable; secrets stay SecretStr)."""
 
-    platform: SynapseConfig
+    platform: PlatformConfig
     params: ToTaskParams
     action_cls: type[ToTask] = ToTask
     url_policy: UrlPolicy = field(default_factory=UrlPolicy)
@@ -80,7 +83,7 @@ def safe_error(exc: BaseException) -> str:
     return out[:MAX_ERROR_CHARS]
 
 
-class _Annotator:
+class Annotator:
     """What both annotators share: clients, the hook instance, per-task isolation, the write."""
 
     def __init__(self, settings: WorkerSettings):
@@ -90,7 +93,7 @@ class _Annotator:
         self.action.url_policy = settings.url_policy
         self.action.max_json_bytes = settings.max_json_bytes
         self._threads = ThreadPoolExecutor(max_workers=settings.hook_threads, thread_name_prefix="hook")
-        self._client: AsyncSynapseClient | None = None
+        self._client: AsyncPlatform | None = None
         self._downloader: Downloader | None = None
         self._sem: asyncio.Semaphore | None = None
         self.node = _node_id()
@@ -102,7 +105,7 @@ class _Annotator:
         # aiohttp sessions belong to the loop that made them: create them on Ray Data's loop.
         if self._client is None:
             s = self.settings
-            self._client = AsyncSynapseClient(s.platform)
+            self._client = connect_async(s.platform)
             self._downloader = Downloader(s.url_policy, timeout_s=s.download_timeout_s)
             self._sem = asyncio.Semaphore(s.concurrency)
 
@@ -212,55 +215,6 @@ class _Annotator:
                 await self._client.submit_task(outcome.task_id)
         except PlatformError as exc:
             outcome.workflow_error = safe_error(exc)
-
-
-class FileAnnotator(_Annotator):
-    """File method: fetch task → locate primary and target files → hook → validate → PUT."""
-
-    empty_message = "the annotation file holds no data"
-
-    def __init__(self, settings: WorkerSettings):
-        super().__init__(settings)
-        spec = settings.params.target_specification_name
-        assert spec, "the file method needs target_specification_name"
-        self.spec: str = spec
-        self._convert: Callable[..., Awaitable[Any]] = (
-            self._call_user_hook
-            if settings.action_cls.overrides("convert_data_from_file")
-            else self._download_default
-        )
-
-    async def process(self, task_id: int) -> Outcome:
-        task, unit = await self.fetch_task(task_id)
-        skipped = self.skip_existing(task)
-        if skipped is not None:
-            return skipped
-        primary = unit.primary_file()
-        if primary is None:
-            raise TaskFailed(Stage.LOCATE, "the data unit has no primary file with a URL")
-        target = unit.files.get(self.spec)
-        if target is None:
-            raise TaskFailed(Stage.LOCATE, f"the data unit has no file under specification '{self.spec}'")
-        if not target.url:
-            raise TaskFailed(Stage.LOCATE, f"file '{self.spec}' has no URL")
-        try:
-            data = await self._convert(primary.url, primary.name, target.url, target.name, task.model_dump())
-        except DownloadError as exc:
-            raise TaskFailed(Stage.CONVERT, safe_error(exc)) from exc
-        except TaskFailed:
-            raise
-        except Exception as exc:
-            raise TaskFailed(Stage.CONVERT, f"convert_data_from_file raised {safe_error(exc)}") from exc
-        return await self.validate_and_write(task, data)
-
-    async def _download_default(
-        self, primary_url: str, primary_name: Any, data_url: str, data_name: Any, task_data: Any
-    ) -> Any:
-        assert self._downloader is not None
-        return await self._downloader.fetch_json(data_url, max_bytes=self.settings.max_json_bytes)
-
-    async def _call_user_hook(self, *args: Any) -> Any:
-        return await self.call_hook(self.action.convert_data_from_file, *args)
 
 
 def _node_id() -> str:

@@ -1,4 +1,4 @@
-"""The inference method: the pre-processor's prepare step and the annotator that calls it.
+"""The inference method: a task's data is what a pre-processor on Ray Serve sees in its primary image.
 
 Prepare resolves `pre_processor` (a plugin release id) on the platform, parses its config with
 strict models, and runs the lifecycle (detect → capacity gate → dispatch → wait) on the Ray
@@ -24,15 +24,17 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from totask_ray.action import ToTask
-from totask_ray.driver import CriticalError, Step
+from totask_ray.cluster import ensure_ray
+from totask_ray.errors import CriticalError
+from totask_ray.methods.base import AnnotationMethod, PrepareInput
 from totask_ray.net.downloads import DownloadError
+from totask_ray.pipeline.annotator import Annotator, TaskFailed, WorkerSettings, safe_error
 from totask_ray.pipeline.outcomes import Outcome, Stage
-from totask_ray.pipeline.workers import TaskFailed, WorkerSettings, _Annotator, safe_error
+from totask_ray.pipeline.run import AnnotatorSpec
 from totask_ray.platform.errors import NotFoundError
 from totask_ray.platform.models import DataUnit, Task
 
 if TYPE_CHECKING:
-    from totask_ray.driver import RunContext
     from totask_ray.serving.config import PreProcessorRelease
     from totask_ray.serving.lifecycle import LifecycleResult
 
@@ -42,11 +44,20 @@ MAX_IMAGE_PIXELS = 64_000_000
 EMPTY_RESULT = "empty inference result"
 
 
+@dataclass(frozen=True)
+class InferenceOptions:
+    """How the inference method reaches Ray Serve (from the run's options)."""
+
+    ray_address: str | None = None
+    serve_poll_interval_s: float = 10.0
+    serve_ready_timeout_s: float = 180.0
+    call_timeout_s: float = 120.0
+
+
 @dataclass
 class InferencePlan:
     release: PreProcessorRelease
     lifecycle: LifecycleResult
-    backend: Any
     config: dict[str, Any]
 
     @property
@@ -54,22 +65,26 @@ class InferencePlan:
         return self.release.app_name
 
 
-class PrepareInference(Step):
-    name = "prepare"
+class InferenceMethod(AnnotationMethod):
+    """Prepare: resolve the release, bring the pre-processor up. Annotator: `InferenceAnnotator`."""
 
-    def __init__(self) -> None:
+    name = "inference"
+
+    def __init__(self, options: InferenceOptions | None = None) -> None:
+        self.options = options or InferenceOptions()
+        self.plan: InferencePlan | None = None
         self._backend: Any = None
         self._dispatched: str | None = None
 
-    def run(self, ctx: RunContext) -> None:
-        from totask_ray.driver import ensure_ray
+    def prepare(self, job: PrepareInput) -> None:
         from totask_ray.serving.capacity import CapacityError
         from totask_ray.serving.config import PreProcessorRelease, ReleaseConfigError, parse_release_config
         from totask_ray.serving.lifecycle import RayServeBackend, ensure_running
 
-        release_id = ctx.params.pre_processor
+        release_id = job.params.pre_processor
+        assert release_id is not None, "ToTaskParams requires pre_processor for the inference method"
         try:
-            raw = ctx.client.get_plugin_release(release_id)
+            raw = job.platform.get_plugin_release(release_id)
         except NotFoundError:
             raise CriticalError(
                 f"Pre-processor not found: plugin release {release_id} does not exist or this token cannot see it"
@@ -79,9 +94,9 @@ class PrepareInference(Step):
         except ReleaseConfigError as exc:
             raise CriticalError(f"Pre-processor not active: its release config is invalid: {exc}") from None
         release = PreProcessorRelease.from_config(config, id=raw.id)
-        ensure_ray(ctx.options.ray_address)
+        o = self.options
+        ensure_ray(o.ray_address)
         backend = self._backend = RayServeBackend()
-        o = ctx.options
         try:
             result = ensure_running(
                 release, backend, poll_interval_s=o.serve_poll_interval_s, timeout_s=o.serve_ready_timeout_s
@@ -93,28 +108,28 @@ class PrepareInference(Step):
             raise CriticalError(f"Pre-processor not active: {exc}") from exc
         if result.started:
             self._dispatched = release.app_name
-        ctx.inference = InferencePlan(
-            release, result, backend, config.model_dump(mode="json", exclude_none=True)
-        )
+        self.plan = InferencePlan(release, result, config.model_dump(mode="json", exclude_none=True))
         verb = "started" if result.started else "found running"
         log.info("pre-processor %s %s (%.1f s)", release.app_name, verb, result.elapsed_s)
 
-    def rollback(self, ctx: RunContext) -> None:
+    def rollback(self) -> None:
         """Delete a pre-processor this run dispatched; one that was already running is left alone."""
         if self._dispatched is not None and self._backend is not None:
             log.info("tearing down %s, which this run dispatched", self._dispatched)
             self._backend.delete(self._dispatched)
             self._dispatched = None
 
-
-def inference_worker_kwargs(ctx: RunContext, settings: WorkerSettings) -> dict[str, Any]:
-    assert ctx.inference is not None
-    return {
-        "settings": settings,
-        "app_name": ctx.inference.app_name,
-        "pre_processor_config": ctx.inference.config,
-        "call_timeout_s": ctx.options.inference_call_timeout_s,
-    }
+    def annotator(self, settings: WorkerSettings) -> AnnotatorSpec:
+        assert self.plan is not None, "prepare() runs before annotator()"
+        return AnnotatorSpec(
+            InferenceAnnotator,
+            {
+                "settings": settings,
+                "app_name": self.plan.app_name,
+                "pre_processor_config": self.plan.config,
+                "call_timeout_s": self.options.call_timeout_s,
+            },
+        )
 
 
 @dataclass
@@ -143,7 +158,7 @@ def decode_image(body: bytes) -> np.ndarray:
         ) from None
 
 
-class InferenceAnnotator(_Annotator):
+class InferenceAnnotator(Annotator):
     """Inference method: fetch task → download + decode image → model (one call per batch) → convert
     → validate → PUT."""
 

@@ -1,0 +1,30 @@
+"""A run's result as a person reads it at a terminal: the counts table and the first failures.
+
+Shared by `totask-ray run` and `totask-ray demo`, below both, so neither imports the other.
+"""
+
+from __future__ import annotations
+
+from totask_ray.result import ToTaskResult
+
+
+def print_result(result: ToTaskResult) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(stderr=False)
+    table = Table(title=f"ToTask {result.status.value}", show_header=True)
+    for col in ("total", "success", "failed", "stand_by", "skipped", "elapsed s"):
+        table.add_column(col, justify="right")
+    m = result.metrics
+    table.add_row(str(m.total), str(result.success_count), str(result.failed_count), str(m.stand_by),
+                  str(result.skipped_count), f"{result.elapsed_s:.1f}")  # fmt: skip
+    console.print(table)
+    console.print(result.message)
+    if result.failures:
+        ft = Table(title="Failed tasks (first 20)")
+        ft.add_column("task", justify="right")
+        ft.add_column("error")
+        for f in result.failures[:20]:
+            ft.add_row(str(f.task_id), f.error)
+        console.print(ft)

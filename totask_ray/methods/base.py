@@ -1,0 +1,44 @@
+"""What a method is: a check before the run, an annotator actor for the pipeline, and an undo.
+
+The driver runs every method the same way: `prepare` once before any task is read (refuse here,
+before anything is deployed or written, rather than fail every task), then the pipeline runs the
+`annotator` it returns, and `rollback` releases what `prepare` acquired if the run then stops on a
+critical error. A method raises `totask_ray.errors.CriticalError` to stop the run.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+from totask_ray.params import ToTaskParams
+from totask_ray.pipeline.annotator import WorkerSettings
+from totask_ray.pipeline.run import AnnotatorSpec
+from totask_ray.platform.base import Platform
+from totask_ray.platform.models import DataCollection
+
+
+@dataclass(frozen=True)
+class PrepareInput:
+    """What a method may look at before the run: the job, the platform, the project's collection."""
+
+    params: ToTaskParams
+    platform: Platform
+    collection: DataCollection
+
+
+class AnnotationMethod(ABC):
+    """One way of filling a task's data (`file`, `inference`)."""
+
+    name: str = "method"
+
+    @abstractmethod
+    def prepare(self, job: PrepareInput) -> None:
+        """Check (and acquire) what the method needs before any task is read."""
+
+    @abstractmethod
+    def annotator(self, settings: WorkerSettings) -> AnnotatorSpec:
+        """The actor class the pipeline runs, with its constructor arguments."""
+
+    def rollback(self) -> None:  # noqa: B027 - optional: most methods acquire nothing
+        """Release what `prepare` acquired. Default: nothing."""

@@ -1,0 +1,60 @@
+"""What a run gives back: `ToTaskResult`, with the Synapse action's field names, and its metrics.
+
+The result is the one thing every caller reads (the CLI's table and exit code, a notebook, the
+platform's job record), so the exit code is decided here and not by each caller.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+EXIT_OK, EXIT_FAILED, EXIT_PARTIAL = 0, 1, 2
+
+
+class RunStatus(StrEnum):
+    SUCCEEDED = "SUCCEEDED"
+    FAILED = "FAILED"
+
+
+class TaskFailure(BaseModel):
+    task_id: int
+    error: str
+
+
+class Metrics(BaseModel):
+    """The guide's metrics categories; `stand_by` is what has not been processed yet."""
+
+    total: int = 0
+    success: int = 0
+    failed: int = 0
+    stand_by: int = 0
+
+
+class ToTaskResult(BaseModel):
+    """What a run returns, with the Synapse action's field names."""
+
+    status: RunStatus
+    message: str
+    total_tasks: int = 0
+    success_count: int = 0
+    failed_count: int = 0
+    failures: list[TaskFailure] = Field(default_factory=list)
+    metrics: Metrics = Field(default_factory=Metrics)
+    skipped_count: int = 0
+    workflow_applied_count: int = 0
+    workflow_failed_count: int = 0
+    elapsed_s: float = 0.0
+
+    def __getitem__(self, key: str) -> Any:
+        """`result['status']`, as the Synapse action's dict result is read."""
+        return getattr(self, key)
+
+    @property
+    def exit_code(self) -> int:
+        """0 every task succeeded, 2 some failed, 1 the run failed (or every task failed)."""
+        if self.status is RunStatus.FAILED:
+            return EXIT_FAILED
+        return EXIT_PARTIAL if self.failed_count else EXIT_OK

@@ -1,0 +1,224 @@
+"""The steps of a run, in order: initialize, prepare, fetch_tasks, annotate; then the result.
+
+Each step reads and fills the `RunContext`; a step that cannot go on raises `CriticalError`, and
+the driver then calls `rollback` on every step that ran, in reverse, so each releases what it
+acquired. The method's own check (and its undo) is the `prepare` step; everything else is the same
+for every method.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+
+from totask_ray.cluster import ensure_ray
+from totask_ray.errors import CriticalError
+from totask_ray.methods.base import PrepareInput
+from totask_ray.net.downloads import UrlPolicy
+from totask_ray.pipeline.annotator import WorkerSettings
+from totask_ray.pipeline.outcomes import Status, from_columns, read_report
+from totask_ray.pipeline.run import PipelineSpec, run_pipeline
+from totask_ray.platform.errors import NotFoundError, PlatformError
+from totask_ray.result import RunStatus, ToTaskResult
+from totask_ray.run.context import RunContext
+from totask_ray.run.progress import STEP, RunTracker
+
+log = logging.getLogger("totask_ray")
+
+
+class Step:
+    name = "step"
+
+    def run(self, ctx: RunContext) -> None:  # pragma: no cover - per step
+        raise NotImplementedError
+
+    def rollback(self, ctx: RunContext) -> None:
+        """Release what this step acquired. Default: nothing."""
+
+
+class Initialize(Step):
+    """The project and its data collection exist and this token sees them."""
+
+    name = "initialize"
+
+    def run(self, ctx: RunContext) -> None:
+        pid = ctx.params.project
+        try:
+            ctx.project = ctx.client.get_project(pid)
+        except NotFoundError:
+            raise CriticalError(
+                f"Project not found: project {pid} does not exist or this token cannot see it"
+            ) from None
+        if ctx.project.data_collection is None:
+            raise CriticalError(
+                f"Project has no data collection: link a data collection to project {pid} before running"
+            )
+        try:
+            ctx.collection = ctx.client.get_data_collection(ctx.project.data_collection)
+        except NotFoundError:
+            raise CriticalError(
+                f"Project has no data collection: data collection {ctx.project.data_collection} was not found"
+            ) from None
+
+
+class Prepare(Step):
+    """The method's own check before any task is read (file: the specification; inference: the
+    pre-processor is up); its rollback is the method's."""
+
+    name = "prepare"
+
+    def run(self, ctx: RunContext) -> None:
+        assert ctx.collection is not None
+        ctx.method.prepare(PrepareInput(ctx.params, ctx.client, ctx.collection))
+
+    def rollback(self, ctx: RunContext) -> None:
+        ctx.method.rollback()
+
+
+class FetchTasks(Step):
+    """How many tasks match, and which an earlier report already finished."""
+
+    name = "fetch_tasks"
+
+    def run(self, ctx: RunContext) -> None:
+        p = ctx.params
+        try:
+            ctx.total = ctx.client.count_tasks(p.project, p.task_filters)
+        except PlatformError as exc:
+            if getattr(exc, "status_code", None) == 400:
+                raise CriticalError(f"The platform refused the task filters: {exc}") from exc
+            raise
+        if ctx.total == 0:
+            raise CriticalError(
+                "No tasks found matching filters: check task_filters and that the tasks exist"
+            )
+        if ctx.options.resume is not None:
+            ctx.exclude = done_in_report(ctx.options.resume)
+            log.info(
+                "resuming: %d task(s) already done in %s are skipped", len(ctx.exclude), ctx.options.resume
+            )
+
+
+class Annotate(Step):
+    """The pipeline: every task through the method's annotator, outcomes recorded as they come."""
+
+    name = STEP
+
+    def run(self, ctx: RunContext) -> None:
+        o = ctx.options
+        ensure_ray(o.ray_address, verbose=o.verbose_ray)
+        total = ctx.total - (len(ctx.exclude) if ctx.exclude is not None else 0)
+        if o.report is not None:
+            o.report.parent.mkdir(parents=True, exist_ok=True)
+            ctx.report_file = open(o.report, "w", encoding="utf-8")  # noqa: SIM115 - closed in cleanups
+            ctx.cleanups.append(ctx.report_file.close)
+        ctx.tracker = RunTracker(
+            max(total, 0),
+            report=ctx.report_file,
+            job_sink=ctx.job,
+            show_bar=o.progress_bar,
+            workflow=ctx.params.on_success is not None,
+        )
+        critical = None
+        try:
+            for batch in run_pipeline(pipeline_spec(ctx)):
+                for outcome in from_columns(batch):
+                    ctx.tracker.record(outcome)
+                    if outcome.critical and critical is None:
+                        critical = outcome.error
+                ctx.tracker.flush()
+                if critical is not None:
+                    break
+        finally:
+            ctx.tracker.close()
+        if critical is not None:
+            raise CriticalError(f"The run stopped: {critical}")
+
+
+def steps() -> list[Step]:
+    return [Initialize(), Prepare(), FetchTasks(), Annotate()]
+
+
+def worker_settings(ctx: RunContext) -> WorkerSettings:
+    o = ctx.options
+    return WorkerSettings(
+        platform=ctx.config,
+        params=ctx.params,
+        action_cls=ctx.action_cls,
+        url_policy=UrlPolicy.for_platform(ctx.config.host, o.allowed_hosts, o.allow_private_urls),
+        concurrency=o.concurrency,
+        hook_threads=o.hook_threads,
+        dry_run=o.dry_run,
+        max_json_bytes=o.max_json_bytes,
+        max_image_bytes=o.max_image_bytes,
+        download_timeout_s=o.download_timeout_s,
+    )
+
+
+def pipeline_spec(ctx: RunContext) -> PipelineSpec:
+    o, p = ctx.options, ctx.params
+    return PipelineSpec(
+        annotator=ctx.method.annotator(worker_settings(ctx)),
+        platform=ctx.config,
+        project=p.project,
+        task_filters=p.task_filters,
+        total=ctx.total,
+        batch_size=p.batch_size,
+        on_success=p.on_success,
+        exclude=ctx.exclude,
+        page_size=o.page_size,
+        num_actors=o.num_actors,
+        actor_cpus=o.actor_cpus,
+        no_progress_timeout_s=o.no_progress_timeout_s,
+        verbose=o.verbose_ray,
+        plugin_cls=ctx.action_cls,
+        lister=ctx.client,
+    )
+
+
+def done_in_report(path: Path) -> np.ndarray:
+    if not path.exists():
+        raise CriticalError(f"Resume report not found: {path}")
+    done = {
+        r["task_id"] for r in read_report(str(path)) if r.get("status") in (Status.SUCCESS, Status.SKIPPED)
+    }
+    return np.array(sorted(done), dtype=np.int64)
+
+
+def result(ctx: RunContext, status: RunStatus | None = None, message: str | None = None) -> ToTaskResult:
+    """The run's result from what the tracker counted (finalize)."""
+    t = ctx.tracker
+    if t is None:
+        return ToTaskResult(status=status or RunStatus.FAILED, message=message or "", total_tasks=ctx.total)
+    metrics = t.metrics()
+    if status is None:
+        status = RunStatus.FAILED if t.failed and not (t.success or t.skipped) else RunStatus.SUCCEEDED
+    counts = f"{t.success} succeeded, {t.failed} failed"
+    if t.skipped:
+        counts += f", {t.skipped} skipped"
+    if metrics.stand_by:
+        counts += f", {metrics.stand_by} not processed"
+    if t.workflow:
+        counts += f"; on_success applied to {t.workflow_applied}, refused for {t.workflow_failed}"
+    if t.failures_dropped:
+        counts += f"; the first {len(t.failures)} failures are listed, all are in the report"
+    if message is None:
+        message = f"Annotated {t.success} of {metrics.total} tasks: {counts}"
+    else:
+        message = f"{message} ({counts})"
+    return ToTaskResult(
+        status=status,
+        message=message,
+        total_tasks=metrics.total,
+        success_count=t.success,
+        failed_count=t.failed,
+        skipped_count=t.skipped,
+        workflow_applied_count=t.workflow_applied,
+        workflow_failed_count=t.workflow_failed,
+        failures=list(t.failures),
+        metrics=metrics,
+        elapsed_s=round(time.monotonic() - ctx.started, 3),
+    )
