@@ -19,6 +19,7 @@ logging.getLogger("httpx").setLevel(logging.WARNING)
 _EXPORTS = {
     "ToTask": "totask_ray.action",
     "ToTaskError": "totask_ray.errors",
+    "RunStopped": "totask_ray.errors",
     "run_to_task": "totask_ray.run.driver",
     "RunOptions": "totask_ray.run.context",
     "ParamsError": "totask_ray.params",

@@ -16,7 +16,7 @@ from typing import Annotated
 import typer
 
 from totask_ray.embedded.cli import platform_app
-from totask_ray.result import EXIT_FAILED
+from totask_ray.result import EXIT_FAILED, EXIT_STOPPED
 from totask_ray.serving.cli import serve_app
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -86,13 +86,16 @@ def run(
     allow_host: Annotated[
         list[str] | None, typer.Option(help="Extra host allowed for file URLs (repeatable).")
     ] = None,
+    stop_timeout: Annotated[
+        float, typer.Option(help="On Ctrl-C/SIGTERM, seconds the tasks in flight may take to finish.")
+    ] = 30.0,
     verbose: Annotated[bool, typer.Option(help="Debug logs and Ray Data's own progress.")] = False,
 ) -> None:
     """Run the ToTask action described by JOB on a Ray cluster."""
     _setup_logging(verbose)
     from totask_ray.cluster import ensure_ray
     from totask_ray.console import print_result
-    from totask_ray.errors import ToTaskError
+    from totask_ray.errors import RunStopped, ToTaskError
     from totask_ray.params import ParamsError, ToTaskParams
     from totask_ray.platform.errors import PlatformError
     from totask_ray.platform.synapse import SynapseConfig
@@ -110,11 +113,15 @@ def run(
         result = run_to_task(
             params, platform=config, action_cls=action_cls, report=report, job_id=job_id, dry_run=dry_run,
             resume=resume, num_actors=num_actors, concurrency=concurrency, allowed_hosts=allow_host or [],
-            verbose_ray=verbose,
+            verbose_ray=verbose, stop_timeout_s=stop_timeout,
         )  # fmt: skip
     except ToTaskError as exc:
         typer.echo(f"ToTask failed: {exc}", err=True)
         raise typer.Exit(EXIT_FAILED) from None
+    except RunStopped as exc:
+        if exc.result is not None:
+            print_result(exc.result)
+        raise typer.Exit(EXIT_STOPPED) from None
     finally:
         if started:
             import ray

@@ -22,3 +22,19 @@ class ToTaskError(RuntimeError):
     def __init__(self, message: str, result: ToTaskResult | None = None):
         super().__init__(message)
         self.result = result
+
+
+class RunStopped(KeyboardInterrupt):
+    """The run was stopped (SIGINT, SIGTERM, `ray job stop`, a notebook's interrupt) and finalized.
+
+    A `KeyboardInterrupt`, so that a script that does not catch it ends as Ctrl-C ends it, and no
+    `except Exception` in user code swallows a stop. `result` holds the counts at the stop: every
+    task the platform holds a write of is in them and in the report.
+    """
+
+    def __init__(self, message: str, result: ToTaskResult | None = None):
+        super().__init__(message)
+        self.result = result
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else "the run was stopped"

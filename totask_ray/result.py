@@ -12,11 +12,13 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 EXIT_OK, EXIT_FAILED, EXIT_PARTIAL = 0, 1, 2
+EXIT_STOPPED = 130  # as a shell reports a process ended by SIGINT
 
 
 class RunStatus(StrEnum):
     SUCCEEDED = "SUCCEEDED"
     FAILED = "FAILED"
+    STOPPED = "STOPPED"  # a signal stopped it; every outcome up to the stop is counted
 
 
 class TaskFailure(BaseModel):
@@ -44,6 +46,7 @@ class ToTaskResult(BaseModel):
     failures: list[TaskFailure] = Field(default_factory=list)
     metrics: Metrics = Field(default_factory=Metrics)
     skipped_count: int = 0
+    unchanged_count: int = 0  # the platform already held exactly this data: not written again
     workflow_applied_count: int = 0
     workflow_failed_count: int = 0
     elapsed_s: float = 0.0
@@ -54,7 +57,9 @@ class ToTaskResult(BaseModel):
 
     @property
     def exit_code(self) -> int:
-        """0 every task succeeded, 2 some failed, 1 the run failed (or every task failed)."""
+        """0 every task succeeded, 2 some failed, 1 the run failed (or every task failed), 130 stopped."""
+        if self.status is RunStatus.STOPPED:
+            return EXIT_STOPPED
         if self.status is RunStatus.FAILED:
             return EXIT_FAILED
         return EXIT_PARTIAL if self.failed_count else EXIT_OK

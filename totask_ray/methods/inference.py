@@ -195,7 +195,7 @@ class InferenceAnnotator(Annotator):
             groups.setdefault(item.key, []).append(item)
         results = await asyncio.gather(*(self._infer_group(g) for g in groups.values()))
         finishing = [
-            self._isolated(item.task.id, self._finish, item, dets)
+            self._isolated(item.task.id, self._finish, item, dets, new_task=False)
             for group in results
             for item, dets in group
         ]

@@ -37,6 +37,7 @@ from totask_ray.net.downloads import (
 from totask_ray.net.redact import redact_url
 from totask_ray.params import ExistingDataPolicy, ToTaskParams
 from totask_ray.pipeline.outcomes import Outcome, Stage, Status, to_columns
+from totask_ray.pipeline.stop import StopWatch
 from totask_ray.platform.base import AsyncPlatform
 from totask_ray.platform.connect import PlatformConfig, connect_async
 from totask_ray.platform.errors import AuthenticationError, PlatformError
@@ -69,6 +70,7 @@ class WorkerSettings:
     max_json_bytes: int = DEFAULT_MAX_JSON_BYTES
     max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES
     download_timeout_s: float = 30.0
+    stop_flag: Any = None  # the run's stop flag (`pipeline.stop`), a Ray actor handle; None: no stop
 
 
 def safe_error(exc: BaseException) -> str:
@@ -97,6 +99,7 @@ class Annotator:
         self._downloader: Downloader | None = None
         self._sem: asyncio.Semaphore | None = None
         self.node = _node_id()
+        self._stop = StopWatch(settings.stop_flag)
         # Ray Data kills its actors without a close hook, so pooled sessions are never closed;
         # the OS reclaims the sockets, and asyncio's "Unclosed client session" noise is dropped.
         logging.getLogger("asyncio").addFilter(lambda r: not r.getMessage().startswith("Unclosed"))
@@ -108,6 +111,7 @@ class Annotator:
             self._client = connect_async(s.platform)
             self._downloader = Downloader(s.url_policy, timeout_s=s.download_timeout_s)
             self._sem = asyncio.Semaphore(s.concurrency)
+            self._stop.start()
 
     async def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         await self._ready()
@@ -118,11 +122,18 @@ class Annotator:
     async def run_batch(self, ids: list[int]) -> list[Outcome]:
         return list(await asyncio.gather(*(self._isolated(tid, self.process, tid) for tid in ids)))
 
-    async def _isolated(self, task_id: int, fn: Callable[..., Awaitable[Any]], *args: Any) -> Any:
+    async def _isolated(
+        self, task_id: int, fn: Callable[..., Awaitable[Any]], *args: Any, new_task: bool = True
+    ) -> Any:
         """`fn(*args)` under the concurrency bound; any failure becomes this task's outcome, never
-        an exception that would abort the batch (and with it the whole dataset)."""
+        an exception that would abort the batch (and with it the whole dataset).
+
+        Once the run is stopped, a task that has not started yet is not started (`new_task`: this
+        call is a task's first step); one already under way goes on to its end and reports."""
         assert self._sem is not None
         async with self._sem:
+            if new_task and self._stop.stopped:
+                return Outcome(task_id, Status.STOPPED, Stage.FETCH, "the run was stopped before this task")
             t0 = time.perf_counter()
             try:
                 result = await fn(*args)
@@ -181,6 +192,13 @@ class Annotator:
         except AnnotationError as exc:
             raise TaskFailed(Stage.VALIDATE, f"invalid annotation: {exc}") from exc
         n_objects = len(data.get("objects", [])) if isinstance(data.get("objects"), list) else 0
+        if task.data == data:
+            # Already there (an earlier run wrote it and was stopped before reporting it): writing
+            # again would be a second write of the same data, and a second workflow action.
+            outcome = Outcome(task.id, Status.UNCHANGED, Stage.DONE, objects=n_objects)
+            if not self.settings.dry_run:
+                await self.apply_workflow(outcome, task)
+            return outcome
         if self.settings.dry_run:
             return Outcome(
                 task.id, Status.SUCCESS, Stage.DONE, objects=n_objects, would_write=json.dumps(data)
@@ -192,29 +210,46 @@ class Annotator:
         except PlatformError as exc:
             raise TaskFailed(Stage.WRITE, f"could not write the annotation: {safe_error(exc)}") from exc
         outcome = Outcome(task.id, Status.SUCCESS, Stage.DONE, written=True, objects=n_objects)
-        await self.apply_workflow(outcome)
+        await self.apply_workflow(outcome, task)
         return outcome
 
     empty_message = "the hook returned no data"
 
-    async def apply_workflow(self, outcome: Outcome) -> None:
-        """The optional `on_success` action; its failure is recorded but never undoes the write."""
+    async def apply_workflow(self, outcome: Outcome, task: Task) -> None:
+        """The optional `on_success` action, applied only where the task is not in its target state
+        yet (`task` is as read before the write), so a re-run applies nothing twice. Its failure
+        is recorded but never undoes the write."""
         action = self.params.on_success
         if action is None:
             return
         assert self._client is not None
         changes: dict[str, Any] = {}
-        if action.status is not None:
+        if action.status is not None and task.status != action.status:
             changes["status"] = action.status
-        if action.assignee is not None:
+        if action.assignee is not None and task.assignee != action.assignee:
             changes["assignee"] = action.assignee
+        # `submit` advances a stage each time: after a write of ours, or where the task still sits
+        # where the job's status filter found it (an earlier run wrote it but never got to submit).
+        submit = action.submit and (outcome.written or self._still_selected(task))
         try:
             if changes:
                 await self._client.update_task(outcome.task_id, changes)
-            if action.submit:
+            if submit:
                 await self._client.submit_task(outcome.task_id)
         except PlatformError as exc:
             outcome.workflow_error = safe_error(exc)
+        else:
+            outcome.workflow_applied = bool(changes) or submit
+
+    def _still_selected(self, task: Task) -> bool:
+        filters = self.params.task_filters
+        if "status" in filters:
+            return task.status == filters["status"]
+        if "status__in" in filters:
+            wanted = filters["status__in"]
+            values = wanted.split(",") if isinstance(wanted, str) else list(wanted)
+            return task.status in values
+        return False  # no status to tell: never advance a task this run did not write
 
 
 def _node_id() -> str:

@@ -19,6 +19,12 @@ class Status(StrEnum):
     SUCCESS = "success"
     FAILED = "failed"
     SKIPPED = "skipped"  # nothing to do: policy `skip` and the task already holds data
+    UNCHANGED = "unchanged"  # the platform already holds exactly this data: nothing was written
+    STOPPED = "stopped"  # not started: the run was stopped first (never reported, left for a resume)
+
+
+# What a resume does not do again: the task holds what this job would write.
+DONE_STATUSES = frozenset({Status.SUCCESS, Status.SKIPPED, Status.UNCHANGED})
 
 
 class Stage(StrEnum):
@@ -43,6 +49,7 @@ class Outcome:
     critical: bool = False
     written: bool = False
     workflow_error: str = ""
+    workflow_applied: bool = False  # the on_success action changed the task (it was not there yet)
     objects: int = 0
     duration_ms: float = 0.0
     finished_at: float = 0.0  # unix time: lets a report be plotted as throughput over the run
@@ -73,6 +80,7 @@ def to_columns(outcomes: list[Outcome]) -> dict[str, np.ndarray]:
         "critical": np.array([o.critical for o in outcomes], dtype=bool),
         "written": np.array([o.written for o in outcomes], dtype=bool),
         "workflow_error": np.array([o.workflow_error for o in outcomes], dtype=object),
+        "workflow_applied": np.array([o.workflow_applied for o in outcomes], dtype=bool),
         "objects": np.array([o.objects for o in outcomes], dtype=np.int32),
         "duration_ms": np.array([o.duration_ms for o in outcomes], dtype=np.float32),
         "finished_at": np.array([o.finished_at for o in outcomes], dtype=np.float64),
@@ -92,6 +100,7 @@ def from_columns(batch: dict[str, Any]) -> Iterator[Outcome]:
             critical=bool(batch["critical"][i]),
             written=bool(batch["written"][i]),
             workflow_error=str(batch["workflow_error"][i] or ""),
+            workflow_applied=bool(batch["workflow_applied"][i]),
             objects=int(batch["objects"][i]),
             duration_ms=float(batch["duration_ms"][i]),
             finished_at=float(batch["finished_at"][i]),

@@ -55,6 +55,7 @@ class PipelineSpec:
     no_progress_timeout_s: float = 300.0
     verbose: bool = False
     plugin_cls: type | None = None
+    stop_flag: Any = None  # `pipeline.stop`: set, the reads stop listing and the actors stop starting tasks
     lister: Platform | None = field(default=None, repr=False)  # for a snapshot of the ids (see below)
 
 
@@ -165,6 +166,7 @@ def run_pipeline(spec: PipelineSpec) -> Iterator[dict[str, Any]]:
         spec.total,
         page_size=spec.page_size,
         exclude=spec.exclude,
+        stop_flag=spec.stop_flag,
     )
     moving = listing_moves_under_us(spec.on_success, spec.task_filters)
     dataset = snapshot_dataset(spec, source) if moving else task_dataset(source)

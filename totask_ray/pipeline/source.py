@@ -25,6 +25,7 @@ import pyarrow as pa
 from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
+from totask_ray.pipeline.stop import is_set
 from totask_ray.platform.connect import PlatformConfig, connect
 from totask_ray.platform.errors import NotFoundError
 
@@ -56,6 +57,7 @@ class TaskIdSource(Datasource):
         count: int,
         page_size: int = 100,
         exclude: np.ndarray | None = None,
+        stop_flag: Any = None,
     ):
         self.config = config
         self.project = project
@@ -63,6 +65,7 @@ class TaskIdSource(Datasource):
         self.count = count
         self.page_size = page_size
         self.exclude = exclude
+        self.stop_flag = stop_flag
 
     def get_name(self) -> str:
         return "PlatformTasks"
@@ -93,17 +96,20 @@ class TaskIdSource(Datasource):
         return tasks
 
     def _reader(self, first_page: int, last_page: int):
-        config, project, filters, size, exclude = (
+        config, project, filters, size, exclude, flag = (
             self.config,
             self.project,
             self.filters,
             self.page_size,
             self.exclude,
+            self.stop_flag,
         )
 
         def read() -> Iterable[pa.Table]:
             with contextlib.closing(connect(config)) as client:
                 for page in range(first_page, last_page + 1):
+                    if is_set(flag):
+                        return  # stopped: no one will annotate what is listed now
                     try:
                         result = client.task_id_page(project, filters, page=page, page_size=size)
                     except NotFoundError:

@@ -77,6 +77,9 @@ class RunOptions(BaseModel):
     download_timeout_s: float = Field(default=30.0, gt=0, description="Timeout of one file download.")
     page_size: int = Field(default=500, ge=1, le=1000, description="Task ids per listing page.")
     verbose_ray: bool = Field(default=False, description="Show Ray's own logs and Ray Data's progress.")
+    stop_timeout_s: float = Field(
+        default=30.0, gt=0, description="On SIGINT/SIGTERM, how long the tasks in flight may take to finish."
+    )
     serve_poll_interval_s: float = Field(
         default=10.0, gt=0, description="inference: how often to poll a pre-processor that is starting."
     )
@@ -105,5 +108,6 @@ class RunContext:
     job: JobSink | None = None
     tracker: RunTracker | None = None
     report_file: IO[str] | None = None
+    stopped: str | None = None  # the signal that stopped the run, once one did
     cleanups: list[Callable[[], None]] = field(default_factory=list)
     started: float = field(default_factory=time.monotonic)

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from totask_ray.action import ToTask
-from totask_ray.errors import CriticalError, ToTaskError
+from totask_ray.errors import CriticalError, RunStopped, ToTaskError
 from totask_ray.methods.base import AnnotationMethod
 from totask_ray.methods.file import FileMethod
 from totask_ray.methods.inference import InferenceMethod, InferenceOptions
@@ -70,6 +70,7 @@ def run_to_task(
     download_timeout_s: float = 30.0,
     page_size: int = 500,
     verbose_ray: bool = False,
+    stop_timeout_s: float = 30.0,
     serve_poll_interval_s: float = 10.0,
     serve_ready_timeout_s: float = 180.0,
     inference_call_timeout_s: float = 120.0,
@@ -97,11 +98,14 @@ def run_to_task(
       max_json_bytes / max_image_bytes / download_timeout_s: limits of one file download.
       page_size: task ids per listing page.
       verbose_ray: Ray's own logs and Ray Data's progress.
+      stop_timeout_s: on SIGINT or SIGTERM (`ray job stop`, Ctrl-C, a notebook's interrupt), how long
+        the tasks in flight may take to finish and report before the run stops anyway.
       serve_poll_interval_s / serve_ready_timeout_s / inference_call_timeout_s: the inference
         method's waits for the pre-processor to come up and for each batch call.
 
-    Raises `ToTaskError` on a critical error (after rollback; `.result` holds what was done) and
-    `ParamsError` on bad params or options.
+    Raises `ToTaskError` on a critical error (after rollback; `.result` holds what was done),
+    `RunStopped` (a `KeyboardInterrupt`) when a signal stopped the run (the job record is STOPPED,
+    the report closed, `.result` counts every write), and `ParamsError` on bad params or options.
     """
     from totask_ray.params import ParamsError
 
@@ -113,7 +117,7 @@ def run_to_task(
             hook_threads=hook_threads, progress_bar=progress_bar, no_progress_timeout_s=no_progress_timeout_s,
             allowed_hosts=list(allowed_hosts or []), allow_private_urls=allow_private_urls,
             max_json_bytes=max_json_bytes, max_image_bytes=max_image_bytes,
-            download_timeout_s=download_timeout_s, page_size=page_size, verbose_ray=verbose_ray,
+            download_timeout_s=download_timeout_s, page_size=page_size, verbose_ray=verbose_ray, stop_timeout_s=stop_timeout_s,
             serve_poll_interval_s=serve_poll_interval_s, serve_ready_timeout_s=serve_ready_timeout_s,
             inference_call_timeout_s=inference_call_timeout_s,
         )  # fmt: skip
@@ -162,6 +166,13 @@ def run_to_task(
             ctx.job.fail(step_name, message)
         log.error("Step '%s' failed: %s", step_name, message)
         raise ToTaskError(message, failed) from exc
+    except KeyboardInterrupt as exc:  # RunStopped from the annotate step, or a Ctrl-C before it
+        message = str(exc) if isinstance(exc, RunStopped) else "Stopped by SIGINT before annotating"
+        stopped = result(ctx, RunStatus.STOPPED, message)
+        if ctx.job is not None:
+            ctx.job.finish(stopped)
+        log.warning("%s", stopped.message)
+        raise RunStopped(stopped.message, stopped) from None
     finally:
         for cleanup in reversed(ctx.cleanups):
             with contextlib.suppress(Exception):

@@ -47,6 +47,7 @@ class JobSink:
         )
 
     def finish(self, result: ToTaskResult) -> None:
+        """The final record: SUCCEEDED, FAILED or STOPPED, with the result and the counts."""
         body = result.model_dump(mode="json", exclude={"failures"})
         body["failures"] = [f.model_dump() for f in result.failures[:100]]
         self._patch({"status": result.status.value, "result": body})

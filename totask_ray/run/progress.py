@@ -91,6 +91,7 @@ class RunTracker:
         self.success = 0
         self.failed = 0
         self.skipped = 0
+        self.unchanged = 0
         self.workflow = workflow
         self.workflow_applied = 0
         self.workflow_failed = 0
@@ -113,27 +114,32 @@ class RunTracker:
 
     @property
     def done(self) -> int:
-        return self.success + self.failed + self.skipped
+        return self.success + self.failed + self.skipped + self.unchanged
 
     def metrics(self) -> Metrics:
-        # `skipped` tasks were processed and needed nothing: they count as successes of the step.
+        # `skipped` and `unchanged` tasks were processed and needed nothing: successes of the step.
         return Metrics(
             total=max(self.total, self.done),
-            success=self.success + self.skipped,
+            success=self.success + self.skipped + self.unchanged,
             failed=self.failed,
             stand_by=max(0, self.total - self.done),
         )
 
     def record(self, o: Outcome) -> None:
+        if o.status is Status.STOPPED:
+            return  # never started: stand_by, left for a resume, not in the report
         if not self._seen.add(o.task_id):
             self.duplicates += 1
             return
-        if o.status is Status.SUCCESS:
-            self.success += 1
+        if o.status in (Status.SUCCESS, Status.UNCHANGED):
+            if o.status is Status.SUCCESS:
+                self.success += 1
+            else:
+                self.unchanged += 1
             if o.workflow_error:
                 self.workflow_failed += 1
                 log.warning("[Task %d] Workflow action failed: %s", o.task_id, o.workflow_error)
-            elif self.workflow and o.written:
+            elif self.workflow and o.workflow_applied:
                 self.workflow_applied += 1
         elif o.status is Status.SKIPPED:
             self.skipped += 1

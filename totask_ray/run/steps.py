@@ -8,23 +8,27 @@ for every method.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from totask_ray.cluster import ensure_ray
-from totask_ray.errors import CriticalError
+from totask_ray.errors import CriticalError, RunStopped
 from totask_ray.methods.base import PrepareInput
 from totask_ray.net.downloads import UrlPolicy
 from totask_ray.pipeline.annotator import WorkerSettings
-from totask_ray.pipeline.outcomes import Status, from_columns, read_report
+from totask_ray.pipeline.outcomes import DONE_STATUSES, from_columns, read_report
 from totask_ray.pipeline.run import PipelineSpec, run_pipeline
 from totask_ray.platform.errors import NotFoundError, PlatformError
 from totask_ray.result import RunStatus, ToTaskResult
 from totask_ray.run.context import RunContext
 from totask_ray.run.progress import STEP, RunTracker
+from totask_ray.run.stop import GracefulStop
 
 log = logging.getLogger("totask_ray")
 
@@ -103,7 +107,11 @@ class FetchTasks(Step):
 
 
 class Annotate(Step):
-    """The pipeline: every task through the method's annotator, outcomes recorded as they come."""
+    """The pipeline: every task through the method's annotator, outcomes recorded as they come.
+
+    A first SIGINT/SIGTERM stops new tasks and keeps recording until what was in flight has
+    reported (`run/stop.py`); then `RunStopped` ends the run, with every write in the counts.
+    """
 
     name = STEP
 
@@ -112,8 +120,7 @@ class Annotate(Step):
         ensure_ray(o.ray_address, verbose=o.verbose_ray)
         total = ctx.total - (len(ctx.exclude) if ctx.exclude is not None else 0)
         if o.report is not None:
-            o.report.parent.mkdir(parents=True, exist_ok=True)
-            ctx.report_file = open(o.report, "w", encoding="utf-8")  # noqa: SIM115 - closed in cleanups
+            ctx.report_file = open_report(o.report, carry_from=o.resume)
             ctx.cleanups.append(ctx.report_file.close)
         ctx.tracker = RunTracker(
             max(total, 0),
@@ -123,17 +130,26 @@ class Annotate(Step):
             workflow=ctx.params.on_success is not None,
         )
         critical = None
-        try:
-            for batch in run_pipeline(pipeline_spec(ctx)):
-                for outcome in from_columns(batch):
-                    ctx.tracker.record(outcome)
-                    if outcome.critical and critical is None:
-                        critical = outcome.error
-                ctx.tracker.flush()
-                if critical is not None:
-                    break
-        finally:
-            ctx.tracker.close()
+        with GracefulStop(o.stop_timeout_s) as stop:
+            try:
+                for batch in run_pipeline(pipeline_spec(ctx, stop.flag)):
+                    for outcome in from_columns(batch):
+                        ctx.tracker.record(outcome)
+                        if outcome.critical and critical is None:
+                            critical = outcome.error
+                    ctx.tracker.flush()
+                    if critical is not None:
+                        break
+            except KeyboardInterrupt:
+                stop.cut = True  # a second signal, the bound, or an interrupt before any handler
+                stop.reason = stop.reason or "SIGINT"
+            finally:
+                ctx.tracker.close()
+        if stop.reason is not None:
+            waited = time.monotonic() - (stop.signalled_at or time.monotonic())
+            ctx.stopped = stop.reason
+            how = "before what was in flight had reported" if stop.cut else f"{waited:.1f} s after it"
+            raise RunStopped(f"Stopped by {stop.reason} {how}")
         if critical is not None:
             raise CriticalError(f"The run stopped: {critical}")
 
@@ -142,7 +158,7 @@ def steps() -> list[Step]:
     return [Initialize(), Prepare(), FetchTasks(), Annotate()]
 
 
-def worker_settings(ctx: RunContext) -> WorkerSettings:
+def worker_settings(ctx: RunContext, stop_flag: Any = None) -> WorkerSettings:
     o = ctx.options
     return WorkerSettings(
         platform=ctx.config,
@@ -155,13 +171,35 @@ def worker_settings(ctx: RunContext) -> WorkerSettings:
         max_json_bytes=o.max_json_bytes,
         max_image_bytes=o.max_image_bytes,
         download_timeout_s=o.download_timeout_s,
+        stop_flag=stop_flag,
     )
 
 
-def pipeline_spec(ctx: RunContext) -> PipelineSpec:
+def open_report(path: Path, carry_from: Path | None = None) -> Any:
+    """The report, open for appending; a resumed run's report starts with what the earlier one
+    finished (success, skipped, unchanged), so resuming from the latest report is always right.
+
+    The carried lines are written to a temporary file that replaces `path` only when whole, so a
+    resume into the same path as its earlier report never loses it.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if carry_from is not None and carry_from.exists():
+        tmp = path.with_name(f".{path.name}.carry")
+        with open(tmp, "w", encoding="utf-8") as out:
+            for rec in read_report(str(carry_from)):
+                if rec.get("status") in DONE_STATUSES:
+                    out.write(json.dumps(rec, separators=(",", ":")) + "\n")
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, path)
+        return open(path, "a", encoding="utf-8")
+    return open(path, "w", encoding="utf-8")
+
+
+def pipeline_spec(ctx: RunContext, stop_flag: Any = None) -> PipelineSpec:
     o, p = ctx.options, ctx.params
     return PipelineSpec(
-        annotator=ctx.method.annotator(worker_settings(ctx)),
+        annotator=ctx.method.annotator(worker_settings(ctx, stop_flag)),
         platform=ctx.config,
         project=p.project,
         task_filters=p.task_filters,
@@ -176,15 +214,14 @@ def pipeline_spec(ctx: RunContext) -> PipelineSpec:
         verbose=o.verbose_ray,
         plugin_cls=ctx.action_cls,
         lister=ctx.client,
+        stop_flag=stop_flag,
     )
 
 
 def done_in_report(path: Path) -> np.ndarray:
     if not path.exists():
         raise CriticalError(f"Resume report not found: {path}")
-    done = {
-        r["task_id"] for r in read_report(str(path)) if r.get("status") in (Status.SUCCESS, Status.SKIPPED)
-    }
+    done = {r["task_id"] for r in read_report(str(path)) if r.get("status") in DONE_STATUSES}
     return np.array(sorted(done), dtype=np.int64)
 
 
@@ -195,10 +232,16 @@ def result(ctx: RunContext, status: RunStatus | None = None, message: str | None
         return ToTaskResult(status=status or RunStatus.FAILED, message=message or "", total_tasks=ctx.total)
     metrics = t.metrics()
     if status is None:
-        status = RunStatus.FAILED if t.failed and not (t.success or t.skipped) else RunStatus.SUCCEEDED
+        status = (
+            RunStatus.FAILED
+            if t.failed and not (t.success or t.skipped or t.unchanged)
+            else RunStatus.SUCCEEDED
+        )
     counts = f"{t.success} succeeded, {t.failed} failed"
     if t.skipped:
         counts += f", {t.skipped} skipped"
+    if t.unchanged:
+        counts += f", {t.unchanged} already held this data (not written again)"
     if metrics.stand_by:
         counts += f", {metrics.stand_by} not processed"
     if t.workflow:
@@ -216,6 +259,7 @@ def result(ctx: RunContext, status: RunStatus | None = None, message: str | None
         success_count=t.success,
         failed_count=t.failed,
         skipped_count=t.skipped,
+        unchanged_count=t.unchanged,
         workflow_applied_count=t.workflow_applied,
         workflow_failed_count=t.workflow_failed,
         failures=list(t.failures),

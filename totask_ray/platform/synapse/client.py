@@ -51,7 +51,8 @@ from totask_ray.platform.models import (
 T = TypeVar("T")
 
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
-TASK_FIELDS = "id,data,data_unit"
+# status and assignee: a re-run applies on_success only where the task is not there yet
+TASK_FIELDS = "id,data,data_unit,status,assignee"
 
 
 class SynapseConfig(BaseModel):
