@@ -92,3 +92,34 @@ def test_on_success_that_moves_tasks_out_of_the_filter_skips_none(platform):
     assert (result.total_tasks, result.success_count, result.workflow_applied_count) == (120, 120, 120)
     assert {platform.store.get_task(t)["status"] for t in ids} == {"in_review"}
     assert set(platform.store.history_counts(task_ids=ids).values()) == {1}
+
+
+def test_rerunning_a_finished_job_writes_nothing_and_applies_nothing_twice(platform):
+    """A hard-killed run leaves written tasks that no report holds: the re-run compares before it
+    writes (`unchanged`) and applies on_success only where the task is not in its target state, so
+    a second submit (which would move the task on another stage) never happens."""
+    units = [good_unit(platform, i, "wfrerun") for i in range(6)]
+    project, ids = make_project(platform, units)
+    user = platform.store.create_user("rerun-reviewer")
+    job = {**FILE, "project": project, "on_success": {"submit": True, "assignee": user}}
+    first = run_to_task(job, platform=config_for(platform), progress_bar=False)
+    assert (first.success_count, first.workflow_applied_count) == (6, 6)
+    assert {platform.store.get_task(t)["status"] for t in ids} == {"in_review"}
+    again = run_to_task(job, platform=config_for(platform), progress_bar=False)
+    assert (again.success_count, again.unchanged_count, again.workflow_applied_count) == (0, 6, 0)
+    assert {platform.store.get_task(t)["status"] for t in ids} == {"in_review"}  # not submitted again
+    assert set(platform.store.history_counts(task_ids=ids).values()) == {1}
+
+
+def test_a_rerun_submits_a_task_that_was_written_but_never_submitted(platform):
+    """The other half of a hard kill: written, killed before the submit. The task still sits where
+    the job's status filter found it, so the re-run submits it (and only it), writing nothing."""
+    units = [good_unit(platform, i, "wfhalf") for i in range(4)]
+    project, ids = make_project(platform, units)
+    platform.store.update_task(ids[0], data=units[0]["expected"])  # the write that was reported nowhere
+    job = {**FILE, "project": project, "task_filters": {"status__in": ["pending", "in_progress"]},
+           "on_success": {"submit": True}}  # fmt: skip
+    result = run_to_task(job, platform=config_for(platform), progress_bar=False)
+    assert (result.success_count, result.unchanged_count, result.workflow_applied_count) == (3, 1, 4)
+    assert {platform.store.get_task(t)["status"] for t in ids} == {"in_review"}
+    assert platform.store.history_counts(task_ids=ids).get(ids[0]) is None  # compared, not rewritten

@@ -66,6 +66,7 @@ ENV_DEPLOY_TIMEOUT = "TOTASK_PLATFORM_DEPLOY_TIMEOUT_S"
 ENV_INFER_TIMEOUT = "TOTASK_PLATFORM_INFER_TIMEOUT_S"
 DEFAULT_SERVE_PORT = 8000
 GONE = "NOT_STARTED"  # what a row says once its app is no longer on the cluster
+PLATFORM_HOST = "127.0.0.1"  # where the embedded platform serves, and so what its media URLs name
 
 
 class _Closing(BaseException):
@@ -166,6 +167,7 @@ def _release_with_payload(release: Mapping[str, Any], params: Mapping[str, Any])
         inference["required_resources"] = required
         actions["inference"] = inference
         config["actions"] = actions
+    _allow_platform_media(config)
     try:
         cfg = parse_release_config(config, source=f"plugin release {release.get('id')}")
         rel = PreProcessorRelease(
@@ -180,6 +182,21 @@ def _release_with_payload(release: Mapping[str, Any], params: Mapping[str, Any])
             400, f"{rel.app_name} declares no actions.deployment.entrypoint; it cannot be deployed"
         )
     return rel
+
+
+def _allow_platform_media(config: dict[str, Any]) -> None:
+    """Inference requests name this platform's own signed media URLs, on loopback, which an app's
+    image fetch refuses unless its host is allow-listed: add it to the app's `allowed_hosts`."""
+    actions = dict(config.get("actions") or {})
+    deployment = actions.get("deployment")
+    if not isinstance(deployment, Mapping):
+        return  # no deployment: refused just below, with its own message
+    options = dict(deployment.get("options") or {})
+    hosts = options.get("allowed_hosts", [])
+    if isinstance(hosts, list) and PLATFORM_HOST not in hosts:  # anything else: the app says what is wrong
+        options["allowed_hosts"] = [*hosts, PLATFORM_HOST]
+    actions["deployment"] = {**deployment, "options": options}
+    config["actions"] = actions
 
 
 def _short(exc: BaseException, limit: int = 300) -> str:

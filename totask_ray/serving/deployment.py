@@ -1,0 +1,339 @@
+"""The Ray Serve side of every pre-processor app: one deployment body, one image fetch.
+
+Each app (``serve_apps/<app>/app.py``) keeps only what is its own: the model (a
+:class:`~totask_ray.serving.interface.PreProcessor`), its params and its constructor options. The
+rest is here so that it is written once and audited once: the batch entry point for handles, the
+Synapse-style HTTP route, ``@serve.batch`` merging of HTTP requests, and above all the image fetch.
+
+The HTTP route fetches a URL that a caller names, from inside the cluster. It therefore goes through
+the same :class:`~totask_ray.net.downloads.Downloader` and :class:`~totask_ray.net.downloads.UrlPolicy`
+as the workers' downloads: http and https only, no private, loopback or link-local address (checked
+after DNS and again on every redirect) unless the host is allow-listed, a byte cap on every body, and
+errors that name the host but never a signed URL's query. The allow-list reaches the replica through
+the app's build args (``options: {allowed_hosts: [...], allow_private_urls: false}``).
+
+There is one deployment, not one per app. Ray turns a ``@serve.deployment`` class into a
+``Deployment`` object that cannot be subclassed, so a decorated base would force every app to copy a
+subclass and its wiring; instead :class:`PreProcessorDeployment` is a plain class, decorated once
+here, and an app binds its model class into it (the way Ray Data takes a callable class and its
+constructor arguments). Its name comes from ``.options(name=...)``, so each app keeps its own.
+``@serve.batch`` keeps its queue on the decorated function, shared by every instance in a process
+and run with the first request's ``self``; the batcher is therefore made per instance in
+``__init__``, which also gives it the replica's own batch size without ``set_max_batch_size``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import io
+import json
+import re
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from ray import serve
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+
+from totask_ray.net.downloads import Downloader, UrlPolicy
+from totask_ray.net.redact import redact_url
+from totask_ray.serving.interface import (
+    Detection,
+    InferenceParams,
+    PreProcessor,
+    PreProcessorOutputError,
+    detections_to_dicts,
+    validate_images,
+    validate_output,
+)
+
+__all__ = [
+    "DEPLOYMENT",
+    "MAX_IMAGE_BYTES",
+    "MAX_IMAGE_PIXELS",
+    "FetchOptions",
+    "ImageFetcher",
+    "ImageRequestError",
+    "PreProcessorDeployment",
+    "app_params",
+    "build_application",
+    "client_error",
+    "decode_image",
+]
+
+MAX_IMAGE_BYTES = 32 * 1024 * 1024
+# A small file can decode to a huge bitmap (a decompression bomb): cap the pixels, not just the bytes.
+MAX_IMAGE_PIXELS = 64_000_000
+MAX_ERROR_CHARS = 500
+_URL = re.compile(r"[a-z][a-z0-9+.-]*://[^\s'\"<>()\[\]{}]+", re.IGNORECASE)
+
+
+class ImageRequestError(ValueError):
+    """The request names no usable image; its message is safe to send back to the caller."""
+
+
+class FetchOptions(BaseModel):
+    """The keys of the app's ``options`` that belong to the fetch, not to the model.
+
+    Strict (unknown keys are the model's, so they are split off first, see :meth:`split`), so that a
+    misspelt or mistyped allow-list fails the build instead of silently allowing nothing or anything.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_image_bytes: int = Field(MAX_IMAGE_BYTES, ge=1)
+    download_timeout_s: float = Field(30.0, gt=0, allow_inf_nan=False)
+    allowed_hosts: tuple[str, ...] = ()
+    allow_private_urls: bool = False
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _bare_hosts(cls, hosts: tuple[str, ...]) -> tuple[str, ...]:
+        # The policy compares host names: "http://files:9000" would never match and allow nothing.
+        out = []
+        for host in hosts:
+            name = host.strip().strip("[]").lower()
+            if not name or any(c in name for c in "/?#@ ") or (":" in name and name.count(":") == 1):
+                raise ValueError(f"allowed_hosts takes bare host names such as files.example, got {host!r}")
+            out.append(name)
+        return tuple(out)
+
+    @classmethod
+    def split(cls, options: Mapping[str, Any] | None) -> tuple[FetchOptions, dict[str, Any]]:
+        """(the fetch's options, the rest for the model's constructor)."""
+        rest = dict(options or {})
+        own = {key: rest.pop(key) for key in cls.model_fields if key in rest}
+        return cls.model_validate(own), rest
+
+    def policy(self) -> UrlPolicy:
+        return UrlPolicy.for_platform(None, self.allowed_hosts, allow_private=self.allow_private_urls)
+
+
+def app_params(
+    params: InferenceParams, defaults: Mapping[str, Any], casts: Mapping[str, Callable[[Any], Any]]
+) -> dict[str, Any]:
+    """A model's per-call options: its ``defaults``, overridden by the app-specific keys of ``params``.
+
+    Params arrive as JSON from a caller: each key named in ``casts`` is converted, and a value that
+    does not convert is a ``ValueError`` naming the key (the HTTP route answers it with a 400).
+    """
+    opts = dict(defaults)
+    extras = params.extras
+    for key, cast in casts.items():
+        if key in extras:
+            try:
+                opts[key] = cast(extras[key])
+            except (TypeError, ValueError) as exc:
+                kind = getattr(cast, "__name__", "value").strip("_")
+                raise ValueError(f"param {key!r} must be a {kind}, got {extras[key]!r}") from exc
+    return opts
+
+
+def decode_image(body: bytes, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
+    """HxWx3 uint8 RGB, or :class:`ImageRequestError` saying why not (never PIL's own traceback)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        img = Image.open(io.BytesIO(body))
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError):
+        raise ImageRequestError("image_path is not an image: it cannot be decoded") from None
+    with img:
+        width, height = img.size
+        if width * height > max_pixels:
+            raise ImageRequestError(f"the image is {width}x{height}, over the {max_pixels:,}-pixel limit")
+        try:
+            return np.asarray(img.convert("RGB"))
+        except (OSError, ValueError) as exc:
+            raise ImageRequestError(f"the image cannot be decoded ({_first_line(exc)})") from None
+
+
+class ImageFetcher:
+    """``image_path`` -> decoded image, under the project's URL policy; usable without Ray."""
+
+    def __init__(self, options: FetchOptions) -> None:
+        self.options = options
+        self._downloader = Downloader(options.policy(), timeout_s=options.download_timeout_s)
+
+    async def fetch(self, url: Any) -> np.ndarray:
+        if not isinstance(url, str):
+            raise ImageRequestError("image_path must be an http:// or https:// URL")
+        scheme = url.split(":", 1)[0].lower() if ":" in url else ""
+        if scheme not in ("http", "https"):
+            # The downloader refuses these too; this keeps the message callers already match on.
+            raise ImageRequestError(
+                f"image_path must be an http:// or https:// URL, not {scheme or '(none)'}://"
+            )
+        body = await self._downloader.fetch_image(url, max_bytes=self.options.max_image_bytes)
+        # Decoding a large image takes long enough to stall every other request on this loop.
+        return await asyncio.to_thread(decode_image, body)
+
+    async def aclose(self) -> None:
+        await self._downloader.aclose()
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def client_error(exc: BaseException) -> str:
+    """``Type: message`` on one line, short, and with every URL's query and credentials removed.
+
+    What an HTTP caller sees must not hand back a signed URL's signature (it is a credential), nor
+    a traceback or pydantic's multi-line report.
+    """
+    if isinstance(exc, ValidationError):
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "(params)"
+        text = f"invalid param {where!r}: {first['msg']}"
+    elif isinstance(exc, json.JSONDecodeError):
+        text = f'the request body is not JSON ({exc.msg}); send {{"image_path": url, ...params}}'
+    else:
+        text = _first_line(exc)
+    text = _URL.sub(lambda m: redact_url(m.group(0)), text)
+    return f"{type(exc).__name__}: {text}"[:MAX_ERROR_CHARS]
+
+
+def _status_for(exc: BaseException) -> int:
+    # A model that returns garbage is the server's fault; a param it refuses is the caller's.
+    if isinstance(exc, PreProcessorOutputError):
+        return 500
+    return 400 if isinstance(exc, (ValueError, TypeError)) else 500
+
+
+def replica_cpus() -> int:
+    """The CPUs Ray reserved for this replica, at least one: what the model may use for threads."""
+    import ray
+
+    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
+    return max(1, round(cpus))
+
+
+class PreProcessorDeployment:
+    """One replica = one model; model calls run one at a time on a worker thread.
+
+    ``model_cls`` is the app's model class (or any factory of a :class:`PreProcessor`), called with the
+    app's own ``options``: the fetch's keys are taken out first (see :class:`FetchOptions`). Apps do
+    not construct this themselves: :func:`build_application` binds it from the app's build args.
+    """
+
+    def __init__(
+        self,
+        model_cls: Callable[..., PreProcessor],
+        max_batch_size: int = 8,
+        batch_wait_timeout_s: float = 0.01,
+        options: Mapping[str, Any] | None = None,
+    ) -> None:
+        fetch_options, model_options = FetchOptions.split(options)
+        self.model = self.load_model(model_cls, model_options)
+        self.labels = dict(self.model.spec.labels)
+        self.max_batch_size = max_batch_size
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=self.model.spec.name)
+        self._fetcher = ImageFetcher(fetch_options)
+        self._http_batch = serve.batch(
+            max_batch_size=max_batch_size, batch_wait_timeout_s=batch_wait_timeout_s
+        )(self._infer_grouped)
+
+    @staticmethod
+    def load_model(model_cls: Callable[..., PreProcessor], options: dict[str, Any]) -> PreProcessor:
+        """A model whose constructor takes ``threads`` gets the replica's reserved CPUs unless the
+        options say otherwise: OpenCV and onnxruntime size their pools from the node's cores, and
+        replicas sharing a node would oversubscribe it."""
+        if "threads" in inspect.signature(model_cls).parameters:
+            options.setdefault("threads", replica_cpus())
+        model = model_cls(**options)
+        if not isinstance(model, PreProcessor):
+            raise TypeError(f"{model_cls!r} made a {type(model).__name__}, which has no spec and detect()")
+        return model
+
+    async def _run(self, images: list[np.ndarray], params: InferenceParams) -> list[list[Detection]]:
+        loop = asyncio.get_running_loop()
+        out: list[list[Detection]] = []
+        for i in range(0, len(images), self.max_batch_size):
+            chunk = images[i : i + self.max_batch_size]
+            dets = await loop.run_in_executor(self._pool, self.model.detect, chunk, params)
+            out.extend(validate_output(chunk, dets, labels=self.labels))
+        return out
+
+    async def predict(
+        self, images: list[np.ndarray], params: dict[str, Any] | None = None
+    ) -> list[list[dict[str, Any]]]:
+        """The batch entry point for handles: one list of detection dicts per image."""
+        p = InferenceParams.model_validate(params or {})
+        return detections_to_dicts(await self._run(validate_images(images), p))
+
+    async def _infer_grouped(
+        self, items: list[tuple[np.ndarray, str]]
+    ) -> list[list[dict[str, Any]] | Exception]:
+        """Requests merged into one batch may carry different params: each group runs once, and a
+        group the model refuses fails only its own requests."""
+        results: list[list[dict[str, Any]] | Exception] = [[] for _ in items]
+        groups: dict[str, list[int]] = {}
+        for idx, (_, key) in enumerate(items):
+            groups.setdefault(key, []).append(idx)
+        for key, idxs in groups.items():
+            try:
+                dets = await self._run([items[i][0] for i in idxs], InferenceParams.model_validate_json(key))
+            except Exception as exc:
+                for i in idxs:
+                    results[i] = exc
+                continue
+            for i, d in zip(idxs, detections_to_dicts(dets), strict=True):
+                results[i] = d
+        return results
+
+    async def __call__(self, request: Request) -> Any:
+        """Synapse-style: ``{"image_path": url, ...params}`` -> ``{"detections": [...]}``; a request
+        that cannot be served answers ``{"error": "Type: message"}``."""
+        try:
+            body = await request.json()
+            if not isinstance(body, dict) or "image_path" not in body:
+                raise ImageRequestError('expected a JSON object {"image_path": url, ...params}')
+            params = {k: v for k, v in body.items() if k != "image_path"}
+            InferenceParams.model_validate(params)
+            image = await self._fetcher.fetch(body["image_path"])
+        except Exception as exc:
+            return JSONResponse({"error": client_error(exc)}, status_code=400)
+        out = await self._http_batch((image, json.dumps(params, sort_keys=True)))
+        if isinstance(out, Exception):
+            return JSONResponse({"error": client_error(out)}, status_code=_status_for(out))
+        return {"detections": out}
+
+
+DEPLOYMENT = serve.deployment(PreProcessorDeployment)
+
+
+def build_application(
+    model_cls: Callable[..., PreProcessor],
+    config_path: Path,
+    args: Mapping[str, Any] | None = None,
+    *,
+    name: str,
+) -> serve.Application:
+    """What each app's ``build_app(args)`` returns: the shared deployment, named ``name``, around
+    ``model_cls``; ``args`` as made by ``totask_ray.serving.resources.deployment_args``, or the app's
+    own ``config.yaml`` without them.
+
+    The fetch options are checked here too, so a bad allow-list fails the dispatch at once rather than
+    a replica later (a replica whose constructor raises takes ~7 s to show as DEPLOY_FAILED).
+    """
+    from totask_ray.serving.config import load_release_config
+    from totask_ray.serving.resources import DeploymentArgs, deployment_args
+
+    parsed = (
+        DeploymentArgs.model_validate(dict(args))
+        if args
+        else deployment_args(load_release_config(config_path))
+    )
+    FetchOptions.split(parsed.options)
+    return DEPLOYMENT.options(name=name, **parsed.deployment_options()).bind(
+        model_cls,
+        max_batch_size=parsed.max_batch_size,
+        batch_wait_timeout_s=parsed.batch_wait_timeout_s,
+        options=parsed.options,
+    )
