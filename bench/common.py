@@ -367,7 +367,7 @@ def platform(
 
 def seed_files(bp: BenchPlatform, tasks: int, seed: int = 0) -> float:
     """Seed the files demo (one task per data unit, each with its own annotation JSON); seconds taken."""
-    from totask_ray.embedded.seed import seed_files_demo
+    from totask_ray.embedded.seeds import seed_files_demo
 
     t0 = time.perf_counter()
     bp.seeded = seed_files_demo(bp.store, bp.lp.media_dir, tasks=tasks, seed=seed)

@@ -3,7 +3,7 @@
     python -m bench inference [--tasks 160] [--runs 3]
 
 The same images everywhere: skimage's astronaut (one face) alternating with four face-free
-pictures (coffee, chelsea, rocket, motorcycle), written by `totask_ray.embedded.seed.write_sample_images`
+pictures (coffee, chelsea, rocket, motorcycle), written by `totask_ray.embedded.seeds.write_sample_images`
 into the embedded platform's media dir, one task per image. Contenders, interleaved run by run:
 
 - raw 1 thread: `HaarFaceDetector().detect(images, InferenceParams())` in this process on the
@@ -181,7 +181,7 @@ def run_sdk(bp: c.BenchPlatform, sdk_py: Path, project: int, n: int, release: in
 def main(args: Any, *, ray_started: bool = False) -> dict[str, Any]:
     from ray import serve
 
-    from totask_ray.embedded.seed import write_sample_images
+    from totask_ray.embedded.seeds import write_sample_images
 
     n = args.tasks if args.tasks and args.bench == "inference" else (8 if args.smoke else 160)
     runs = 1 if args.smoke else args.runs

@@ -16,7 +16,7 @@ import pytest
 from helpers import config_for, read_report
 
 from totask_ray import run_to_task
-from totask_ray.embedded.seed import seed_files_demo
+from totask_ray.embedded.seeds import seed_files_demo
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 

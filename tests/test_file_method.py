@@ -13,7 +13,7 @@ import pytest
 from helpers import config_for, file_server, good_unit, make_project, read_report, write_media
 
 from totask_ray import ToTask, ToTaskError, run_to_task
-from totask_ray.embedded.seed import seed_files_demo
+from totask_ray.embedded.seeds import seed_files_demo
 from totask_ray.result import RunStatus
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")

@@ -13,7 +13,7 @@ import pytest
 from helpers import config_for, write_media
 
 from totask_ray import ToTask, ToTaskError, run_to_task
-from totask_ray.embedded.seed import write_sample_images
+from totask_ray.embedded.seeds import write_sample_images
 from totask_ray.result import RunStatus
 from totask_ray.serving.config import load_release_config
 
@@ -164,7 +164,7 @@ def _boxes(data: dict | None) -> list[list[float]]:
 
 
 def test_faces_match_ground_truth(platform):
-    from totask_ray.embedded.seed_inference import match_faces, seed_faces_demo
+    from totask_ray.embedded.seeds import match_faces, seed_faces_demo
 
     seeded = seed_faces_demo(platform.store, platform.media_dir, tasks=16, seed=1)
     params = {"name": "Faces_Truth", "project": seeded["project"], "method": "inference",
@@ -190,7 +190,7 @@ def test_faces_match_ground_truth(platform):
 def test_ocr_reads_the_generated_text_exactly(platform):
     from ray import serve
 
-    from totask_ray.embedded.seed_inference import seed_ocr_demo
+    from totask_ray.embedded.seeds import seed_ocr_demo
 
     seeded = seed_ocr_demo(platform.store, platform.media_dir, tasks=8, seed=2)
     params = {"name": "Ocr_Truth", "project": seeded["project"], "method": "inference",

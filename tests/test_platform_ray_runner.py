@@ -21,11 +21,10 @@ from typing import Any
 import httpx
 import pytest
 
-from totask_ray.embedded.app import media_signature
 from totask_ray.embedded.ray_runner import ENV_RAY_ADDRESS, ENV_SERVE_PORT
-from totask_ray.embedded.seed import write_sample_images
-from totask_ray.embedded.seed_inference import match_faces, release_config, seed_faces_demo
+from totask_ray.embedded.seeds import match_faces, release_config, seed_faces_demo, write_sample_images
 from totask_ray.embedded.server import LocalPlatform
+from totask_ray.embedded.state import media_signature
 from totask_ray.platform.synapse.client import SynapseClient, SynapseConfig
 from totask_ray.serving.lifecycle import RayServeBackend, route_prefix
 
@@ -223,7 +222,7 @@ def test_inference_errors_are_clear(rp, deployed):
     r = _infer(rp, {"image_path": f"{lp.url}/media/demo/images/astronaut.jpg"}, method="get")
     assert r.status_code == 400 and "post" in r.json()["detail"]
     r = _infer(rp, {"image_path": f"{lp.url}/media/nowhere.jpg"})  # the platform refuses the app's GET
-    assert r.status_code == 400 and "HTTPStatusError" in r.json()["detail"]
+    assert r.status_code == 400 and "HTTP 403" in r.json()["detail"]
     r = _infer(rp, {"image_path": "https://example.invalid/x.jpg"}, version="1.0.0+idle")
     assert r.status_code == 409 and "not deployed" in r.json()["detail"], r.text
 

@@ -30,7 +30,7 @@ import httpx
 import pytest
 
 from devtools.sdk_env import SDK_VERSION, SdkEnvError, ensure_sdk_venv, find_python312, sdk_venv_ready
-from totask_ray.embedded.seed import seed_files_demo
+from totask_ray.embedded.seeds import seed_files_demo
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SCRIPT_DIR = Path(__file__).resolve().parent / "sdk_conformance"

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from totask_ray.embedded.seed import DEMOS
-from totask_ray.embedded.seed_inference import (
+from totask_ray.embedded.seeds import (
+    DEMOS,
     FACES_PARAMS,
     OCR_PARAMS,
     iou,

@@ -57,7 +57,7 @@ def _file_params(seeded: dict[str, Any]) -> dict[str, Any]:
 def run_demo(method: str = "file", tasks: int = 200, data_dir: Path | None = None) -> int:
     from totask_ray.cluster import ensure_ray
     from totask_ray.console import print_result
-    from totask_ray.embedded.seed import DEMOS
+    from totask_ray.embedded.seeds import DEMOS
     from totask_ray.embedded.server import LocalPlatform
     from totask_ray.errors import ToTaskError
     from totask_ray.platform.synapse.client import SynapseClient, SynapseConfig
@@ -133,7 +133,7 @@ def _check_written(client: Any, report: Path, sample: int = 20) -> int:
 
 def _truth_summary(store: Any, seeded: dict[str, Any]) -> str:
     """How the written annotations compare with the demo's ground truth."""
-    from totask_ray.embedded.seed_inference import match_faces
+    from totask_ray.embedded.seeds import match_faces
 
     truth = {int(k): v for k, v in seeded["truth"].items()}
     objects = {tid: (store.get_task(tid)["data"] or {}).get("objects", []) for tid in truth}

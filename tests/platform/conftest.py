@@ -12,7 +12,7 @@ from typing import Any
 import httpx
 import pytest
 
-from totask_ray.embedded.seed import seed_files_demo
+from totask_ray.embedded.seeds import seed_files_demo
 from totask_ray.embedded.server import LocalPlatform
 
 

@@ -10,7 +10,7 @@ from urllib.parse import parse_qs, urlsplit
 import httpx
 import pytest
 
-from totask_ray.embedded.app import media_signature
+from totask_ray.embedded.state import media_signature
 
 
 def _files(client, demo, k: int = 0) -> dict:

@@ -8,7 +8,8 @@ import httpx
 import pytest
 from _platform_helpers import follow_pages, serve_in_thread
 
-from totask_ray.embedded.app import NO_RUNNER_DETAIL, PluginRunError, create_app
+from totask_ray.embedded.app import create_app
+from totask_ray.embedded.runner import NO_RUNNER_DETAIL, PluginRunError
 from totask_ray.embedded.store import Store
 
 CONFIG = {

@@ -7,7 +7,7 @@ import sqlite3
 
 import pytest
 
-from totask_ray.embedded.seed import DEMOS, seed_files_demo
+from totask_ray.embedded.seeds import DEMOS, seed_files_demo
 from totask_ray.embedded.store import Store, TaskQuery
 
 

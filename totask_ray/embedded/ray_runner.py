@@ -1,6 +1,6 @@
 """The agent's side of the embedded platform: `plugins/{code}/run/` onto a real Ray cluster.
 
-`RayPluginRunner` implements `app.PluginRunner` inside the platform's server process, so the public
+`RayPluginRunner` implements `runner.PluginRunner` inside the platform's server process, so the public
 synapse-sdk ToTask action (or ours) can drive a pre-processor end to end against the embedded
 platform:
 
@@ -45,7 +45,7 @@ from totask_ray.serving.config import PreProcessorRelease, ReleaseConfigError, p
 from totask_ray.serving.lifecycle import RayServeBackend, classify_serve_status, ensure_running, route_prefix
 from totask_ray.serving.resources import Resources
 
-from .app import PluginRunError
+from .runner import PluginRunError
 from .store import SERVE_STATUSES, Store
 
 __all__ = [

@@ -383,8 +383,8 @@ class LocalPlatform:
         return h
 
     def seed(self, demo: str = "files", **kwargs: Any) -> dict[str, Any]:
-        """Run a demo seeder (see `seed.DEMOS`) on the platform's data, in this process."""
-        from .seed import DEMOS
+        """Run a demo seeder (see `seeds.DEMOS`) on the platform's data, in this process."""
+        from .seeds import DEMOS
 
         return DEMOS[demo](self.store, self.media_dir, **kwargs)
 
@@ -400,7 +400,7 @@ class LocalPlatform:
         return r.json()
 
     def set_faults(self, **cfg: Any) -> dict[str, Any]:
-        """Configure injected faults (see `app.FaultConfig`): error_rate, statuses, retry_after_s,
+        """Configure injected faults (see `gate.FaultConfig`): error_rate, statuses, retry_after_s,
         slow_rate, slow_s, path_regex, methods, seed."""
         return self._admin("POST", "/_local/faults/", cfg)
 

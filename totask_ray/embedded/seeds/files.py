@@ -1,29 +1,24 @@
-"""Demo projects for the embedded platform, built from images that ship inside wheels.
+"""The file-method demo: one annotation JSON file per task, next to a shared sample picture.
 
-Nothing is downloaded: the images are the sample pictures inside scikit-image's wheel
-(`skimage/data/*.png|jpg`, read straight from the installed package, without importing it). They
-are written into the media dir once, under `demo/images/`, and shared by every data unit.
-
-Each demo is a function `(store, media_dir, *, tasks, seed, ...) -> dict` registered in `DEMOS`;
-it returns the ids it made as a JSON-able dict. `POST /_local/seed/` and `totask-ray platform
-seed` call them by name.
+The pictures are the samples inside scikit-image's wheel (nothing is downloaded), written into the
+media dir once, under `demo/images/`, and shared by every data unit, so that seeding a million
+tasks writes only their annotation files.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
 import random
 from collections import Counter
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from .store import Store
+from ..store import Store
+from .registry import FIRST_DAY, make_project, save_image, skimage_data_dir, summary
 
 IMAGES_DIR = "demo/images"
 
@@ -42,16 +37,7 @@ CLASS_IDS: dict[str, int] = {
 }
 STATUSES = (("pending", 0.5), ("in_progress", 0.2), ("completed", 0.2), ("in_review", 0.1))
 DEMO_USERS = ("annotator_1", "annotator_2", "reviewer_1")
-FIRST_DAY = datetime(2025, 1, 1, tzinfo=UTC)
 DAYS = 10
-
-
-def _skimage_data_dir() -> Path | None:
-    spec = importlib.util.find_spec("skimage")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    d = Path(next(iter(spec.submodule_search_locations))) / "data"
-    return d if d.is_dir() else None
 
 
 def write_sample_images(media_dir: str | Path) -> dict[str, dict[str, Any]]:
@@ -65,7 +51,7 @@ def write_sample_images(media_dir: str | Path) -> dict[str, dict[str, Any]]:
     media_dir = Path(media_dir)
     out_dir = media_dir / IMAGES_DIR
     out_dir.mkdir(parents=True, exist_ok=True)
-    src_dir = _skimage_data_dir()
+    src_dir = skimage_data_dir()
     found: dict[str, dict[str, Any]] = {}
     for name, (src_name, out_name, labels) in SAMPLE_IMAGES.items():
         target = out_dir / out_name
@@ -84,12 +70,7 @@ def write_sample_images(media_dir: str | Path) -> dict[str, dict[str, Any]]:
                         (x, y, x + rng.randrange(20, 110), y + rng.randrange(20, 80)),
                         fill=tuple(rng.randrange(256) for _ in range(3)),
                     )
-            tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-            if target.suffix == ".jpg":
-                img.convert("RGB").save(tmp, format="JPEG", quality=90)
-            else:
-                img.save(tmp, format="PNG")
-            os.replace(tmp, target)
+            save_image(img, target, jpeg_quality=90)
         with Image.open(target) as im:
             width, height = im.size
         found[name] = {"path": f"{IMAGES_DIR}/{out_name}", "width": width, "height": height, "labels": labels}
@@ -167,14 +148,14 @@ def seed_files_demo(store: Store, media_dir: str | Path, tasks: int = 100, seed:
         {"name": "image_1", "is_primary": True, "is_required": True, "file_type": "image"},
         {"name": "annotation_data", "is_primary": False, "is_required": False, "file_type": "json"},
     ]
-    dc_id = store.create_data_collection(f"Files demo collection (seed {seed})", specs)
-    project_id = store.create_project(f"Files demo: {tasks} tasks (seed {seed})", dc_id)
+    project_id, dc_id = make_project(store, "Files", tasks, seed, specs)
 
     rel_dir = f"demo/files/p{project_id}"
     units: list[dict[str, Any]] = []
     task_rows: list[dict[str, Any]] = []
     statuses, weights = zip(*STATUSES, strict=True)
     pending_writes: list[tuple[str, bytes]] = []
+    # The annotation files are written 1000 at a time on a thread while the next ones are drawn.
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="seed-writer") as writer:
         futures = []
         for i in range(tasks):
@@ -224,25 +205,10 @@ def seed_files_demo(store: Store, media_dir: str | Path, tasks: int = 100, seed:
     by_status = Counter(r["status"] for r in task_rows)
     by_assignee = Counter("null" if r["assignee"] is None else str(r["assignee"]) for r in task_rows)
     by_day = Counter(r["created_at"].date().isoformat() for r in task_rows)
-    return {
-        "demo": "files",
-        "seed": seed,
-        "project": project_id,
-        "data_collection": dc_id,
-        "specifications": [s["name"] for s in specs],
-        "primary_specification": "image_1",
-        "target_specification": "annotation_data",
-        "tasks": len(task_ids),
-        "task_ids": {"first": task_ids[0] if task_ids else None, "last": task_ids[-1] if task_ids else None},
-        "data_units": {"first": du_ids[0] if du_ids else None, "last": du_ids[-1] if du_ids else None},
-        "counts_by_status": dict(sorted(by_status.items())),
-        "counts_by_assignee": dict(sorted(by_assignee.items())),
-        "counts_by_day": dict(sorted(by_day.items())),
-        "users": users,
-        "images": sorted(img["path"] for img in images.values()),
-    }
-
-
-# Demos by name: `(store, media_dir, *, tasks, seed, ...) -> dict of the ids made`.
-DEMOS: dict[str, Callable[..., dict[str, Any]]] = {"files": seed_files_demo}
-from . import seed_inference  # noqa: E402, F401 - registers the "faces" and "ocr" demos in DEMOS
+    out = summary("files", seed, project_id, dc_id, specs, du_ids, task_ids, "annotation_data")
+    out["counts_by_status"] = dict(sorted(by_status.items()))
+    out["counts_by_assignee"] = dict(sorted(by_assignee.items()))
+    out["counts_by_day"] = dict(sorted(by_day.items()))
+    out["users"] = users
+    out["images"] = sorted(img["path"] for img in images.values())
+    return out

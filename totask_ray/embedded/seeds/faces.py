@@ -1,18 +1,14 @@
-"""Inference-method demos with ground truth: faces (OpenCV Haar) and text lines (RapidOCR).
+"""The faces demo: composed pictures with known face boxes, to score the faces pre-processor.
 
-The file demo (`seed.py`) shares one picture between many tasks, which says nothing about whether a
-pre-processor got the *right* answer. These demos compose one image per task with a known answer,
-so an inference run can be scored, not just counted:
+A shared picture (as in the file demo) says nothing about whether a pre-processor got the *right*
+answer, so each task gets its own image: the astronaut's face from scikit-image's wheel pasted
+upright, at known places and scales (face boxes of 120-170 px), onto face-free backgrounds (other
+skimage pictures, or generated ones); about one image in four has no face at all. Truth: the face
+boxes `[x, y, w, h]`. Nothing is downloaded.
 
-- faces: the astronaut's face from scikit-image's wheel pasted upright, at known places and scales
-  (face boxes of 120-170 px), onto face-free backgrounds (other skimage pictures, or generated
-  ones); about one image in four has no face at all. Truth: the face boxes `[x, y, w, h]`.
-- ocr: black words on white in Pillow's bundled font, one or two lines. Truth: the lines, joined
-  with a newline.
-
-Both were tuned against the in-process models with the params in `FACES_PARAMS` / `OCR_PARAMS`
+The demo was tuned against the in-process OpenCV Haar cascade with `FACES_PARAMS`
 (tests/test_seed_inference.py checks seeds 0-4): every truth face is found with IoU >= 0.5 and
-face-free images give nothing; every text is read exactly. Two things the tuning taught:
+face-free images give nothing. Two things the tuning taught:
 
 - the cascade equalizes the histogram of the whole image, so a face pasted onto a mostly dark (night
   sky) or mostly white background is washed out and missed; backgrounds are histogram-equalized
@@ -21,33 +17,23 @@ face-free images give nothing; every text is read exactly. Two things the tuning
   default `min_size` of 24 px; the demo's faces are >= 120 px, so `min_size: 100` is part of the
   demo's params (which also makes detection ~3x faster). With it, seeds 0-39 (960 images, 750
   faces) gave no miss and no false face, IoU >= 0.79.
-
-Nothing is downloaded; the demos register themselves in `seed.DEMOS` as "faces" and "ocr".
 """
 
 from __future__ import annotations
 
-import importlib.util
-import os
 import random
 from collections.abc import Sequence
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from .seed import DEMOS, FIRST_DAY, _skimage_data_dir
-from .store import Store
-
-__all__ = [
-    "FACES_PARAMS",
-    "FACE_BOX",
-    "OCR_PARAMS",
-    "iou",
-    "match_faces",
-    "release_config",
-    "seed_faces_demo",
-    "seed_ocr_demo",
-]
+from ..store import Store
+from .registry import (
+    inference_demo_answer,
+    inference_project,
+    release_id,
+    save_image,
+    skimage_data_dir,
+)
 
 # The astronaut's face in skimage's astronaut.png (512x512) as the Haar cascade finds it: x, y, w, h.
 FACE_BOX = (177, 67, 93, 93)
@@ -75,143 +61,6 @@ GENERATED_BACKGROUNDS = ("blocks", "waves")
 # Inference params the demo is meant to be run with (the `json` of the inference call, besides
 # `image_path`; ToTask's `pre_processor_params`).
 FACES_PARAMS: dict[str, Any] = {"threshold": 0.5, "min_size": 100}
-OCR_PARAMS: dict[str, Any] = {}
-
-# Words RapidOCR (PP-OCRv6 small) reads exactly in Pillow's default font at 36-48 px. No digits, so
-# no O/0 or l/1 confusions (seeds 0-9 of this demo, 240 images: every one read exactly).
-OCR_WORDS = [
-    "ALPHA",
-    "BRAVO",
-    "DELTA",
-    "ECHO",
-    "HOTEL",
-    "KILO",
-    "MANGO",
-    "NORTH",
-    "OCEAN",
-    "PAPER",
-    "QUEST",
-    "RIVER",
-    "SOLAR",
-    "TIGER",
-    "UNDER",
-    "VECTOR",
-    "WATER",
-    "YELLOW",
-    "ZEBRA",
-    "apple",
-    "bread",
-    "cloud",
-    "dream",
-    "earth",
-    "frame",
-    "grape",
-    "house",
-    "light",
-    "money",
-    "night",
-    "paint",
-    "quick",
-    "road",
-    "stone",
-    "train",
-    "green",
-    "blue",
-    "table",
-    "chair",
-    "window",
-    "market",
-    "garden",
-    "summer",
-    "winter",
-]
-OCR_FONT_SIZES = (36, 40, 48)
-OCR_WIDTH = 640
-OCR_MAX_TEXT_WIDTH = 560
-
-DEMO_DIR = "demo/inference"
-
-
-# -- shared ---------------------------------------------------------------------------------------
-
-
-def _serve_apps_dir() -> Path:
-    spec = importlib.util.find_spec("serve_apps")
-    if spec is None or not spec.submodule_search_locations:
-        raise ValueError("the serve_apps package is not installed; install totask-ray with its apps")
-    return Path(next(iter(spec.submodule_search_locations)))
-
-
-def release_config(app: str) -> dict[str, Any]:
-    """`serve_apps/<app>/config.yaml`, validated strictly and dumped as JSON (what a plugin release
-    row stores)."""
-    from totask_ray.serving.config import load_release_config
-
-    cfg = load_release_config(_serve_apps_dir() / app)
-    return cfg.model_dump(mode="json", exclude_none=True)
-
-
-def _release_id(store: Store, app: str) -> int:
-    """The plugin release of `app`: the stored one when its config is the same, else a new one (so
-    re-seeding does not pile up identical releases)."""
-    config = release_config(app)
-    found = store.find_plugin_release(config["code"], config["version"])
-    if found is not None and found["config"] == config:
-        return int(found["id"])
-    return store.create_plugin_release(config["code"], config["version"], config)
-
-
-def _save(img: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    if path.suffix == ".jpg":
-        img.save(tmp, format="JPEG", quality=92)
-    else:
-        img.save(tmp, format="PNG")
-    os.replace(tmp, path)
-
-
-def _make_project(store: Store, kind: str, tasks: int, seed: int) -> tuple[int, int, list[dict[str, Any]]]:
-    specs = [{"name": "image_1", "is_primary": True, "is_required": True, "file_type": "image"}]
-    dc_id = store.create_data_collection(f"{kind} demo collection (seed {seed})", specs)
-    project_id = store.create_project(f"{kind} demo: {tasks} tasks (seed {seed})", dc_id)
-    return project_id, dc_id, specs
-
-
-def _make_tasks(
-    store: Store, project_id: int, dc_id: int, units: list[dict[str, Any]]
-) -> tuple[list[int], list[int]]:
-    du_ids = store.create_data_units_bulk(dc_id, units)
-    rows = [
-        {"data_unit": du, "status": "pending", "created_at": FIRST_DAY + timedelta(minutes=i)}
-        for i, du in enumerate(du_ids)
-    ]
-    return du_ids, store.create_tasks_bulk(project_id, rows)
-
-
-def _summary(
-    demo: str,
-    seed: int,
-    project_id: int,
-    dc_id: int,
-    specs: list[dict[str, Any]],
-    du_ids: list[int],
-    task_ids: list[int],
-) -> dict[str, Any]:
-    return {
-        "demo": demo,
-        "seed": seed,
-        "project": project_id,
-        "data_collection": dc_id,
-        "specifications": [s["name"] for s in specs],
-        "primary_specification": "image_1",
-        "tasks": len(task_ids),
-        "task_ids": {"first": task_ids[0] if task_ids else None, "last": task_ids[-1] if task_ids else None},
-        "data_units": {"first": du_ids[0] if du_ids else None, "last": du_ids[-1] if du_ids else None},
-    }
-
-
-# -- faces ----------------------------------------------------------------------------------------
 
 
 def iou(a: Sequence[float], b: Sequence[float]) -> float:
@@ -250,7 +99,7 @@ def _face_patch() -> tuple[Any, tuple[float, float]]:
     """The astronaut's face with its margin, and the face box's offset in that patch."""
     from PIL import Image
 
-    src = _skimage_data_dir()
+    src = skimage_data_dir()
     path = None if src is None else src / "astronaut.png"
     if path is None or not path.is_file():
         raise ValueError("the faces demo needs scikit-image installed (its astronaut.png)")
@@ -294,7 +143,7 @@ def _background(name: str, size: tuple[int, int], rng: random.Random) -> Any:
             channels.append(127.5 + 127.5 * np.sin(fx * xx + fy * yy + phase))
         img = Image.fromarray(np.stack(channels, axis=-1).astype(np.uint8))
     else:
-        src = _skimage_data_dir()
+        src = skimage_data_dir()
         path = None if src is None else src / name
         if path is None or not path.is_file():
             raise ValueError(f"the faces demo needs scikit-image installed (its {name})")
@@ -365,19 +214,18 @@ def seed_faces_demo(store: Store, media_dir: str | Path, tasks: int = 24, seed: 
     if tasks < 0:
         raise ValueError("tasks must be >= 0")
     media_dir = Path(media_dir)
-    release = _release_id(store, "faces")
+    release = release_id(store, "faces")
     patch, offset = _face_patch()
     rng = random.Random(seed)
     no_face = set(rng.sample(range(tasks), round(tasks * NO_FACE_SHARE)))
-    project_id, dc_id, specs = _make_project(store, "Faces", tasks, seed)
-    rel_dir = f"{DEMO_DIR}/faces/p{project_id}"
+    project_id, dc_id, rel_dir = inference_project(store, "faces", "Faces", tasks, seed)
     units: list[dict[str, Any]] = []
     truths: list[list[list[float]]] = []
     for i in range(tasks):
         n_faces = 0 if i in no_face else (2 if rng.random() < TWO_FACES_SHARE else 1)
         img, truth, bg = _compose_faces(rng, patch, offset, n_faces)
         rel = f"{rel_dir}/faces_{i:05d}.jpg"
-        _save(img, media_dir / rel)
+        save_image(img, media_dir / rel, jpeg_quality=92)
         truths.append(truth)
         units.append(
             {
@@ -387,91 +235,11 @@ def seed_faces_demo(store: Store, media_dir: str | Path, tasks: int = 24, seed: 
                 },
             }
         )
-    du_ids, task_ids = _make_tasks(store, project_id, dc_id, units)
-    out = _summary("faces", seed, project_id, dc_id, specs, du_ids, task_ids)
-    out["counts"] = {
+    counts = {
         "with_faces": sum(1 for t in truths if t),
         "without_faces": sum(1 for t in truths if not t),
         "faces": sum(len(t) for t in truths),
     }
-    out["pre_processor"] = release
-    out["pre_processor_params"] = dict(FACES_PARAMS)
-    out["truth"] = {tid: t for tid, t in zip(task_ids, truths, strict=True)}
-    return out
-
-
-# -- ocr ------------------------------------------------------------------------------------------
-
-
-def _text_lines(rng: random.Random, font: Any) -> list[str]:
-    lines = []
-    for _ in range(1 + int(rng.random() * 2)):
-        words: list[str] = []
-        for _ in range(rng.randint(2, 4)):
-            word = OCR_WORDS[int(rng.random() * len(OCR_WORDS))]
-            if words and font.getlength(" ".join([*words, word])) > OCR_MAX_TEXT_WIDTH:
-                break
-            words.append(word)
-        lines.append(" ".join(words))
-    return lines
-
-
-def _text_image(lines: list[str], size: int, rng: random.Random) -> Any:
-    from PIL import Image, ImageDraw, ImageFont
-
-    font = ImageFont.load_default(size=size)
-    step = int(size * 1.8)
-    img = Image.new("RGB", (OCR_WIDTH, 40 + step * len(lines)), "white")
-    draw = ImageDraw.Draw(img)
-    left = 20 + int(rng.random() * 20)
-    for i, line in enumerate(lines):
-        draw.text((left, 20 + i * step), line, fill="black", font=font)
-    return img
-
-
-def seed_ocr_demo(store: Store, media_dir: str | Path, tasks: int = 24, seed: int = 0) -> dict[str, Any]:
-    """An inference-method demo for the OCR pre-processor: `tasks` data units (spec `image_1`), each
-    an image of one or two lines of words, one pending task each, plus the `ocr` plugin release.
-
-    Deterministic from `seed` (except the ids). `truth` is `{task_id: "line 1\\nline 2"}`: the
-    lines top to bottom, as the reader returns them."""
-    if tasks < 0:
-        raise ValueError("tasks must be >= 0")
-    from PIL import ImageFont
-
-    media_dir = Path(media_dir)
-    release = _release_id(store, "ocr")
-    rng = random.Random(seed)
-    project_id, dc_id, specs = _make_project(store, "OCR", tasks, seed)
-    rel_dir = f"{DEMO_DIR}/ocr/p{project_id}"
-    units: list[dict[str, Any]] = []
-    truths: list[str] = []
-    for i in range(tasks):
-        size = OCR_FONT_SIZES[int(rng.random() * len(OCR_FONT_SIZES))]
-        lines = _text_lines(rng, ImageFont.load_default(size=size))
-        rel = f"{rel_dir}/text_{i:05d}.png"
-        _save(_text_image(lines, size, rng), media_dir / rel)
-        truths.append("\n".join(lines))
-        units.append(
-            {
-                "meta": {"index": i, "font_size": size, "text": truths[-1]},
-                "files": {
-                    "image_1": {"path": rel, "file_name_original": f"text_{i:05d}.png", "is_primary": True}
-                },
-            }
-        )
-    du_ids, task_ids = _make_tasks(store, project_id, dc_id, units)
-    out = _summary("ocr", seed, project_id, dc_id, specs, du_ids, task_ids)
-    out["counts"] = {
-        "one_line": sum(1 for t in truths if "\n" not in t),
-        "two_lines": sum(1 for t in truths if "\n" in t),
-        "words": sum(len(t.split()) for t in truths),
-    }
-    out["pre_processor"] = release
-    out["pre_processor_params"] = dict(OCR_PARAMS)
-    out["truth"] = {tid: t for tid, t in zip(task_ids, truths, strict=True)}
-    return out
-
-
-DEMOS["faces"] = seed_faces_demo
-DEMOS["ocr"] = seed_ocr_demo
+    return inference_demo_answer(
+        store, "faces", seed, project_id, dc_id, units, truths, counts, release, FACES_PARAMS
+    )
