@@ -32,9 +32,9 @@ from helpers import config_for, file_server, good_unit, make_project, read_repor
 
 from totask_ray import ToTaskError, run_to_task
 from totask_ray.params import ParamsError, ToTaskParams
-from totask_ray.result import RunStatus
 from totask_ray.platform.errors import PlatformResponseError
 from totask_ray.platform.synapse.client import AsyncSynapseClient, SynapseClient
+from totask_ray.result import RunStatus
 from totask_ray.serving.interface import PreProcessorOutputError, validate_output
 
 FILE_PARAMS = {"name": "Bad_Input_Job", "method": "file", "target_specification_name": "annotation_data"}
@@ -436,8 +436,8 @@ TASK_ANSWERS: dict[int, tuple[Any, str, str]] = {
 def test_malformed_task_answers_fail_only_their_task(platform, monkeypatch):
     """The real FileAnnotator, its platform client on a fake transport (the embedded server cannot
     answer these shapes); downloads are real, from a loopback file server."""
-    from totask_ray.net.downloads import UrlPolicy
     from totask_ray.methods.file import FileAnnotator
+    from totask_ray.net.downloads import UrlPolicy
     from totask_ray.pipeline.annotator import WorkerSettings
 
     monkeypatch.setattr("totask_ray.pipeline.annotator._node_id", lambda: "")  # no Ray in this test
@@ -580,8 +580,9 @@ MODEL_ANSWERS = {
         "the pre-processor's output is invalid: image 0: expected a list of detections, got dict",
     ),
     50: ([det(), "face"], "image 0, detection 1: expected a Detection or a mapping, got str"),
-    60: ([], "empty inference result"),
-    70: ([det(bbox=[5, 5, 20, 20], score=0.2)], "empty inference result"),  # under the threshold
+    # nothing seen, or nothing above the threshold: an empty object list is written (the SDK's rule)
+    60: ([], "EMPTY"),
+    70: ([det(bbox=[5, 5, 20, 20], score=0.2)], "EMPTY"),  # under the threshold
 }
 
 
@@ -630,6 +631,8 @@ def test_bad_model_output_fails_only_its_task_through_the_inference_worker(platf
         o, data = outcomes[ids[colour]], store.get_task(ids[colour])["data"]
         if not words:
             assert o.status == "success" and data["objects"][0]["coordinates"]["x"] == 5.0
+        elif words == "EMPTY":
+            assert o.status == "empty" and data == {"objects": []}, (colour, o.error)
         else:
             assert o.status == "failed" and words in o.error, (colour, o.error)
             assert_clean(o.error, platform.token)

@@ -324,11 +324,11 @@ def test_cli_over_the_bad_input_project_leaks_no_token(platform, ray_cluster, tm
     for name, case in cases.items():
         rec = outcomes[case.task_id]
         if name in allowed:
-            assert rec["status"] == "success", (name, rec)
+            assert rec["status"] in ("success", "empty"), (name, rec)  # written (empty: no object)
         else:
             assert rec["status"] == "failed" and case.words in rec["error"], (name, rec)
             assert f"[Task {case.task_id}] Failed: {rec['error']}" in run.stderr
-    assert all(outcomes[t]["status"] == "success" for t in good_ids)
+    assert all(outcomes[t]["status"] in ("success", "empty") for t in good_ids)
     assert {NEVER[0], NEVER[3]} <= set(routes.requested) and not {NEVER[1], NEVER[2]} & set(routes.requested)
     assert f"{len(goods) + len(allowed)} succeeded, {len(cases) - len(allowed)} failed" in run.stdout
 

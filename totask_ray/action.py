@@ -11,11 +11,72 @@ run by `totask_ray.run_to_task(params, action_cls=MyToTask)` or `totask-ray run 
 
 from __future__ import annotations
 
+import logging
+import os
+from collections.abc import Callable
 from typing import Any
 
 from totask_ray import annotation
 from totask_ray.net.downloads import DEFAULT_MAX_JSON_BYTES, UrlPolicy, fetch_json_sync
 from totask_ray.params import ToTaskParams
+
+
+class RuntimeContext:
+    """`context.runtime_ctx`, as SDK plugins reach it: `logger`, `env` and `client`."""
+
+    def __init__(self, logger: logging.Logger, client_factory: Callable[[], Any] | None) -> None:
+        self.logger = logger
+        self.env: dict[str, str] = dict(os.environ)
+        self._client_factory = client_factory
+        self._client: Any = None
+
+    @property
+    def client(self) -> Any:
+        """A blocking platform client (made on first use, in the annotator's process)."""
+        if self._client is None:
+            if self._client_factory is None:
+                raise RuntimeError("no platform client here: the context is used outside a run")
+            self._client = self._client_factory()
+        return self._client
+
+
+class PluginContext:
+    """`self.context` in a hook: what SDK plugins use of the Synapse `ToTaskContext`.
+
+    `params` (the action's params, flattened, with Synapse names), `logger`, `client` (a blocking
+    platform client), `runtime_ctx` (`logger`, `env`, `client`), `inference` (`code`, `version`,
+    `config`, `max_batch_size` of the pre-processor), `batch_size`, `data_collection`, and the
+    step context's `log(event, data)`, `set_progress(...)` and `set_metrics(...)`, which go to the
+    worker's log here: the driver owns the job's progress and metrics records.
+    """
+
+    def __init__(
+        self,
+        params: ToTaskParams | None,
+        *,
+        client_factory: Callable[[], Any] | None = None,
+        inference: dict[str, Any] | None = None,
+        data_collection: int | None = None,
+    ) -> None:
+        self.params: dict[str, Any] = params.to_synapse() if params is not None else {}
+        self.logger = logging.getLogger("totask_ray.plugin")
+        self.runtime_ctx = RuntimeContext(self.logger, client_factory)
+        self.inference = inference
+        self.batch_size = params.batch_size if params is not None else None
+        self.data_collection = data_collection
+
+    @property
+    def client(self) -> Any:
+        return self.runtime_ctx.client
+
+    def log(self, event: str, data: Any = None) -> None:
+        self.logger.info("%s: %s", event, data)
+
+    def set_progress(self, current: int, total: int, step: str | None = None) -> None:
+        self.logger.debug("progress %s/%s (%s)", current, total, step)
+
+    def set_metrics(self, value: Any, step: str | None = None) -> None:
+        self.logger.debug("metrics %s (%s)", value, step)
 
 
 class ToTask:
@@ -27,6 +88,7 @@ class ToTask:
         self.params: ToTaskParams | None = ToTaskParams.parse(params) if params is not None else None
         self.url_policy: UrlPolicy = UrlPolicy()
         self.max_json_bytes: int = DEFAULT_MAX_JSON_BYTES
+        self.context: PluginContext = PluginContext(self.params)
 
     # -- hooks (Synapse SDK signatures) ------------------------------------------------------------
 
@@ -48,29 +110,19 @@ class ToTask:
     def convert_data_from_inference(
         self, inference_data: Any, task_data: dict[str, Any] | None = None
     ) -> dict[str, Any]:
-        """Map a pre-processor's detections to task-data objects (bbox, or polygon when given).
+        """Return the pre-processor's response as the task's data (the Synapse SDK's template).
 
-        `inference_data` is the list of detections for one image, as the pre-processor returned
-        them after `confidence_threshold`, `class_filter`, `max_objects` and `min_object_size`
-        were applied. Scores are kept as `properties.confidence`; OCR text as `properties.text`.
+        `inference_data` is the pre-processor's response for this task: task-compatible data
+        (`{"objects": [...]}`) from totask-ray's own apps and from any app that follows the
+        Synapse user guide, with the model's labels already mapped to the project's classes. A
+        list of detections (`[{bbox|polygon, class_id, label, score}]`) is turned into objects,
+        for apps that answer with detections. What is returned is validated before it is written.
         """
-        if not inference_data:
-            return {}
-        detections = inference_data.get("detections") if isinstance(inference_data, dict) else inference_data
-        objects = []
-        for i, det in enumerate(detections or []):
-            props: dict[str, Any] = {}
-            if det.get("text") is not None:
-                props["text"] = det["text"]
-            common = {"label": det.get("label"), "confidence": det.get("score"), **props}
-            oid = f"obj_{i + 1:03d}"
-            if det.get("polygon"):
-                objects.append(annotation.polygon(oid, int(det.get("class_id", 0)), det["polygon"], **common))
-            else:
-                x, y, w, h = det["bbox"]
-                objects.append(annotation.bbox(oid, int(det.get("class_id", 0)), x, y, w, h, **common))
-        # `task_data` is the hook's parameter (the Synapse signature), so the factory is reached via its module
-        return annotation.task_data(objects) if objects else {}
+        if isinstance(inference_data, list):
+            return annotation.detections_to_task_data(inference_data)
+        if isinstance(inference_data, dict) and isinstance(inference_data.get("detections"), list):
+            return annotation.detections_to_task_data(inference_data["detections"])
+        return inference_data
 
     def setup_inference_params(
         self,
@@ -83,9 +135,12 @@ class ToTask:
         pre_processor_config: dict[str, Any],
         task_data: dict[str, Any] | None,
     ) -> dict[str, Any]:
-        """The parameters the pre-processor receives for this task (Synapse: the request's `json`).
+        """The parameters the pre-processor receives for this task.
 
-        Override to add per-task parameters; what you return is what the app receives for this task.
+        Return either the parameters themselves, or the Synapse SDK's request shape
+        `{"model": ..., "method": "post", "json": {"image_path": url, ...parameters}}`: its `json`
+        (less `image_path`, which is always the task's primary file) is what the app receives and
+        its `model` selects the model. Override to add per-task parameters.
         """
         params = dict(pre_processor_params)
         if model_id is not None:

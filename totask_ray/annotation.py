@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
@@ -290,3 +290,26 @@ def classification(id: str, class_id: int, *, label: str | None = None, confiden
 def task_data(objects: Iterable[dict[str, Any]], **meta: Any) -> dict[str, Any]:
     """Wrap objects as a task-data payload (`{"objects": [...]}` plus optional metadata)."""
     return {"objects": list(objects), **meta}
+
+
+def detections_to_task_data(detections: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
+    """A pre-processor's detections in task-compatible format (what the Synapse user guide asks a
+    pre-processor to return, so a plugin's hook may write it as it is).
+
+    `[{bbox|polygon, class_id, label, score, text?}]` → `{"objects": [...]}` (bbox, or polygon
+    when given); scores are kept as `properties.confidence`, OCR text as `properties.text`. An image
+    with no detection gives `{"objects": []}`: a result, not a failure."""
+    objects = []
+    for i, det in enumerate(detections):
+        props: dict[str, Any] = {}
+        if det.get("text") is not None:
+            props["text"] = det["text"]
+        common = {"label": det.get("label"), "confidence": det.get("score"), **props}
+        oid = f"obj_{i + 1:03d}"
+        class_id = int(det.get("class_id", 0))
+        if det.get("polygon"):
+            objects.append(polygon(oid, class_id, det["polygon"], **common))
+        else:
+            x, y, w, h = det["bbox"]
+            objects.append(bbox(oid, class_id, x, y, w, h, **common))
+    return task_data(objects)

@@ -14,11 +14,21 @@ def print_result(result: ToTaskResult) -> None:
 
     console = Console(stderr=False)
     table = Table(title=f"ToTask {result.status.value}", show_header=True)
-    for col in ("total", "success", "failed", "stand_by", "skipped", "elapsed s"):
+    for col in (
+        "total",
+        "success",
+        "of which empty",
+        "failed",
+        "stand_by",
+        "skipped",
+        "unchanged",
+        "elapsed s",
+    ):
         table.add_column(col, justify="right")
     m = result.metrics
-    table.add_row(str(m.total), str(result.success_count), str(result.failed_count), str(m.stand_by),
-                  str(result.skipped_count), f"{result.elapsed_s:.1f}")  # fmt: skip
+    table.add_row(str(m.total), str(result.success_count), str(result.empty_count), str(result.failed_count),
+                  str(m.stand_by), str(result.skipped_count), str(result.unchanged_count),
+                  f"{result.elapsed_s:.1f}")  # fmt: skip
     console.print(table)
     console.print(result.message)
     if result.failures:

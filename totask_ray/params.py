@@ -36,6 +36,21 @@ class ExistingDataPolicy(StrEnum):
     SKIP = "skip"  # the safe choice for re-runs
 
 
+class EmptyResultPolicy(StrEnum):
+    """What to do with an inference result that holds no object (a face-free photo, say)."""
+
+    WRITE = "write"  # the Synapse SDK's rule: written, a success, counted apart as `empty`
+    FAIL = "fail"  # the task fails: someone should look at it
+    SKIP = "skip"  # nothing is written; the task counts as skipped
+
+
+class UnmappedLabels(StrEnum):
+    """What to do with a model label that matches none of the project's classes."""
+
+    REFUSE = "refuse"  # the run is refused at prepare, both lists shown
+    DROP = "drop"  # objects with such a label are left out
+
+
 class ParamsError(ValueError):
     """Job parameters that cannot run; `problems` holds one `(field, message)` per violation."""
 
@@ -60,6 +75,9 @@ _HINTS: dict[str, str] = {
     "schema": "use 'dm_schema_v1' (validate objects) or 'any' (any JSON object)",
     "existing_data": "use 'overwrite' or 'skip'",
     "on_success": "give a workflow action, e.g. {status: in_review} or {assignee: 12}",
+    "label_map": "map each model label to a project class name or id, e.g. {face: Person}",
+    "unmapped_labels": "use 'refuse' or 'drop'",
+    "empty_result": "use 'write', 'fail' or 'skip'",
 }
 
 _WHITESPACE = re.compile(r"\s")
@@ -100,6 +118,10 @@ class ToTaskParams(BaseModel):
     schema_: Literal["dm_schema_v1", "any"] = Field(default="dm_schema_v1", alias="schema")
     existing_data: ExistingDataPolicy = ExistingDataPolicy.OVERWRITE
     on_success: OnSuccess | None = None
+    # inference: the model's labels -> the project's classes (by name unless mapped here)
+    label_map: dict[str, str | int] = Field(default_factory=dict)
+    unmapped_labels: UnmappedLabels = UnmappedLabels.REFUSE
+    empty_result: EmptyResultPolicy = EmptyResultPolicy.WRITE
 
     @field_validator("name")
     @classmethod

@@ -33,6 +33,7 @@ class Metrics(BaseModel):
     success: int = 0
     failed: int = 0
     stand_by: int = 0
+    empty: int = 0  # of `success`: written with no object (the model saw nothing), shown apart
 
 
 class ToTaskResult(BaseModel):
@@ -47,6 +48,7 @@ class ToTaskResult(BaseModel):
     metrics: Metrics = Field(default_factory=Metrics)
     skipped_count: int = 0
     unchanged_count: int = 0  # the platform already held exactly this data: not written again
+    empty_count: int = 0  # of success_count: written with no object (an image the model saw nothing in)
     workflow_applied_count: int = 0
     workflow_failed_count: int = 0
     elapsed_s: float = 0.0

@@ -16,13 +16,16 @@ from typing import Any
 
 import cv2
 import numpy as np
+from pydantic import Field
 from ray import serve
 
-from totask_ray.serving.deployment import app_params, build_application
+from totask_ray.serving.deployment import build_application
 from totask_ray.serving.interface import (
+    CommonParams,
     Detection,
     InferenceParams,
     PreProcessorSpec,
+    app_options,
     apply_params,
     clip_box,
     validate_images,
@@ -30,8 +33,21 @@ from totask_ray.serving.interface import (
 
 CONFIG_PATH = Path(__file__).with_name("config.yaml")
 CASCADE = "haarcascade_frontalface_default.xml"
-SPEC = PreProcessorSpec(name="faces", labels={0: "face"})
-PARAM_TYPES = {"scale_factor": float, "min_neighbors": int, "min_size": int, "max_side": int}
+
+
+class FaceParams(CommonParams):
+    """The face detector's own ``pre_processor_params``; unset keys keep the replica's defaults."""
+
+    scale_factor: float | None = Field(
+        None, gt=1.0, allow_inf_nan=False, description="a number > 1 (the image pyramid's step, e.g. 1.1)"
+    )
+    min_neighbors: int | None = Field(None, ge=0, description="an integer >= 0")
+    min_size: int | None = Field(None, ge=1, description="an integer >= 1 (pixels of the original image)")
+    max_side: int | None = Field(None, ge=32, description="an integer >= 32 (pixels)")
+
+
+# OpenCV's cascade runs on the CPU only: `device: cuda` is refused rather than quietly ignored.
+SPEC = PreProcessorSpec(name="faces", labels={0: "face"}, params=FaceParams, devices=("cpu",))
 
 
 def build_app(args: dict[str, Any] | None = None) -> serve.Application:
@@ -74,6 +90,8 @@ class HaarFaceDetector:
             "min_size": min_size,
             "max_side": max_side,
         }
+        # The same limits as per call: a bad constructor option fails the deployment, not a request.
+        FaceParams.model_validate(self.defaults)
         self._mid = weight_midpoint
         self._scale = weight_scale
 
@@ -82,10 +100,7 @@ class HaarFaceDetector:
         return SPEC
 
     def _options(self, params: InferenceParams) -> dict[str, Any]:
-        opts = app_params(params, self.defaults, PARAM_TYPES)
-        if opts["scale_factor"] <= 1.0:
-            raise ValueError(f"param 'scale_factor' must be > 1, got {opts['scale_factor']}")
-        return opts
+        return {**self.defaults, **app_options(params, FaceParams)}
 
     def _score(self, weight: float) -> float:
         return 1.0 / (1.0 + math.exp(-(weight - self._mid) / self._scale))

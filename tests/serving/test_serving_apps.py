@@ -117,6 +117,51 @@ def test_ocr_in_process_reads_exactly(ocr_model):
     )
 
 
+def test_ocr_on_cuda_where_onnxruntime_offers_it():
+    import onnxruntime
+
+    from serve_apps.ocr.app import CUDA_EP, cuda_available
+
+    if not cuda_available():
+        reason = (
+            f"onnxruntime {onnxruntime.__version__} here offers {onnxruntime.get_available_providers()} on "
+            f"{onnxruntime.get_device()}, not {CUDA_EP}: install the gpu extra (onnxruntime-gpu) on a GPU host"
+        )
+        print(f"SKIP: {reason}")
+        pytest.skip(reason)
+    model = RapidOCRReader(device="cuda")
+    assert model.providers()[0] == CUDA_EP, model.providers()
+    images = [text_image()]
+    out = model.detect(images, InferenceParams.model_validate({"model_config": {"device": "cuda"}}))
+    assert [d.text for d in out[0]] == WORDS
+    # the same reader still runs on the CPU when a call asks for it
+    assert model.providers("cpu") == ["CPUExecutionProvider"]
+    cpu = model.detect(images, InferenceParams.model_validate({"model_config": {"device": "cpu"}}))
+    assert [d.text for d in cpu[0]] == WORDS
+
+
+def test_ocr_falls_back_to_cpu_where_cuda_is_not_offered(ocr_model):
+    from serve_apps.ocr.app import cuda_available
+
+    if cuda_available():
+        pytest.skip("this host offers CUDA; the fallback is for hosts that do not")
+    assert ocr_model.resolve_device("cuda") == "cpu" and ocr_model.resolve_device("auto") == "cpu"
+    out = ocr_model.detect(
+        [text_image()], InferenceParams.model_validate({"model_config": {"device": "cuda"}})
+    )
+    assert [d.text for d in out[0]] == WORDS
+    assert ocr_model.providers("cuda") == ["CPUExecutionProvider"]
+
+
+def test_app_params_are_checked_by_the_apps_own_models(faces_model, ocr_model):
+    with pytest.raises(ValueError, match="param 'max_side'"):
+        faces_model.detect([data.astronaut()], InferenceParams(max_side=4))
+    with pytest.raises(ValueError, match="param 'text_score'"):
+        ocr_model.detect([text_image()], InferenceParams(text_score=1.5))
+    with pytest.raises(ValueError, match="scale_factor"):
+        HaarFaceDetector(scale_factor=1.0)
+
+
 # ------------------------------------------------------------------ on Ray Serve (one app per model)
 
 

@@ -112,3 +112,172 @@ def test_release_names_and_route():
     assert rel.route_prefix == "/" + hashlib.md5(b"faces@1.0.0").hexdigest()
     with pytest.raises(ValueError, match=re.escape("carries a config for faces@1.0.0")):
         PreProcessorRelease(id=7, code="faces", version="2.0.0", config=cfg)
+
+
+# ------------------------------------------------------------------ releases as the Synapse SDK writes them
+
+
+def sdk_release(**inference) -> dict:
+    """A pre-processor release config as the SDK publishes it (PluginConfig keys, dumped with nulls)."""
+    return {
+        "name": "YOLO pre-annotation",
+        "code": "yolo-pre",
+        "version": "1.2.0",
+        "variant": None,
+        "category": "pre_annotation",
+        "description": "Boxes from a YOLO model",
+        "readme": "README.md",
+        "package_manager": "uv",
+        "package_manager_options": ["--no-cache"],
+        "wheels_dir": "wheels",
+        "env": {"OMP_NUM_THREADS": "2"},
+        "runtime_env": {"pip": ["ultralytics"]},
+        "data_type": "image",
+        "tasks": ["image.object_detection"],
+        "supported_data_type": ["image"],  # the SDK's accepted singular spelling
+        "supported_annotation_tools": {"image": ["bounding_box", "polygon"]},
+        "annotation_category": None,
+        "annotation_type": "bbox",
+        "smart_tool_type": None,  # what the SDK's own template writes
+        "requires": {"sdk": ">=2026.1.0", "python": ">=3.10,<3.13", "cuda": None},
+        "dependencies": {"yolo-base": ">=1.0"},
+        "tags": ["detection"],
+        "actions": {
+            "inference": {
+                "name": "inference",
+                "description": "Detect objects",
+                "entrypoint": "plugin.inference:YoloDeployment",
+                "method": "serve",
+                "params_schema": None,
+                "input_type": "image",
+                "output_type": "annotations",
+                "serve_options": {
+                    "max_ongoing_requests": 10,
+                    "max_queued_requests": 100,
+                    "health_check_period_s": 5,
+                    "batch": {"max_batch_size": 16, "batch_wait_timeout_s": 0.1},
+                },
+                "required_resources": {"required_cpu_count": 2, "required_gpu_count": 1},
+                **inference,
+            },
+            "train": {"entrypoint": "plugin.train:TrainAction", "method": "job", "serve_options": None},
+            "to_task": {"entrypoint": "plugin.to_task:ToTask", "method": "job"},
+        },
+    }
+
+
+def test_a_realistic_sdk_release_parses():
+    cfg = parse_release_config(sdk_release())
+    assert cfg.category == "pre_annotation" and cfg.requires.python == ">=3.10,<3.13"
+    assert cfg.supported_data_types == ["image"] and cfg.actions.deployment is None
+    assert cfg.actions.model_extra["train"].method == "job"
+    target = cfg.deploy_target
+    assert target is not None and target.source == "inference" and target.key == "actions.inference"
+    assert target.entrypoint == "plugin.inference:YoloDeployment"
+    assert target.serve_options.batch.max_batch_size == 16 and target.serve_options.batch_declared
+    assert cfg.serve_options is target.serve_options
+    rel = PreProcessorRelease.from_config(cfg, id=9)
+    assert rel.convention == "synapse" and rel.requires_model is True  # the SDK's way: one POST per task
+    assert rel.deploy_target == target and rel.max_batch_size == 16
+
+
+def test_sdk_release_with_nulls_for_every_optional_section():
+    data = sdk_release(serve_options=None, required_resources=None)
+    data["actions"]["inference"]["entrypoint"] = ""
+    cfg = parse_release_config({**data, "requires": None, "env": None})
+    assert cfg.deploy_target is None  # nothing to deploy; the SDK's default entrypoint is ''
+    assert cfg.max_batch_size == 8
+
+
+@pytest.mark.parametrize(
+    ("path", "key", "suggestion"),
+    [
+        (("actions", "inference", "serve_options"), "max_ongoing_request", "max_ongoing_requests"),
+        (("actions", "inference"), "entrypiont", "entrypoint"),
+        (("actions", "train"), "entry_point", "entrypoint"),
+        (("requires",), "pyhton", "python"),
+        ((), "categroy", "category"),
+        (("actions", "inference", "required_resources"), "required_gpus", "required_gpu_count"),
+    ],
+)
+def test_unknown_sdk_shaped_key_fails_with_its_path_and_a_suggestion(path, key, suggestion):
+    data = sdk_release()
+    node = data
+    for part in path:
+        node = node[part]
+    node[key] = 1
+    with pytest.raises(ReleaseConfigError) as info:
+        parse_release_config(data, source="plugin release 9")
+    msg = str(info.value)
+    full = ".".join((*path, key))
+    assert msg.startswith(f"plugin release 9: {full}: unknown key; did you mean '{suggestion}'?"), msg
+
+
+def test_sdk_values_are_typed():
+    with pytest.raises(
+        ReleaseConfigError, match=r"actions\.inference\.method: Input should be 'job', 'task'"
+    ):
+        parse_release_config(sdk_release(method="lambda"))
+    with pytest.raises(ReleaseConfigError, match=r"actions\.inference\.entrypoint: String should match"):
+        parse_release_config(sdk_release(entrypoint="plugin/inference.py"))
+    with pytest.raises(ReleaseConfigError, match=r"tags\.0: Input should be a valid string"):
+        parse_release_config({**sdk_release(), "tags": [{"x": 1}]})
+    with pytest.raises(ReleaseConfigError, match="num_replicas and autoscaling_config are both set"):
+        parse_release_config(sdk_release(serve_options={"num_replicas": 2, "autoscaling_config": {}}))
+
+
+def test_any_action_name_but_a_near_miss_of_ours():
+    data = sdk_release()
+    data["actions"]["auto_label"] = {"entrypoint": "plugin.auto:Label"}
+    data["actions"]["my_custom_step"] = {}
+    assert set(parse_release_config(data).actions.model_extra) == {
+        "train",
+        "to_task",
+        "auto_label",
+        "my_custom_step",
+    }
+    data["actions"]["inferance"] = {}
+    with pytest.raises(
+        ReleaseConfigError, match=r"actions\.inferance: unknown key; did you mean 'inference'\?"
+    ):
+        parse_release_config(data)
+
+
+def test_one_entrypoint_and_one_place_for_serve_options():
+    data = sdk_release()
+    data["actions"]["deployment"] = {"entrypoint": "serve_apps.faces.app:build_app"}
+    with pytest.raises(ReleaseConfigError, match="two entrypoints to deploy"):
+        parse_release_config(data)
+    data = base()
+    data["actions"]["inference"]["serve_options"] = {"max_ongoing_requests": 2}
+    with pytest.raises(ReleaseConfigError, match="serve_options is declared twice"):
+        parse_release_config(data)
+    data = sdk_release(serve_options={"num_replicas": 2})
+    data["actions"]["inference"]["required_resources"]["num_replicas"] = 3
+    with pytest.raises(ReleaseConfigError, match=r"actions\.inference\.serve_options\.num_replicas=2"):
+        parse_release_config(data)
+
+
+def test_convention_defaults_from_the_shape_and_can_be_overridden():
+    ours = parse_release_config(base())
+    assert ours.deploy_target.source == "deployment"
+    assert (ours.convention, ours.requires_model) == ("batched", False)
+    forced = base()
+    forced["actions"]["inference"]["convention"] = "synapse"
+    assert parse_release_config(forced).convention == "synapse"
+    assert parse_release_config(forced).requires_model is True
+    sdk = parse_release_config(sdk_release(convention="batched"))
+    assert (sdk.convention, sdk.requires_model) == ("batched", False)
+    sdk = parse_release_config(sdk_release(requires_model=False))
+    assert (sdk.convention, sdk.requires_model) == ("synapse", False)
+    with pytest.raises(
+        ReleaseConfigError, match=r"actions\.inference\.convention: Input should be 'batched'"
+    ):
+        parse_release_config(sdk_release(convention="http"))
+
+
+@pytest.mark.parametrize("app", ["faces", "ocr"])
+def test_shipped_apps_are_batched(app):
+    rel = PreProcessorRelease.from_config(load_release_config(ROOT / "serve_apps" / app))
+    assert rel.convention == "batched" and rel.requires_model is False
+    assert rel.deploy_target.entrypoint == f"serve_apps.{app}.app:build_app"

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 import ray
 import ray.cloudpickle
+from fastapi import FastAPI
 from ray import serve
 
 from totask_ray.serving.capacity import CapacityError, ClusterSnapshot, Verdict
@@ -353,3 +354,68 @@ def test_ray_dispatch_error_for_a_bad_entrypoint(backend):
         RuntimeError, match=r"^Pre-processor deployment dispatch failed \(ModuleNotFoundError\)$"
     ):
         ensure_running(rel, backend, poll_interval_s=0.1, timeout_s=5)
+
+
+sdk_api = FastAPI()
+
+
+class SdkStyleDeployment:
+    """Shaped like the SDK's ``BaseServeDeployment``: a plain class named by ``actions.inference``,
+    with a FastAPI ``app`` whose ``POST /`` is the route the synapse convention calls."""
+
+    app = sdk_api
+
+    def __init__(self, backend_url: str, greeting: str = "hello") -> None:
+        self.backend_url = backend_url
+        self.greeting = greeting
+
+    @sdk_api.post("/")
+    async def root(self, body: dict) -> dict:
+        return {"echo": body}
+
+    async def infer_batch(self, requests: list) -> list:
+        return [{"n": r, "batch": len(requests)} for r in requests]
+
+    async def whoami(self) -> dict:
+        return {"backend_url": self.backend_url, "greeting": self.greeting}
+
+
+def test_ray_deploys_an_sdk_release_with_the_entrypoint_on_inference(backend, monkeypatch):
+    monkeypatch.setenv("SYNAPSE_PLUGIN_RUN_HOST", "https://backend.example")
+    cfg = parse_release_config(
+        {
+            "code": "sdk-style",
+            "name": "SDK style",
+            "version": "0.1.0",
+            "category": "pre_annotation",
+            "actions": {
+                "inference": {
+                    "entrypoint": f"{__name__}:SdkStyleDeployment",
+                    "method": "serve",
+                    "required_resources": {"required_cpu_count": 0.25, "required_gpu_count": 0},
+                    "serve_options": {
+                        "max_ongoing_requests": 8,
+                        "batch": {"max_batch_size": 4, "batch_wait_timeout_s": 0.2},
+                    },
+                }
+            },
+        }
+    )
+    rel = PreProcessorRelease.from_config(cfg)
+    assert rel.convention == "synapse"
+    backend.created.append(rel.app_name)
+    result = ensure_running(rel, backend, poll_interval_s=0.1, timeout_s=60)
+    assert result.started and result.status == "RUNNING"
+    app = serve.status().applications[rel.app_name]
+    assert list(app.deployments) == ["SdkStyleDeployment"]
+    handle = serve.get_app_handle(rel.app_name)
+    assert handle.whoami.remote().result(timeout_s=30) == {
+        "backend_url": "https://backend.example",
+        "greeting": "hello",
+    }
+    assert handle.root.remote({"image_path": "x"}).result(timeout_s=30) == {"echo": {"image_path": "x"}}
+    # @serve.batch was applied, as the release declares serve_options.batch: concurrent calls merge
+    responses = [handle.infer_batch.remote(i) for i in range(4)]
+    out = [r.result(timeout_s=30) for r in responses]
+    assert [o["n"] for o in out] == [0, 1, 2, 3] and max(o["batch"] for o in out) > 1
+    assert teardown(result, backend) is True

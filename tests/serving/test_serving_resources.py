@@ -101,3 +101,58 @@ def test_deployment_args_from_release():
     }
     # what was dispatched wins over the config's own numbers
     assert deployment_args(cfg, {"num_cpus": 1, "num_gpus": 0, "num_replicas": 2}).num_replicas == 2
+
+
+def test_deployment_args_from_an_sdk_release_with_the_entrypoint_on_inference():
+    cfg = parse_release_config(
+        {
+            "code": "yolo-pre",
+            "name": "YOLO",
+            "version": "1.0.0",
+            "category": "pre_annotation",
+            "actions": {
+                "inference": {
+                    "entrypoint": "plugin.inference:YoloDeployment",
+                    "method": "serve",
+                    "required_resources": {"required_cpu_count": 2, "required_gpu_count": 1},
+                    "serve_options": {
+                        "num_replicas": 2,
+                        "max_ongoing_requests": 10,
+                        "max_queued_requests": 50,
+                        "health_check_timeout_s": 30,
+                        "batch": {"max_batch_size": 4, "batch_wait_timeout_s": 0.1},
+                    },
+                },
+            },
+        }
+    )
+    args = deployment_args(cfg)
+    assert (args.max_batch_size, args.batch_wait_timeout_s, args.options) == (4, 0.1, {})
+    assert args.deployment_options() == {
+        "ray_actor_options": {"num_cpus": 2, "num_gpus": 1},
+        "num_replicas": 2,
+        "max_ongoing_requests": 10,
+        "max_queued_requests": 50,
+        "health_check_timeout_s": 30,
+    }
+    assert dispatch_payload(cfg) == {"num_cpus": 2, "num_gpus": 1}
+    assert Resources.from_required(cfg.actions.inference.required_resources).replicas(cfg.serve_options) == 2
+
+
+def test_autoscaled_serve_options_replace_the_fixed_count():
+    cfg = parse_release_config(
+        {
+            "code": "auto",
+            "name": "Auto",
+            "version": "1.0.0",
+            "actions": {
+                "inference": {
+                    "entrypoint": "plugin.inference:Model",
+                    "serve_options": {"autoscaling_config": {"min_replicas": 0, "max_replicas": 4}},
+                },
+            },
+        }
+    )
+    opts = deployment_args(cfg).deployment_options()
+    assert "num_replicas" not in opts and opts["autoscaling_config"] == {"min_replicas": 0, "max_replicas": 4}
+    assert Resources.from_required(None).replicas(cfg.serve_options) == 1  # the capacity gate counts one

@@ -40,7 +40,8 @@ _SCHEMA = """
 CREATE TABLE IF NOT EXISTS projects (
     id INTEGER PRIMARY KEY,
     title TEXT NOT NULL,
-    data_collection_id INTEGER NULL
+    data_collection_id INTEGER NULL,
+    classes TEXT NULL
 );
 CREATE TABLE IF NOT EXISTS data_collections (
     id INTEGER PRIMARY KEY,
@@ -264,6 +265,9 @@ class Store:
             for stmt in _SCHEMA.split(";"):
                 if stmt.strip():
                     c.execute(stmt)
+            # a data dir made before projects had classes: add the column (NULL reads as no classes)
+            if "classes" not in {row[1] for row in c.execute("PRAGMA table_info(projects)")}:
+                c.execute("ALTER TABLE projects ADD COLUMN classes TEXT NULL")
 
     # -- plumbing ---------------------------------------------------------------------------------
 
@@ -331,9 +335,16 @@ class Store:
             )
         return dc_id
 
-    def create_project(self, title: str, data_collection_id: int | None = None) -> int:
+    def create_project(
+        self, title: str, data_collection_id: int | None = None, classes: list[str] | None = None
+    ) -> int:
+        """A project; `classes` are the names of its annotation classes (ids 1, 2, ... in order)."""
+        listed = (
+            None if classes is None else _dumps([{"id": i + 1, "name": n} for i, n in enumerate(classes)])
+        )
         return self._insert(
-            "INSERT INTO projects (title, data_collection_id) VALUES (?, ?)", (title, data_collection_id)
+            "INSERT INTO projects (title, data_collection_id, classes) VALUES (?, ?, ?)",
+            (title, data_collection_id, listed),
         )
 
     def create_data_unit(
@@ -406,8 +417,17 @@ class Store:
         return list(range(first, first + len(units)))
 
     def get_project(self, project_id: int) -> dict[str, Any] | None:
-        r = self._one("SELECT id, title, data_collection_id FROM projects WHERE id = ?", (project_id,))
-        return None if r is None else {"id": r[0], "title": r[1], "data_collection": r[2]}
+        r = self._one(
+            "SELECT id, title, data_collection_id, classes FROM projects WHERE id = ?", (project_id,)
+        )
+        if r is None:
+            return None
+        return {
+            "id": r[0],
+            "title": r[1],
+            "data_collection": r[2],
+            "classes": json.loads(r[3]) if r[3] else [],
+        }
 
     def get_data_collection(self, dc_id: int) -> dict[str, Any] | None:
         r = self._one("SELECT id, name FROM data_collections WHERE id = ?", (dc_id,))

@@ -15,15 +15,16 @@ from totask_ray.params import ToTaskParams
 from totask_ray.pipeline.annotator import WorkerSettings
 from totask_ray.pipeline.run import AnnotatorSpec
 from totask_ray.platform.base import Platform
-from totask_ray.platform.models import DataCollection
+from totask_ray.platform.models import DataCollection, Project
 
 
 @dataclass(frozen=True)
 class PrepareInput:
-    """What a method may look at before the run: the job, the platform, the project's collection."""
+    """What a method may look at before the run: the job, the platform, the project and its collection."""
 
     params: ToTaskParams
     platform: Platform
+    project: Project
     collection: DataCollection
 
 

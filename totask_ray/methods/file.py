@@ -46,11 +46,12 @@ class FileAnnotator(Annotator):
         spec = settings.params.target_specification_name
         assert spec, "the file method needs target_specification_name"
         self.spec: str = spec
+        custom = settings.action_cls.overrides("convert_data_from_file")
         self._convert: Callable[..., Awaitable[Any]] = (
-            self._call_user_hook
-            if settings.action_cls.overrides("convert_data_from_file")
-            else self._download_default
+            self._call_user_hook if custom else self._download_default
         )
+        if custom:  # say whose data was empty: the plugin's hook, not the file
+            self.empty_message = "convert_data_from_file returned no data; nothing is written"
 
     async def process(self, task_id: int) -> Outcome:
         task, unit = await self.fetch_task(task_id)

@@ -15,6 +15,10 @@ reason and other batches go on.
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
+import hmac
+import importlib
 import io
 import json
 import logging
@@ -24,15 +28,17 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from totask_ray.action import ToTask
+from totask_ray.annotation import detections_to_task_data
 from totask_ray.cluster import ensure_ray
 from totask_ray.errors import CriticalError
 from totask_ray.methods.base import AnnotationMethod, PrepareInput
+from totask_ray.methods.labels import LabelMapError, LabelMapping
 from totask_ray.net.downloads import DownloadError
 from totask_ray.pipeline.annotator import Annotator, TaskFailed, WorkerSettings, safe_error
 from totask_ray.pipeline.outcomes import Outcome, Stage
 from totask_ray.pipeline.run import AnnotatorSpec
 from totask_ray.platform.errors import NotFoundError
-from totask_ray.platform.models import DataUnit, Task
+from totask_ray.platform.models import Task
 
 if TYPE_CHECKING:
     from totask_ray.serving.config import PreProcessorRelease
@@ -52,6 +58,7 @@ class InferenceOptions:
     serve_poll_interval_s: float = 10.0
     serve_ready_timeout_s: float = 180.0
     call_timeout_s: float = 120.0
+    convention: str | None = None  # batched | synapse; None: as the release says
 
 
 @dataclass
@@ -59,6 +66,10 @@ class InferencePlan:
     release: PreProcessorRelease
     lifecycle: LifecycleResult
     config: dict[str, Any]
+    convention: str = "batched"
+    route: str | None = None
+    body_model: str | None = None
+    labels: LabelMapping | None = None
 
     @property
     def app_name(self) -> str:
@@ -75,6 +86,7 @@ class InferenceMethod(AnnotationMethod):
         self.plan: InferencePlan | None = None
         self._backend: Any = None
         self._dispatched: str | None = None
+        self.checked_params: dict[str, Any] = {}
 
     def prepare(self, job: PrepareInput) -> None:
         from totask_ray.serving.capacity import CapacityError
@@ -95,7 +107,28 @@ class InferenceMethod(AnnotationMethod):
             raise CriticalError(f"Pre-processor not active: its release config is invalid: {exc}") from None
         release = PreProcessorRelease.from_config(config, id=raw.id)
         o = self.options
+        convention = o.convention or release.convention
+        if release.requires_model and job.params.model is None:
+            raise CriticalError(
+                f"Pre-processor needs a model: release {release_id} ({release.app_name}) picks its model by "
+                "`model`; set model to the model's id"
+            )
         ensure_ray(o.ray_address)
+        spec = app_spec(release)
+        from totask_ray.serving.resources import Resources
+
+        reserved = Resources.from_required(release.config.actions.inference.required_resources).num_gpus
+        checked_params = check_job_params(spec, job.params.pre_processor_params, reserved)
+        try:
+            labels = LabelMapping.build(
+                job.project.classes,
+                sorted(set(spec.labels.values())) if spec is not None else None,
+                job.params.label_map,
+                job.params.unmapped_labels,
+            )
+        except LabelMapError as exc:
+            raise CriticalError(f"Labels do not map to the project: {exc}") from None
+        route, body_model = synapse_route(release) if convention == "synapse" else (None, None)
         backend = self._backend = RayServeBackend()
         try:
             result = ensure_running(
@@ -108,7 +141,16 @@ class InferenceMethod(AnnotationMethod):
             raise CriticalError(f"Pre-processor not active: {exc}") from exc
         if result.started:
             self._dispatched = release.app_name
-        self.plan = InferencePlan(release, result, config.model_dump(mode="json", exclude_none=True))
+        self.plan = InferencePlan(
+            release,
+            result,
+            config.model_dump(mode="json", exclude_none=True),
+            convention=convention,
+            route=route,
+            body_model=body_model,
+            labels=labels,
+        )
+        self.checked_params: dict[str, Any] = checked_params
         verb = "started" if result.started else "found running"
         log.info("pre-processor %s %s (%.1f s)", release.app_name, verb, result.elapsed_s)
 
@@ -128,18 +170,129 @@ class InferenceMethod(AnnotationMethod):
                 "app_name": self.plan.app_name,
                 "pre_processor_config": self.plan.config,
                 "call_timeout_s": self.options.call_timeout_s,
+                "convention": self.plan.convention,
+                "route": self.plan.route,
+                "body_model": self.plan.body_model,
+                "labels": self.plan.labels,
+                "app_params": self.checked_params,
+                "release": {
+                    "code": self.plan.release.code,
+                    "version": self.plan.release.version,
+                    "config": self.plan.config,
+                    "max_batch_size": self.plan.release.max_batch_size,
+                },
             },
         )
 
 
+def entrypoint_of(release: PreProcessorRelease) -> str | None:
+    """`module:attr` the release deploys (`actions.deployment`, or `actions.inference` as the
+    Synapse SDK writes it)."""
+    target = release.deploy_target
+    return target.entrypoint if target is not None else None
+
+
+def app_spec(release: PreProcessorRelease) -> Any:
+    """The app's `SPEC` (labels, declared params), read from its module without deploying it; None
+    for an app that declares none (a Synapse-style app: only the common params are checked)."""
+    from totask_ray.serving.interface import PreProcessorSpec
+
+    entry = entrypoint_of(release)
+    if not entry:
+        return None
+    try:
+        module = importlib.import_module(entry.partition(":")[0])
+    except Exception as exc:
+        raise CriticalError(
+            f"Pre-processor not active: its entrypoint module {entry.partition(':')[0]} cannot be imported here "
+            f"({type(exc).__name__}); install the plugin where the job's driver runs"
+        ) from None
+    spec = getattr(module, "SPEC", None)
+    return spec if isinstance(spec, PreProcessorSpec) else None
+
+
+def cluster_gpus() -> float:
+    from totask_ray.serving.capacity import read_cluster
+
+    return sum(node.get("GPU", 0.0) for node in read_cluster().totals)
+
+
+def check_job_params(spec: Any, params: dict[str, Any], gpus_per_replica: float | None) -> dict[str, Any]:
+    """`pre_processor_params` checked against what the app declares, before anything is deployed:
+    a bad value is a critical error naming the field; unknown keys get one warning."""
+    from totask_ray.serving.interface import ParamsRefused, check_params
+
+    try:
+        checked = check_params(spec, params, gpus_available=cluster_gpus(), gpus_per_replica=gpus_per_replica)
+    except ParamsRefused as exc:
+        raise CriticalError(f"Invalid pre_processor_params: {exc}") from None
+    if checked.ignored:
+        log.warning(
+            "pre_processor_params: %s not used by this pre-processor (ignored): %s",
+            "this key is" if len(checked.ignored) == 1 else "these keys are",
+            ", ".join(sorted(checked.ignored)),
+        )
+    return dict(checked.params)
+
+
+def synapse_route(release: PreProcessorRelease) -> tuple[str, str | None]:
+    """The method behind the app's `POST /` route (called through the handle, not the HTTP proxy)
+    and, when it takes a pydantic model, that model's import path."""
+    import inspect
+
+    from pydantic import BaseModel
+
+    entry = entrypoint_of(release)
+    if not entry:
+        raise CriticalError("Pre-processor not active: its release names no entrypoint to call")
+    target = _import(entry)
+    cls = getattr(target, "func_or_class", target)  # a @serve.deployment class or the bare class
+    raw = getattr(cls, "__wrapped__", cls)  # the class under @serve.ingress
+    module = importlib.import_module(entry.partition(":")[0])
+    # The FastAPI app: the SDK's `app` class attribute, or the module's app that @serve.ingress took
+    apps = [
+        a
+        for a in (vars(raw).get("app"), *vars(module).values())
+        if hasattr(a, "routes") and hasattr(a, "router")
+    ]
+    app = next(iter(apps), None)
+    if app is None:
+        if isinstance(cls, type) and "__call__" in dir(cls):
+            return "__call__", None  # a plain deployment: its __call__ takes the request body
+        raise CriticalError(
+            f"Pre-processor not active: {entry} has no FastAPI app with a POST / route for the synapse "
+            "convention; use convention: batched for apps with predict(images, params)"
+        )
+    from ray.serve._private.http_util import _walk_fastapi_routes
+
+    for route, _, prefix in _walk_fastapi_routes(app):
+        path = f"{prefix}{getattr(route, 'path', '')}" or "/"
+        if path in ("/", "") and "POST" in (getattr(route, "methods", None) or ()):
+            name = route.endpoint.__name__
+            method = getattr(raw, name, None)
+            if method is None:
+                continue  # a route of another class in the same module
+            # Serve's ingress makes a route's parameters keyword-only: the body is passed by name
+            params = [q for q in inspect.signature(method).parameters.values() if q.name != "self"]
+            param = params[0].name if params else "body"
+            body = params[0].annotation if params else None
+            if isinstance(body, str):  # postponed annotations: resolve in the app's own module
+                body = getattr(importlib.import_module(method.__module__), body.split("[")[0], None)
+            if isinstance(body, type) and issubclass(body, BaseModel):
+                return f"{name}:{param}", f"{body.__module__}:{body.__qualname__}"
+            return f"{name}:{param}", None
+    raise CriticalError(f"Pre-processor not active: {entry} has no POST / route")
+
+
 @dataclass
 class _Ready:
-    """A task whose image is decoded and whose params are known: waiting for the model."""
+    """A task whose params are known (and, batched, whose image is decoded): waiting for the model."""
 
     task: Task
-    unit: DataUnit
-    image: np.ndarray
+    url: str
+    image: np.ndarray | None  # batched: decoded here; synapse: the app fetches `image_path` itself
     params: dict[str, Any]
+    model: Any
     key: str
 
 
@@ -158,9 +311,60 @@ def decode_image(body: bytes) -> np.ndarray:
         ) from None
 
 
+def split_request(returned: Any, default_model: Any) -> tuple[dict[str, Any], Any]:
+    """`setup_inference_params`'s answer as (the app's params, the model): either the params
+    themselves, or the Synapse SDK's request `{"model", "method", "json": {"image_path", ...}}`."""
+    if not isinstance(returned, dict):
+        raise TaskFailed(Stage.CONVERT, "setup_inference_params must return a dict of parameters")
+    if isinstance(returned.get("json"), dict) and set(returned) <= {"model", "method", "json"}:
+        method = str(returned.get("method", "post")).lower()
+        if method != "post":
+            raise TaskFailed(
+                Stage.CONVERT, f"setup_inference_params asked for method '{method}'; only post is sent"
+            )
+        params = {k: v for k, v in returned["json"].items() if k != "image_path"}
+        return params, returned.get("model", default_model)
+    params = dict(returned)
+    return params, params.pop("model", default_model)
+
+
+def multiplexed_model_id(model: Any, config: Any) -> str:
+    """Serve's multiplexed model id for `model`, made the way the Synapse agent makes it: a JWT
+    `{"model", "token", "tenant"?}` signed HS256 with the backend URL, so an app built on the SDK's
+    `BaseServeDeployment` can fetch the model from the platform itself."""
+    if model is None:
+        return ""
+
+    def b64(raw: bytes) -> str:
+        return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+    token = config.access_token or config.user_token
+    claims: dict[str, Any] = {"model": str(model), "token": token.get_secret_value() if token else ""}
+    if config.tenant is not None:
+        claims["tenant"] = config.tenant.get_secret_value()
+    head = b64(json.dumps({"alg": "HS256", "typ": "JWT"}, separators=(",", ":")).encode())
+    body = b64(json.dumps(claims, separators=(",", ":")).encode())
+    signature = hmac.new(config.host.encode(), f"{head}.{body}".encode(), hashlib.sha256).digest()
+    return f"{head}.{body}.{b64(signature)}"
+
+
+def empty_response(response: Any) -> bool:
+    """The Synapse SDK's rule: `None`, `{}` and `[]` fail the task; anything else reaches the hook
+    (an object list that is empty is a result: the model saw nothing)."""
+    return response is None or response == {} or response == []
+
+
 class InferenceAnnotator(Annotator):
-    """Inference method: fetch task → download + decode image → model (one call per batch) → convert
-    → validate → PUT."""
+    """Inference method: fetch task → model → map labels → `convert_data_from_inference` → validate
+    → PUT.
+
+    Two calling conventions. *batched*: the image is downloaded and decoded here and the app's
+    `predict(images, params)` is called once per batch (per distinct params); its detections are
+    turned into task data here. *synapse*: the app's own route (`POST /` with `{"image_path": url,
+    ...params}`) is called through its deployment handle, one request per task with all of a batch
+    in flight, so the app's `@serve.batch` merges them, with Serve's multiplexed model id set from
+    `model`; its response is the task's `inference_data`, as in Synapse.
+    """
 
     empty_message = EMPTY_RESULT
 
@@ -170,6 +374,12 @@ class InferenceAnnotator(Annotator):
         app_name: str,
         pre_processor_config: dict[str, Any],
         call_timeout_s: float = 120.0,
+        convention: str = "batched",
+        route: str | None = None,
+        body_model: str | None = None,
+        labels: LabelMapping | None = None,
+        release: dict[str, Any] | None = None,
+        app_params: dict[str, Any] | None = None,
     ):
         super().__init__(settings)
         from ray import serve
@@ -177,27 +387,46 @@ class InferenceAnnotator(Annotator):
         self.app_name = app_name
         self.pre_processor_config = pre_processor_config
         self.call_timeout_s = call_timeout_s
+        self.convention = convention
+        self.labels = labels
         self.handle = serve.get_app_handle(app_name)
+        self._route, _, self._body_param = (route or "__call__").partition(":")
+        self._body_model = _import(body_model) if body_model else None
+        self._model_ids: dict[str, str] = {}
+        self.action.context.inference = release
+        self.empty_policy = settings.params.empty_result
+        # the job's pre_processor_params as checked at prepare (aliases resolved, unknown keys out)
+        self.app_params = (
+            dict(settings.params.pre_processor_params) if app_params is None else dict(app_params)
+        )
         self._custom_params = settings.action_cls.overrides("setup_inference_params")
         # Without an override every task gets the same params: compute them once, with the base hook.
-        self._default_params: dict[str, Any] = ToTask.setup_inference_params(
+        default = ToTask.setup_inference_params(
             self.action, "", None, {}, model_id=settings.params.model,
-            pre_processor_params=dict(settings.params.pre_processor_params),
+            pre_processor_params=dict(self.app_params),
             pre_processor_config=pre_processor_config, task_data=None,
         )  # fmt: skip
+        self._default = split_request(default, settings.params.model)
 
     async def run_batch(self, ids: list[int]) -> list[Outcome]:
         prepared = await asyncio.gather(*(self._isolated(tid, self._prepare, tid) for tid in ids))
         outcomes = [p for p in prepared if isinstance(p, Outcome)]
         ready = [p for p in prepared if isinstance(p, _Ready)]
-        groups: dict[str, list[_Ready]] = {}
-        for item in ready:
-            groups.setdefault(item.key, []).append(item)
-        results = await asyncio.gather(*(self._infer_group(g) for g in groups.values()))
+        if self.convention == "synapse":
+            results = await asyncio.gather(*(self._call_route(item) for item in ready))
+            answered = list(zip(ready, results, strict=True))
+        else:
+            groups: dict[str, list[_Ready]] = {}
+            for item in ready:
+                groups.setdefault(item.key, []).append(item)
+            answered = [
+                pair
+                for group in await asyncio.gather(*map(self._infer_group, groups.values()))
+                for pair in group
+            ]
         finishing = [
-            self._isolated(item.task.id, self._finish, item, dets, new_task=False)
-            for group in results
-            for item, dets in group
+            self._isolated(item.task.id, self._finish, item, response, new_task=False)
+            for item, response in answered
         ]
         outcomes.extend(await asyncio.gather(*finishing))
         return outcomes
@@ -210,59 +439,78 @@ class InferenceAnnotator(Annotator):
         primary = unit.primary_file()
         if primary is None or not primary.url:
             raise TaskFailed(Stage.LOCATE, "the data unit has no primary file with a URL")
-        assert self._downloader is not None
-        try:
-            body = await self._downloader.fetch_image(primary.url, max_bytes=self.settings.max_image_bytes)
-        except DownloadError as exc:
-            raise TaskFailed(Stage.CONVERT, safe_error(exc)) from exc
-        loop = asyncio.get_running_loop()
-        image = await loop.run_in_executor(self._threads, decode_image, body)
         if self._custom_params:
             files = {name: f.model_dump() for name, f in unit.files.items()}
             try:
-                params = await self.call_hook(
+                returned = await self.call_hook(
                     self.action.setup_inference_params, primary.url, primary.name, files,
-                    model_id=self.params.model, pre_processor_params=dict(self.params.pre_processor_params),
+                    model_id=self.params.model, pre_processor_params=dict(self.app_params),
                     pre_processor_config=self.pre_processor_config, task_data=task.model_dump(),
                 )  # fmt: skip
             except Exception as exc:
                 raise TaskFailed(Stage.CONVERT, f"setup_inference_params raised {safe_error(exc)}") from exc
-            if not isinstance(params, dict):
-                raise TaskFailed(Stage.CONVERT, "setup_inference_params must return a dict of parameters")
+            params, model = split_request(returned, self.params.model)
         else:
-            params = self._default_params
+            params, model = self._default
         try:
             key = json.dumps(params, sort_keys=True, default=str)
         except (TypeError, ValueError):
             raise TaskFailed(Stage.CONVERT, "the inference parameters are not JSON-serialisable") from None
-        return _Ready(task, unit, image, params, key)
+        image = None
+        if self.convention != "synapse":
+            assert self._downloader is not None
+            try:
+                body = await self._downloader.fetch_image(
+                    primary.url, max_bytes=self.settings.max_image_bytes
+                )
+            except DownloadError as exc:
+                raise TaskFailed(Stage.CONVERT, safe_error(exc)) from exc
+            loop = asyncio.get_running_loop()
+            image = await loop.run_in_executor(self._threads, decode_image, body)
+        return _Ready(task, primary.url, image, params, model, key)
 
-    async def _infer_group(self, group: list[_Ready]) -> list[tuple[_Ready, Any]]:
-        """One handle call for the whole group; retried once; then every task in it fails."""
-        images = [item.image for item in group]
-        params = group[0].params
+    async def _call(self, make: Any, what: str) -> Any:
+        """One handle call, retried once; the answer, or a `TaskFailed` saying why not."""
         last_error = ""
         for attempt in (1, 2):
-            response = self.handle.predict.remote(images, params)
+            response = make()
             try:
-                detections = await asyncio.wait_for(response, timeout=self.call_timeout_s)
+                return await asyncio.wait_for(response, timeout=self.call_timeout_s)
             except TimeoutError:
                 response.cancel()
                 last_error = f"the pre-processor did not answer within {self.call_timeout_s:g} s"
             except Exception as exc:
                 last_error = f"the pre-processor failed: {safe_error(exc)}"
-            else:
-                if not isinstance(detections, list) or len(detections) != len(group):
-                    last_error = (
-                        f"the pre-processor returned {type(detections).__name__} "
-                        f"instead of one detection list per image ({len(group)})"
-                    )
-                else:
-                    return list(zip(group, detections, strict=True))
-            log.debug("inference call attempt %d failed: %s", attempt, last_error)
-        return [(item, TaskFailed(Stage.CONVERT, last_error)) for item in group]
+            log.debug("%s attempt %d failed: %s", what, attempt, last_error)
+        return TaskFailed(Stage.CONVERT, last_error)
 
-    async def _finish(self, item: _Ready, detections: Any) -> Outcome:
+    async def _call_route(self, item: _Ready) -> Any:
+        body: Any = {"image_path": item.url, **item.params}
+        if self._body_model is not None:
+            try:
+                body = self._body_model.model_validate(body)
+            except Exception as exc:
+                return TaskFailed(
+                    Stage.CONVERT, f"the pre-processor refuses these parameters: {safe_error(exc)}"
+                )
+        handle = self.handle.options(multiplexed_model_id=self._model_id(item.model))
+        method = getattr(handle, self._route)
+        if self._body_param:
+            answer = await self._call(lambda: method.remote(**{self._body_param: body}), "inference request")
+        else:
+            answer = await self._call(lambda: method.remote(body), "inference request")
+        if hasattr(answer, "model_dump"):
+            answer = answer.model_dump(mode="json")
+        return answer
+
+    def _model_id(self, model: Any) -> str:
+        key = str(model)
+        if key not in self._model_ids:
+            self._model_ids[key] = multiplexed_model_id(model, self.settings.platform)
+        return self._model_ids[key]
+
+    async def _infer_group(self, group: list[_Ready]) -> list[tuple[_Ready, Any]]:
+        """One `predict` call for the whole group; its detections as task data, one per task."""
         from totask_ray.serving.interface import (
             InferenceParams,
             PreProcessorOutputError,
@@ -271,24 +519,55 @@ class InferenceAnnotator(Annotator):
             validate_output,
         )
 
-        if isinstance(detections, TaskFailed):
-            raise detections
-        if not detections:
+        images = [item.image for item in group]
+        params = group[0].params
+        answer = await self._call(lambda: self.handle.predict.remote(images, params), "batch call")
+        if isinstance(answer, TaskFailed):
+            return [(item, answer) for item in group]
+        if not isinstance(answer, list) or len(answer) != len(group):
+            failed = TaskFailed(
+                Stage.CONVERT,
+                f"the pre-processor returned {type(answer).__name__} instead of one detection list per image "
+                f"({len(group)})",
+            )
+            return [(item, failed) for item in group]
+        out: list[tuple[_Ready, Any]] = []
+        for item, detections in zip(group, answer, strict=True):
+            try:
+                valid = validate_output([item.image], [detections])[0]
+                kept = apply_params(valid, InferenceParams.model_validate(item.params))
+            except PreProcessorOutputError as exc:
+                out.append(
+                    (item, TaskFailed(Stage.VALIDATE, f"the pre-processor's output is invalid: {exc}"))
+                )
+                continue
+            except ValueError as exc:
+                out.append(
+                    (item, TaskFailed(Stage.CONVERT, f"invalid inference parameters: {safe_error(exc)}"))
+                )
+                continue
+            out.append((item, detections_to_task_data(detections_to_dicts([kept])[0])))
+        return out
+
+    async def _finish(self, item: _Ready, response: Any) -> Outcome:
+        if isinstance(response, TaskFailed):
+            raise response
+        if empty_response(response):
             raise TaskFailed(Stage.CONVERT, EMPTY_RESULT)
-        try:
-            valid = validate_output([item.image], [detections])[0]
-            kept = apply_params(valid, InferenceParams.model_validate(item.params))
-        except PreProcessorOutputError as exc:
-            raise TaskFailed(Stage.VALIDATE, f"the pre-processor's output is invalid: {exc}") from exc
-        except ValueError as exc:
-            raise TaskFailed(Stage.CONVERT, f"invalid inference parameters: {safe_error(exc)}") from exc
-        inference_data = detections_to_dicts([kept])[0]
-        if not inference_data:
-            raise TaskFailed(Stage.CONVERT, EMPTY_RESULT)
+        if self.labels is not None:
+            try:
+                response = self.labels.apply(response)
+            except LabelMapError as exc:
+                raise TaskFailed(Stage.CONVERT, str(exc)) from exc
         try:
             data = await self.call_hook(
-                self.action.convert_data_from_inference, inference_data, item.task.model_dump()
+                self.action.convert_data_from_inference, response, item.task.model_dump()
             )
         except Exception as exc:
             raise TaskFailed(Stage.CONVERT, f"convert_data_from_inference raised {safe_error(exc)}") from exc
         return await self.validate_and_write(item.task, data)
+
+
+def _import(path: str) -> Any:
+    module, _, attr = path.partition(":")
+    return getattr(importlib.import_module(module), attr)

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from totask_ray.action import ToTask
+from totask_ray.action import PluginContext, ToTask
 from totask_ray.annotation import AnnotationError, validate_task_data
 from totask_ray.net.downloads import (
     DEFAULT_MAX_IMAGE_BYTES,
@@ -35,11 +35,11 @@ from totask_ray.net.downloads import (
     UrlPolicy,
 )
 from totask_ray.net.redact import redact_url
-from totask_ray.params import ExistingDataPolicy, ToTaskParams
+from totask_ray.params import EmptyResultPolicy, ExistingDataPolicy, ToTaskParams
 from totask_ray.pipeline.outcomes import Outcome, Stage, Status, to_columns
 from totask_ray.pipeline.stop import StopWatch
 from totask_ray.platform.base import AsyncPlatform
-from totask_ray.platform.connect import PlatformConfig, connect_async
+from totask_ray.platform.connect import PlatformConfig, connect, connect_async
 from totask_ray.platform.errors import AuthenticationError, PlatformError
 from totask_ray.platform.models import DataUnit, Task
 
@@ -94,6 +94,9 @@ class Annotator:
         self.action = settings.action_cls(settings.params)
         self.action.url_policy = settings.url_policy
         self.action.max_json_bytes = settings.max_json_bytes
+        self.action.context = PluginContext(
+            settings.params, client_factory=lambda: connect(settings.platform)
+        )
         self._threads = ThreadPoolExecutor(max_workers=settings.hook_threads, thread_name_prefix="hook")
         self._client: AsyncPlatform | None = None
         self._downloader: Downloader | None = None
@@ -191,7 +194,16 @@ class Annotator:
             validate_task_data(data, schema)
         except AnnotationError as exc:
             raise TaskFailed(Stage.VALIDATE, f"invalid annotation: {exc}") from exc
-        n_objects = len(data.get("objects", [])) if isinstance(data.get("objects"), list) else 0
+        listed = data.get("objects") if isinstance(data, dict) else None
+        n_objects = len(listed) if isinstance(listed, list) else 0
+        empty = isinstance(listed, list) and not listed
+        if empty and self.empty_policy is EmptyResultPolicy.FAIL:
+            raise TaskFailed(Stage.CONVERT, "the result holds no object (empty_result: fail)")
+        if empty and self.empty_policy is EmptyResultPolicy.SKIP:
+            return Outcome(
+                task.id, Status.SKIPPED, Stage.DONE, "the result holds no object (empty_result: skip)"
+            )
+        done = Status.EMPTY if empty else Status.SUCCESS
         if task.data == data:
             # Already there (an earlier run wrote it and was stopped before reporting it): writing
             # again would be a second write of the same data, and a second workflow action.
@@ -200,20 +212,20 @@ class Annotator:
                 await self.apply_workflow(outcome, task)
             return outcome
         if self.settings.dry_run:
-            return Outcome(
-                task.id, Status.SUCCESS, Stage.DONE, objects=n_objects, would_write=json.dumps(data)
-            )
+            return Outcome(task.id, done, Stage.DONE, objects=n_objects, would_write=json.dumps(data))
         try:
             await self._client.annotate_task(task.id, data, schema)
         except AuthenticationError as exc:
             raise TaskFailed(Stage.WRITE, safe_error(exc), critical=True) from exc
         except PlatformError as exc:
             raise TaskFailed(Stage.WRITE, f"could not write the annotation: {safe_error(exc)}") from exc
-        outcome = Outcome(task.id, Status.SUCCESS, Stage.DONE, written=True, objects=n_objects)
+        outcome = Outcome(task.id, done, Stage.DONE, written=True, objects=n_objects)
         await self.apply_workflow(outcome, task)
         return outcome
 
     empty_message = "the hook returned no data"
+    # What an object list with nothing in it does (`empty_result`); only a model's result is judged.
+    empty_policy: EmptyResultPolicy = EmptyResultPolicy.WRITE
 
     async def apply_workflow(self, outcome: Outcome, task: Task) -> None:
         """The optional `on_success` action, applied only where the task is not in its target state

@@ -20,11 +20,12 @@ class Status(StrEnum):
     FAILED = "failed"
     SKIPPED = "skipped"  # nothing to do: policy `skip` and the task already holds data
     UNCHANGED = "unchanged"  # the platform already holds exactly this data: nothing was written
+    EMPTY = "empty"  # written with no object (the model saw nothing): a success, counted apart
     STOPPED = "stopped"  # not started: the run was stopped first (never reported, left for a resume)
 
 
 # What a resume does not do again: the task holds what this job would write.
-DONE_STATUSES = frozenset({Status.SUCCESS, Status.SKIPPED, Status.UNCHANGED})
+DONE_STATUSES = frozenset({Status.SUCCESS, Status.SKIPPED, Status.UNCHANGED, Status.EMPTY})
 
 
 class Stage(StrEnum):

@@ -16,10 +16,19 @@ class _Loose(BaseModel):
     model_config = ConfigDict(extra="allow")
 
 
+class ProjectClass(_Loose):
+    """One of the project's annotation classes: what a model's labels are mapped to."""
+
+    id: int
+    name: str
+
+
 class Project(_Loose):
     id: int
     title: str | None = None
     data_collection: int | None = None
+    # The project's annotation classes (`classes: [{id, name}]`); empty when the platform lists none.
+    classes: list[ProjectClass] = Field(default_factory=list)
 
     @field_validator("data_collection", mode="before")
     @classmethod

@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, TYPE_CHECKING
+from typing import IO, TYPE_CHECKING, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
@@ -88,6 +88,11 @@ class RunOptions(BaseModel):
     )
     inference_call_timeout_s: float = Field(
         default=120.0, gt=0, description="inference: how long one batch call to the pre-processor may take."
+    )
+    inference_convention: Literal["batched", "synapse"] | None = Field(
+        default=None,
+        description="inference: how to call the pre-processor (batched predict, or one Synapse request per "
+        "task); default: as its release says.",
     )
 
 

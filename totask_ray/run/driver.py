@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from totask_ray.action import ToTask
 from totask_ray.errors import CriticalError, RunStopped, ToTaskError
@@ -41,6 +41,7 @@ def method_for(params: ToTaskParams, options: RunOptions) -> AnnotationMethod:
                 serve_poll_interval_s=options.serve_poll_interval_s,
                 serve_ready_timeout_s=options.serve_ready_timeout_s,
                 call_timeout_s=options.inference_call_timeout_s,
+                convention=options.inference_convention,
             )
         )
     return FileMethod()
@@ -74,6 +75,7 @@ def run_to_task(
     serve_poll_interval_s: float = 10.0,
     serve_ready_timeout_s: float = 180.0,
     inference_call_timeout_s: float = 120.0,
+    inference_convention: Literal["batched", "synapse"] | None = None,
 ) -> ToTaskResult:
     """Run the ToTask action over a Ray cluster and return its result.
 
@@ -102,6 +104,9 @@ def run_to_task(
         the tasks in flight may take to finish and report before the run stops anyway.
       serve_poll_interval_s / serve_ready_timeout_s / inference_call_timeout_s: the inference
         method's waits for the pre-processor to come up and for each batch call.
+      inference_convention: `batched` (the app's predict(images, params), one call per batch) or
+        `synapse` (the app's own POST / request, one per task, merged by its @serve.batch);
+        default: as the release says.
 
     Raises `ToTaskError` on a critical error (after rollback; `.result` holds what was done),
     `RunStopped` (a `KeyboardInterrupt`) when a signal stopped the run (the job record is STOPPED,
@@ -119,7 +124,7 @@ def run_to_task(
             max_json_bytes=max_json_bytes, max_image_bytes=max_image_bytes,
             download_timeout_s=download_timeout_s, page_size=page_size, verbose_ray=verbose_ray, stop_timeout_s=stop_timeout_s,
             serve_poll_interval_s=serve_poll_interval_s, serve_ready_timeout_s=serve_ready_timeout_s,
-            inference_call_timeout_s=inference_call_timeout_s,
+            inference_call_timeout_s=inference_call_timeout_s, inference_convention=inference_convention,
         )  # fmt: skip
     except ValueError as exc:
         errors = exc.errors(include_url=False, include_input=False) if hasattr(exc, "errors") else []
@@ -138,12 +143,12 @@ def run_to_task(
     current: Step | None = None
     try:
         if opts.job_id is not None:
-            ctx.job = JobSink(client, opts.job_id)
+            ctx.job = JobSink(client, opts.job_id, params.method)
         elif opts.create_job:
             job = client.create_job(
                 {"action": ToTask.action_name, "params": params.to_synapse(), "agent": params.agent}
             )
-            ctx.job = JobSink(client, job.id)
+            ctx.job = JobSink(client, job.id, params.method)
         if ctx.job is not None:
             ctx.job.start()
         for step in steps():

@@ -1,8 +1,8 @@
-"""Live progress, metrics, failure lines, the per-task report and the platform's job record.
+"""Live progress, metrics, failure lines, the per-task report and the platform's job record and logs.
 
 Everything here is fed one outcome at a time by the driver, so it reflects the run as it happens;
-nothing keeps more than counters and a bounded failure list, so a run over a million tasks keeps
-the driver's memory flat.
+nothing keeps more than counters and a bounded failure list (the job's log events go to the sink's
+bounded queue), so a run over a million tasks keeps the driver's memory flat.
 """
 
 from __future__ import annotations
@@ -10,15 +10,25 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING
 
 from totask_ray.pipeline.outcomes import Outcome, Status
 from totask_ray.result import Metrics, TaskFailure
+
+if TYPE_CHECKING:
+    from totask_ray.run.jobs import JobSink
 
 log = logging.getLogger("totask_ray")
 
 STEP = "annotate_task_data"
 MAX_FAILURES_KEPT = 10_000
+
+# The SDK's task events know only "success" and "failed"; these say what a bare "success" hides.
+EVENT_NOTES = {
+    Status.SKIPPED: "skipped: {error}",
+    Status.UNCHANGED: "unchanged: the task already held exactly this data, nothing was written",
+    Status.EMPTY: "empty: written with no object",
+}
 
 
 def _interactive() -> bool:
@@ -81,7 +91,7 @@ class RunTracker:
         total: int,
         *,
         report: IO[str] | None = None,
-        job_sink: Any = None,
+        job_sink: JobSink | None = None,
         show_bar: bool | None = None,
         log_every_s: float = 10.0,
         job_every_s: float = 2.0,
@@ -92,6 +102,7 @@ class RunTracker:
         self.failed = 0
         self.skipped = 0
         self.unchanged = 0
+        self.empty = 0  # of `success`: written with no object
         self.workflow = workflow
         self.workflow_applied = 0
         self.workflow_failed = 0
@@ -107,6 +118,7 @@ class RunTracker:
         self._last_pct_logged = -1.0
         self._last_job = 0.0
         self._bar = None
+        self._started = time.monotonic()
         if show_bar if show_bar is not None else _interactive():
             from tqdm.auto import tqdm
 
@@ -123,6 +135,7 @@ class RunTracker:
             success=self.success + self.skipped + self.unchanged,
             failed=self.failed,
             stand_by=max(0, self.total - self.done),
+            empty=self.empty,
         )
 
     def record(self, o: Outcome) -> None:
@@ -131,11 +144,13 @@ class RunTracker:
         if not self._seen.add(o.task_id):
             self.duplicates += 1
             return
-        if o.status in (Status.SUCCESS, Status.UNCHANGED):
-            if o.status is Status.SUCCESS:
-                self.success += 1
-            else:
+        if o.status in (Status.SUCCESS, Status.EMPTY, Status.UNCHANGED):
+            if o.status is Status.UNCHANGED:
                 self.unchanged += 1
+            else:
+                self.success += 1  # an empty result was written: a success, also counted apart
+                if o.status is Status.EMPTY:
+                    self.empty += 1
             if o.workflow_error:
                 self.workflow_failed += 1
                 log.warning("[Task %d] Workflow action failed: %s", o.task_id, o.workflow_error)
@@ -152,9 +167,26 @@ class RunTracker:
                 self.failures_dropped += 1
         if self._report is not None:
             self._report.write(o.to_json() + "\n")
+        if self._job is not None:
+            self._log_event(o)
         if self._bar is not None:
             self._bar.update(1)
         self._maybe_report()
+
+    def _log_event(self, o: Outcome) -> None:
+        """The task's `annotate_task_data` event, numbered in the order outcomes came in, as the SDK does."""
+        assert self._job is not None
+        failed = o.status is Status.FAILED
+        note = EVENT_NOTES.get(o.status)
+        self._job.task_event(
+            o.task_id,
+            "failed" if failed else "success",
+            self.done,
+            max(self.total, self.done),
+            error=(o.error or "failed") if failed else None,
+            note=None if note is None else note.format(error=o.error or "the task already holds data"),
+            finished_at=o.finished_at,
+        )
 
     def flush(self) -> None:
         if self._report is not None:
@@ -179,10 +211,13 @@ class RunTracker:
             workflow = (
                 {"success": self.workflow_applied, "failed": self.workflow_failed} if self.workflow else None
             )
-            self._job.progress(self.done, total, self.metrics(), workflow)
+            self._job.progress(self.done, total, self.metrics(), workflow, elapsed_s=now - self._started)
 
     def close(self) -> None:
+        """The last progress and counts, and every queued log event sent: the annotate step is over."""
         self._maybe_report(force=True)
+        if self._job is not None:
+            self._job.close_logs()
         self.flush()
         if self._bar is not None:
             self._bar.close()

@@ -75,8 +75,8 @@ class Prepare(Step):
     name = "prepare"
 
     def run(self, ctx: RunContext) -> None:
-        assert ctx.collection is not None
-        ctx.method.prepare(PrepareInput(ctx.params, ctx.client, ctx.collection))
+        assert ctx.project is not None and ctx.collection is not None
+        ctx.method.prepare(PrepareInput(ctx.params, ctx.client, ctx.project, ctx.collection))
 
     def rollback(self, ctx: RunContext) -> None:
         ctx.method.rollback()
@@ -237,7 +237,8 @@ def result(ctx: RunContext, status: RunStatus | None = None, message: str | None
             if t.failed and not (t.success or t.skipped or t.unchanged)
             else RunStatus.SUCCEEDED
         )
-    counts = f"{t.success} succeeded, {t.failed} failed"
+    empty = f" ({t.empty} with no object)" if t.empty else ""
+    counts = f"{t.success} succeeded{empty}, {t.failed} failed"
     if t.skipped:
         counts += f", {t.skipped} skipped"
     if t.unchanged:
@@ -260,6 +261,7 @@ def result(ctx: RunContext, status: RunStatus | None = None, message: str | None
         failed_count=t.failed,
         skipped_count=t.skipped,
         unchanged_count=t.unchanged,
+        empty_count=t.empty,
         workflow_applied_count=t.workflow_applied,
         workflow_failed_count=t.workflow_failed,
         failures=list(t.failures),

@@ -47,6 +47,7 @@ from totask_ray.serving.interface import (
     InferenceParams,
     PreProcessor,
     PreProcessorOutputError,
+    check_device,
     detections_to_dicts,
     validate_images,
     validate_output,
@@ -252,10 +253,14 @@ class PreProcessorDeployment:
         return model
 
     async def _run(self, images: list[np.ndarray], params: InferenceParams) -> list[list[Detection]]:
+        """Model calls of ``model_config.batch_size`` images (the serve batch size when not given);
+        a device the model cannot run on is refused here, as callers may not have checked it."""
+        check_device(self.model.spec, params.device)
+        size = params.batch_size or self.max_batch_size
         loop = asyncio.get_running_loop()
         out: list[list[Detection]] = []
-        for i in range(0, len(images), self.max_batch_size):
-            chunk = images[i : i + self.max_batch_size]
+        for i in range(0, len(images), size):
+            chunk = images[i : i + size]
             dets = await loop.run_in_executor(self._pool, self.model.detect, chunk, params)
             out.extend(validate_output(chunk, dets, labels=self.labels))
         return out

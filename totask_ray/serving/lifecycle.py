@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import inspect
 import logging
+import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -32,7 +34,7 @@ from totask_ray.serving.capacity import (
     read_cluster,
 )
 from totask_ray.serving.config import PreProcessorRelease, ReleaseConfig
-from totask_ray.serving.resources import Resources, deployment_args
+from totask_ray.serving.resources import DeploymentArgs, Resources, deployment_args
 
 __all__ = [
     "FAILED_STATUSES",
@@ -43,6 +45,7 @@ __all__ = [
     "ServeBackend",
     "SynapseServeBackend",
     "app_name",
+    "bind_deployment_class",
     "classify_serve_status",
     "ensure_running",
     "route_prefix",
@@ -145,11 +148,12 @@ def _capacity_gate(
     if snapshot is None:
         log.info("capacity gate skipped: the backend offers no view of the cluster")
         return None
-    serve_options = (
-        release.config.actions.deployment.serve_options if release.config.actions.deployment else None
-    )
     report = assess(
-        resources.bundle(), resources.replicas(serve_options), snapshot, node_types, name=release.app_name
+        resources.bundle(),
+        resources.replicas(release.config.serve_options),
+        snapshot,
+        node_types,
+        name=release.app_name,
     )
     log.info("capacity %s: %s", report.verdict.value, report.message)
     if report.verdict is Verdict.NEVER_FITS:
@@ -235,6 +239,41 @@ def teardown(result: LifecycleResult, backend: ServeBackend) -> bool:
     return bool(backend.delete(result.app_name))
 
 
+def bind_deployment_class(entry: Any, args: DeploymentArgs, *, batch: bool = False) -> Any:
+    """A Serve application from a deployment class, the SDK's way (``actions.inference.entrypoint``).
+
+    As ``BaseDeploymentAction.deploy`` does: ``serve.ingress`` for a class with a FastAPI ``app``,
+    ``@serve.batch`` on ``infer_batch`` only when the release writes ``serve_options.batch`` (on a
+    subclass, so the app's class is not changed), the release's serve options, and ``backend_url``
+    from the run's environment for a class that takes one (the SDK's ``BaseServeDeployment`` fetches
+    models from there). ``args.options`` are the other constructor arguments.
+    """
+    from ray import serve
+
+    decorated = isinstance(entry, serve.Deployment)
+    cls = entry.func_or_class if decorated else entry
+    # Read before wrapping: serve.ingress's wrapper takes (*args, **kwargs).
+    takes_backend_url = "backend_url" in inspect.signature(cls).parameters
+    if not decorated and getattr(cls, "app", None) is not None:
+        cls = serve.ingress(cls.app)(cls)
+    if batch and hasattr(cls, "infer_batch"):
+        batched = serve.batch(
+            max_batch_size=args.max_batch_size, batch_wait_timeout_s=args.batch_wait_timeout_s
+        )(cls.infer_batch)
+        cls = type(f"{cls.__name__}_Batched", (cls,), {"infer_batch": batched})
+    # The deployment keeps the name of the class the release names, whatever wraps it.
+    name = entry.name if decorated else entry.__name__
+    deployment = (
+        entry.options(func_or_class=cls, name=name) if decorated else serve.deployment(cls, name=name)
+    )
+    kwargs = dict(args.options)
+    if takes_backend_url and "backend_url" not in kwargs:
+        kwargs["backend_url"] = os.environ.get("SYNAPSE_PLUGIN_RUN_HOST") or os.environ.get(
+            "SYNAPSE_HOST", ""
+        )
+    return deployment.options(**args.deployment_options()).bind(**kwargs)
+
+
 class RayServeBackend:
     """Deploy straight onto the connected Ray cluster (``ray.init`` first, or pass ``address``)."""
 
@@ -296,12 +335,19 @@ class RayServeBackend:
         from ray import serve
 
         self._connect()
-        deployment = release.config.actions.deployment
-        if deployment is None:
-            raise LookupError(f"{release.app_name} declares no actions.deployment.entrypoint")
-        module_name, _, attr = deployment.entrypoint.partition(":")
-        builder = getattr(importlib.import_module(module_name), attr)
-        app = builder(deployment_args(release.config, payload).model_dump())
+        target = release.deploy_target
+        if target is None:
+            raise LookupError(
+                f"{release.app_name} declares nothing to deploy "
+                "(actions.deployment.entrypoint or actions.inference.entrypoint)"
+            )
+        module_name, _, attr = target.entrypoint.partition(":")
+        entry = getattr(importlib.import_module(module_name), attr)
+        args = deployment_args(release.config, payload)
+        if inspect.isclass(entry) or isinstance(entry, serve.Deployment):
+            app = bind_deployment_class(entry, args, batch=target.serve_options.batch_declared)
+        else:
+            app = entry(args.model_dump())
         if self.http_options is not None:
             serve.start(http_options=self.http_options)
         serve.run_many(

@@ -97,8 +97,13 @@ class Resources(BaseModel):
         return {k: float(v) for k, v in raw.items() if v}
 
     def replicas(self, serve_options: ServeOptions | None = None) -> int:
-        """Declared replicas win; then ``serve_options.num_replicas``; then one."""
-        return _first(self.num_replicas, serve_options.num_replicas if serve_options else None, 1)
+        """Declared replicas win; then ``serve_options.num_replicas``; then what an autoscaled app
+        starts with (at least one, the replica a first request needs); then one."""
+        autoscaled = None
+        if serve_options is not None and serve_options.autoscaling_config:
+            auto = serve_options.autoscaling_config
+            autoscaled = max(1, int(_first(auto.get("initial_replicas"), auto.get("min_replicas"), 1)))
+        return _first(self.num_replicas, serve_options.num_replicas if serve_options else None, autoscaled, 1)
 
 
 class DeploymentArgs(BaseModel):
@@ -115,16 +120,35 @@ class DeploymentArgs(BaseModel):
     batch_wait_timeout_s: float = Field(0.01, ge=0)
     # The app's own constructor options (e.g. ``max_image_bytes``), passed through unchecked.
     options: dict[str, Any] = Field(default_factory=dict)
+    # The rest of the SDK's documented serve options, passed to Serve when declared.
+    max_queued_requests: int | None = Field(None, ge=-1)
+    autoscaling_config: dict[str, Any] | None = None
+    health_check_period_s: float | None = Field(None, gt=0)
+    health_check_timeout_s: float | None = Field(None, gt=0)
+    graceful_shutdown_timeout_s: float | None = Field(None, gt=0)
+    graceful_shutdown_wait_loop_s: float | None = Field(None, gt=0)
 
     def deployment_options(self) -> dict[str, Any]:
         """Keyword arguments for ``Deployment.options(...)``."""
-        opts: dict[str, Any] = {
-            "ray_actor_options": dict(self.ray_actor_options),
-            "num_replicas": self.num_replicas,
-        }
-        if self.max_ongoing_requests is not None:
-            opts["max_ongoing_requests"] = self.max_ongoing_requests
+        opts: dict[str, Any] = {"ray_actor_options": dict(self.ray_actor_options)}
+        if self.autoscaling_config is None:  # Serve refuses a fixed count next to autoscaling
+            opts["num_replicas"] = self.num_replicas
+        for key in _PASSED_THROUGH:
+            value = getattr(self, key)
+            if value is not None:
+                opts[key] = value
         return opts
+
+
+_PASSED_THROUGH = (
+    "max_ongoing_requests",
+    "max_queued_requests",
+    "autoscaling_config",
+    "health_check_period_s",
+    "health_check_timeout_s",
+    "graceful_shutdown_timeout_s",
+    "graceful_shutdown_wait_loop_s",
+)
 
 
 def dispatch_payload(config: ReleaseConfig) -> dict[str, Any]:
@@ -133,18 +157,20 @@ def dispatch_payload(config: ReleaseConfig) -> dict[str, Any]:
 
 
 def deployment_args(config: ReleaseConfig, payload: Mapping[str, Any] | None = None) -> DeploymentArgs:
-    """``build_app`` args for a release; ``payload`` (if given) is what was dispatched."""
+    """``build_app`` args for a release, from whichever action it deploys (``deploy_target``);
+    ``payload`` (if given) is what was dispatched."""
     res = (
         Resources.from_payload(payload)
         if payload is not None
         else Resources.from_required(config.actions.inference.required_resources)
     )
-    serve_options = config.actions.deployment.serve_options if config.actions.deployment else ServeOptions()
+    target = config.deploy_target
+    serve_options = target.serve_options if target is not None else ServeOptions()
     return DeploymentArgs(
         ray_actor_options=res.ray_actor_options(),
         num_replicas=res.replicas(serve_options),
-        max_ongoing_requests=serve_options.max_ongoing_requests,
         max_batch_size=serve_options.batch.max_batch_size,
         batch_wait_timeout_s=serve_options.batch.batch_wait_timeout_s,
-        options=dict(config.actions.deployment.options) if config.actions.deployment else {},
+        options=dict(target.options) if target is not None else {},
+        **{key: getattr(serve_options, key) for key in _PASSED_THROUGH},
     )

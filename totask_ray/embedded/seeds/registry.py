@@ -50,11 +50,16 @@ def save_image(img: Any, path: Path, *, jpeg_quality: int) -> None:
 
 
 def make_project(
-    store: Store, kind: str, tasks: int, seed: int, specs: Sequence[Mapping[str, Any]]
+    store: Store,
+    kind: str,
+    tasks: int,
+    seed: int,
+    specs: Sequence[Mapping[str, Any]],
+    classes: list[str] | None = None,
 ) -> tuple[int, int]:
     """A data collection with `specs` and a project on it, named after the demo and its seed."""
     dc_id = store.create_data_collection(f"{kind} demo collection (seed {seed})", specs)
-    project_id = store.create_project(f"{kind} demo: {tasks} tasks (seed {seed})", dc_id)
+    project_id = store.create_project(f"{kind} demo: {tasks} tasks (seed {seed})", dc_id, classes)
     return project_id, dc_id
 
 
@@ -115,9 +120,14 @@ def release_id(store: Store, app: str) -> int:
     return store.create_plugin_release(config["code"], config["version"], config)
 
 
+DEMO_CLASSES = {"faces": "face", "ocr": "text"}
+
+
 def inference_project(store: Store, demo: str, kind: str, tasks: int, seed: int) -> tuple[int, int, str]:
-    """A project for an inference demo (`kind` names it), and the media folder for its pictures."""
-    project_id, dc_id = make_project(store, kind, tasks, seed, IMAGE_SPECS)
+    """A project for an inference demo (`kind` names it), and the media folder for its pictures.
+
+    Its one class is the demo model's label (`face`, `text`), so the model's labels map by name."""
+    project_id, dc_id = make_project(store, kind, tasks, seed, IMAGE_SPECS, [DEMO_CLASSES[demo]])
     return project_id, dc_id, f"{INFERENCE_DIR}/{demo}/p{project_id}"
 
 
