@@ -374,6 +374,13 @@ def seed_files(bp: BenchPlatform, tasks: int, seed: int = 0) -> float:
     return time.perf_counter() - t0
 
 
+def clear_task_data(store: Any, project: int) -> None:
+    """Every task of the project back to no data, so each contender writes every task: totask-ray
+    compares before it writes and would otherwise find an earlier contender's data already there."""
+    with store.transaction() as conn:
+        conn.execute("UPDATE tasks SET data = '{}' WHERE project_id = ?", (project,))
+
+
 def history_watermark(store: Any) -> int:
     row = store._one("SELECT COALESCE(MAX(id), 0) FROM annotation_history")
     return int(row[0])

@@ -74,6 +74,7 @@ async def _raw_async(bp: c.BenchPlatform, ids: list[int], concurrency: int) -> i
 
 def run_raw(bp: c.BenchPlatform, concurrency: int) -> dict[str, Any]:
     ids = bp.task_ids
+    c.clear_task_data(bp.store, bp.project)
     wm = c.history_watermark(bp.store)
     with c.CpuMeter({"client": lambda: [__import__("os").getpid()], "server": bp.pid_list}) as cpu:
         t0, e0 = time.perf_counter(), time.time()
@@ -119,6 +120,7 @@ def run_totask(
         "task_filters": {},
     }
     job = bp.store.create_job("to_task", params, agent_id=bp.agent)
+    c.clear_task_data(bp.store, bp.project)
     wm = c.history_watermark(bp.store)
     me = os.getpid()
     groups = {

@@ -105,6 +105,7 @@ def run_totask(bp: c.BenchPlatform, project: int, n: int, release: int, report: 
     params = {"name": "bench_inference", "project": project, "method": "inference", "pre_processor": release,
               "task_filters": {}}  # fmt: skip
     job = bp.store.create_job("to_task", params, agent_id=bp.agent)
+    c.clear_task_data(bp.store, project)
     wm = c.history_watermark(bp.store)
     me = os.getpid()
     groups = {

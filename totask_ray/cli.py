@@ -93,7 +93,7 @@ def run(
 ) -> None:
     """Run the ToTask action described by JOB on a Ray cluster."""
     _setup_logging(verbose)
-    from totask_ray.cluster import ensure_ray
+    from totask_ray.cluster import shutdown_if_started
     from totask_ray.console import print_result
     from totask_ray.errors import RunStopped, ToTaskError
     from totask_ray.params import ParamsError, ToTaskParams
@@ -108,12 +108,13 @@ def run(
         typer.echo(str(exc), err=True)
         raise typer.Exit(EXIT_FAILED) from None
     action_cls = load_action_class(plugin)
-    started = ensure_ray(address, verbose=verbose)
+    # Ray is reached only once the platform has answered (the run's first step): a wrong address or
+    # a refused token fails in a second, not after a local cluster was started for nothing.
     try:
         result = run_to_task(
             params, platform=config, action_cls=action_cls, report=report, job_id=job_id, dry_run=dry_run,
             resume=resume, num_actors=num_actors, concurrency=concurrency, allowed_hosts=allow_host or [],
-            verbose_ray=verbose, stop_timeout_s=stop_timeout,
+            verbose_ray=verbose, stop_timeout_s=stop_timeout, ray_address=address,
         )  # fmt: skip
     except ToTaskError as exc:
         typer.echo(f"ToTask failed: {exc}", err=True)
@@ -123,10 +124,7 @@ def run(
             print_result(exc.result)
         raise typer.Exit(EXIT_STOPPED) from None
     finally:
-        if started:
-            import ray
-
-            ray.shutdown()
+        shutdown_if_started()
     print_result(result)
     raise typer.Exit(result.exit_code)
 

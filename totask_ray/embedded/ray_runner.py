@@ -8,13 +8,15 @@ platform:
   detect, capacity gate, non-blocking dispatch, wait) with the dispatch payload's resources, on a
   worker thread so that the event loop keeps answering. The request returns once the app is
   dispatched (or found running); a capacity verdict of `never_fits` answers 400 with its message.
+  Whatever `ReleaseConfig.deploy_target` deploys is deployed: totask-ray's `actions.deployment`, or
+  the entrypoint on `actions.inference` of a release in the Synapse SDK's shape.
 - `serve_applications` rows mirror the real Serve status: DEPLOYING at dispatch, then whatever
   `serve.status()` says (RUNNING, DEPLOY_FAILED, UNHEALTHY, ...), kept up to date by a background
   monitor after the deployment settled; an app that disappeared from the cluster goes back to
   NOT_STARTED. One row per (app, agent) is reused across redeploys: a stale DEPLOY_FAILED row next
   to a new DEPLOYING one would make the reference action fail at once (failed beats pending).
 - `action: inference` POSTs `params.json` to Serve's HTTP proxy at the app's route prefix
-  (`/` + md5(`code@version`)) and answers with the app's JSON.
+  (`/` + md5(`code@version`), then `/`) and answers with the app's JSON.
 
 The platform loads runners as `module:factory` called with no arguments (see
 `server.load_plugin_runner`), so `ray_plugin_runner` reads its settings from the environment, which
@@ -142,9 +144,24 @@ def _app_status(raw: Any) -> str | None:
     return None
 
 
+def _deployed_action(actions: Mapping[str, Any]) -> str | None:
+    """Which action's entrypoint is deployed, picked as `ReleaseConfig.deploy_target` picks it (on the
+    raw config: the payload's resources and the platform's host go in before it is parsed):
+    `deployment` for totask-ray's apps, `inference` for a release in the Synapse SDK's shape."""
+    if isinstance(actions.get("deployment"), Mapping):
+        return "deployment"
+    inference = actions.get("inference")
+    if isinstance(inference, Mapping) and inference.get("entrypoint"):
+        return "inference"
+    return None
+
+
 def _release_with_payload(release: Mapping[str, Any], params: Mapping[str, Any]) -> PreProcessorRelease:
     """The stored release, with the dispatch payload's resources in place of the declared ones (the
-    payload is what the caller asked for; an empty payload keeps the release's own)."""
+    payload is what the caller asked for; an empty payload keeps the release's own).
+
+    It may import the release's entrypoint module (see `_allow_platform_media`): call it off the loop.
+    """
     config = dict(release.get("config") or {})
     if params:
         try:
@@ -153,19 +170,20 @@ def _release_with_payload(release: Mapping[str, Any], params: Mapping[str, Any])
             raise PluginRunError(400, f"Invalid deployment params: {_short(exc)}") from None
         actions = dict(config.get("actions") or {})
         inference = dict(actions.get("inference") or {})
+        actions["inference"] = inference
         required: dict[str, Any] = {"required_cpu_count": res.num_cpus, "required_gpu_count": res.num_gpus}
         if res.num_replicas is not None:
             required["num_replicas"] = res.num_replicas
-            deployment = dict(actions.get("deployment") or {})
-            serve_options = dict(deployment.get("serve_options") or {})
-            serve_options.pop("num_replicas", None)  # the payload's count wins
-            if deployment:
-                deployment["serve_options"] = serve_options
-                actions["deployment"] = deployment
+            kind = _deployed_action(actions)
+            if kind is not None:  # the payload's count wins over the deployed action's own
+                target = inference if kind == "inference" else dict(actions[kind])
+                serve_options = dict(target.get("serve_options") or {})
+                serve_options.pop("num_replicas", None)
+                target["serve_options"] = serve_options
+                actions[kind] = target
         if res.memory is not None:
             required["memory"] = res.memory
         inference["required_resources"] = required
-        actions["inference"] = inference
         config["actions"] = actions
     _allow_platform_media(config)
     try:
@@ -177,26 +195,55 @@ def _release_with_payload(release: Mapping[str, Any], params: Mapping[str, Any])
         raise PluginRunError(400, str(exc)) from None
     except Exception as exc:
         raise PluginRunError(400, f"Invalid plugin release: {_short(exc)}") from None
-    if cfg.actions.deployment is None:
+    if cfg.deploy_target is None:
         raise PluginRunError(
-            400, f"{rel.app_name} declares no actions.deployment.entrypoint; it cannot be deployed"
+            400,
+            f"{rel.app_name} declares no actions.deployment.entrypoint (nor actions.inference.entrypoint, "
+            "as the Synapse SDK writes it); it cannot be deployed",
         )
     return rel
 
 
 def _allow_platform_media(config: dict[str, Any]) -> None:
     """Inference requests name this platform's own signed media URLs, on loopback, which an app's
-    image fetch refuses unless its host is allow-listed: add it to the app's `allowed_hosts`."""
+    image fetch refuses unless its host is allow-listed: add it to the app's `allowed_hosts`.
+
+    Only where `options` reach that fetch (`serving.deployment.FetchOptions`): always for
+    `actions.deployment` (totask-ray's apps); on `actions.inference` they are the constructor
+    arguments of an SDK-style class, which fetches `image_path` its own way and would refuse an
+    unknown keyword, so the host is added there only for a builder or a class that names it.
+    """
     actions = dict(config.get("actions") or {})
-    deployment = actions.get("deployment")
-    if not isinstance(deployment, Mapping):
-        return  # no deployment: refused just below, with its own message
-    options = dict(deployment.get("options") or {})
+    kind = _deployed_action(actions)
+    if kind is None:
+        return  # nothing to deploy: refused just below, with its own message
+    target = actions[kind]
+    if kind == "inference" and not _fetches_under_policy(str(target["entrypoint"])):
+        return
+    options = dict(target.get("options") or {})
     hosts = options.get("allowed_hosts", [])
     if isinstance(hosts, list) and PLATFORM_HOST not in hosts:  # anything else: the app says what is wrong
         options["allowed_hosts"] = [*hosts, PLATFORM_HOST]
-    actions["deployment"] = {**deployment, "options": options}
+    actions[kind] = {**target, "options": options}
     config["actions"] = actions
+
+
+def _fetches_under_policy(entrypoint: str) -> bool:
+    """Whether an `actions.inference` entrypoint takes `allowed_hosts` in its options: a builder
+    (`build_app(args)`, whose options go to `FetchOptions`) or a class whose constructor names it.
+    One that cannot be imported here is left to the dispatch, which says why."""
+    import importlib
+    import inspect
+
+    module, _, attr = entrypoint.partition(":")
+    try:
+        entry = getattr(importlib.import_module(module), attr)
+        cls = getattr(entry, "func_or_class", entry)  # a @serve.deployment class
+        if not inspect.isclass(cls):
+            return callable(cls)
+        return "allowed_hosts" in inspect.signature(cls).parameters
+    except Exception:
+        return False
 
 
 def _short(exc: BaseException, limit: int = 300) -> str:
@@ -383,7 +430,7 @@ class RayPluginRunner:
     async def deploy(self, release: dict, params: dict, agent: dict | None, job_id: int) -> dict:
         store = self._store()
         self._ensure_monitor()
-        rel = _release_with_payload(release, params)
+        rel = await self._call(_release_with_payload, release, params)
         agent_id = None if agent is None else int(agent["id"])
         name = rel.app_name
 
@@ -550,7 +597,8 @@ class RayPluginRunner:
         port = await self._serve_port()
         for attempt in (0, 1):
             try:
-                resp = await self._http.post(f"http://127.0.0.1:{port}{prefix}", json=payload)
+                # With the slash: a FastAPI app's `POST /` answers the bare prefix with a redirect.
+                resp = await self._http.post(f"http://127.0.0.1:{port}{prefix}/", json=payload)
                 break
             except httpx.TimeoutException:
                 raise PluginRunError(

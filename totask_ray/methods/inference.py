@@ -237,26 +237,46 @@ def check_job_params(spec: Any, params: dict[str, Any], gpus_per_replica: float 
 
 def synapse_route(release: PreProcessorRelease) -> tuple[str, str | None]:
     """The method behind the app's `POST /` route (called through the handle, not the HTTP proxy)
-    and, when it takes a pydantic model, that model's import path."""
+    and, when it takes a pydantic model, that model's import path.
+
+    Without a FastAPI app, a class's `infer(body)` is preferred to its `__call__`: totask-ray's
+    shared deployment answers HTTP in `__call__`, which takes a starlette request that a handle
+    cannot pass, and both go through `infer`. A builder entrypoint (`build_app(args)`, as
+    totask-ray's apps are) names no class: it is built with the release's own args to find the one
+    it deploys (binding only describes the app; nothing is deployed or loaded).
+    """
     import inspect
 
     from pydantic import BaseModel
+    from ray import serve
 
     entry = entrypoint_of(release)
     if not entry:
         raise CriticalError("Pre-processor not active: its release names no entrypoint to call")
     target = _import(entry)
+    modules = [importlib.import_module(entry.partition(":")[0])]
+    if callable(target) and not (inspect.isclass(target) or isinstance(target, serve.Deployment)):
+        from totask_ray.serving.resources import deployment_args
+
+        try:
+            built = target(deployment_args(release.config).model_dump())
+        except Exception as exc:
+            raise CriticalError(
+                f"Pre-processor not active: {entry} could not be built to find its route ({safe_error(exc)})"
+            ) from None
+        target = getattr(getattr(built, "_bound_deployment", None), "func_or_class", target)
     cls = getattr(target, "func_or_class", target)  # a @serve.deployment class or the bare class
     raw = getattr(cls, "__wrapped__", cls)  # the class under @serve.ingress
-    module = importlib.import_module(entry.partition(":")[0])
+    own = inspect.getmodule(raw)
+    if own is not None and own not in modules:
+        modules.append(own)  # a builder's class may keep its ingress app in its own module
     # The FastAPI app: the SDK's `app` class attribute, or the module's app that @serve.ingress took
-    apps = [
-        a
-        for a in (vars(raw).get("app"), *vars(module).values())
-        if hasattr(a, "routes") and hasattr(a, "router")
-    ]
+    candidates = [vars(raw).get("app"), *(v for m in modules for v in vars(m).values())]
+    apps = [a for a in candidates if hasattr(a, "routes") and hasattr(a, "router")]
     app = next(iter(apps), None)
     if app is None:
+        if isinstance(cls, type) and callable(getattr(cls, "infer", None)):
+            return "infer", None  # totask-ray's deployment: infer(body) -> task data
         if isinstance(cls, type) and "__call__" in dir(cls):
             return "__call__", None  # a plain deployment: its __call__ takes the request body
         raise CriticalError(

@@ -148,6 +148,8 @@ def configure_data_context(no_progress_timeout_s: float, verbose: bool) -> None:
     dc.wait_for_min_actors_s = -1
     if not verbose:
         logging.getLogger("ray.data").setLevel(logging.WARNING)
+        # "Progress bars disabled": we disabled them (our own progress is the driver's)
+        logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
         # a run with fewer id blocks than actors is normal (small projects, resumes): not news
         warnings.filterwarnings(
             "ignore", message="The (minimum|maximum) number of concurrent", category=UserWarning

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from typing import IO, TYPE_CHECKING
+from typing import IO, TYPE_CHECKING, Any
 
 from totask_ray.pipeline.outcomes import Outcome, Status
 from totask_ray.result import Metrics, TaskFailure
@@ -118,11 +118,17 @@ class RunTracker:
         self._last_pct_logged = -1.0
         self._last_job = 0.0
         self._bar = None
+        self._redirect: Any = None
         self._started = time.monotonic()
         if show_bar if show_bar is not None else _interactive():
             from tqdm.auto import tqdm
 
             self._bar = tqdm(total=total, desc="annotate", unit="task", dynamic_ncols=True)
+            # Log lines and the bar share stderr: log through the bar, so it stays whole at the bottom.
+            from tqdm.contrib.logging import logging_redirect_tqdm
+
+            self._redirect = logging_redirect_tqdm(loggers=[logging.getLogger(), log])
+            self._redirect.__enter__()
 
     @property
     def done(self) -> int:
@@ -221,3 +227,6 @@ class RunTracker:
         self.flush()
         if self._bar is not None:
             self._bar.close()
+            if self._redirect is not None:
+                self._redirect.__exit__(None, None, None)
+                self._redirect = None

@@ -24,6 +24,7 @@ from totask_ray.net.downloads import UrlPolicy
 from totask_ray.pipeline.annotator import WorkerSettings
 from totask_ray.pipeline.outcomes import DONE_STATUSES, from_columns, read_report
 from totask_ray.pipeline.run import PipelineSpec, run_pipeline
+from totask_ray.platform.connect import connect
 from totask_ray.platform.errors import NotFoundError, PlatformError
 from totask_ray.result import RunStatus, ToTaskResult
 from totask_ray.run.context import RunContext
@@ -50,12 +51,17 @@ class Initialize(Step):
 
     def run(self, ctx: RunContext) -> None:
         pid = ctx.params.project
+        # The run's first call: a platform that is not there (or a refused token) is a setting to fix,
+        # not a blip, so it is retried twice at most and the run fails in seconds, before any Ray.
+        probe = connect(ctx.config.model_copy(update={"retries": min(ctx.config.retries, 2)}))
         try:
-            ctx.project = ctx.client.get_project(pid)
+            ctx.project = probe.get_project(pid)
         except NotFoundError:
             raise CriticalError(
                 f"Project not found: project {pid} does not exist or this token cannot see it"
             ) from None
+        finally:
+            probe.close()
         if ctx.project.data_collection is None:
             raise CriticalError(
                 f"Project has no data collection: link a data collection to project {pid} before running"

@@ -3,9 +3,10 @@
 Each app (``serve_apps/<app>/app.py``) keeps only what is its own: the model (a
 :class:`~totask_ray.serving.interface.PreProcessor`), its params and its constructor options. The
 rest is here so that it is written once and audited once: the batch entry point for handles, the
-Synapse-style HTTP route, ``@serve.batch`` merging of HTTP requests, and above all the image fetch.
+Synapse-style route (``POST /``, and ``infer`` for handles: task data, as Synapse pre-processors
+answer), ``@serve.batch`` merging of those requests, and above all the image fetch.
 
-The HTTP route fetches a URL that a caller names, from inside the cluster. It therefore goes through
+The Synapse-style route fetches a URL that a caller names, from inside the cluster. It therefore goes through
 the same :class:`~totask_ray.net.downloads.Downloader` and :class:`~totask_ray.net.downloads.UrlPolicy`
 as the workers' downloads: http and https only, no private, loopback or link-local address (checked
 after DNS and again on every redirect) unless the host is allow-listed, a byte cap on every body, and
@@ -40,7 +41,8 @@ from ray import serve
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from totask_ray.net.downloads import Downloader, UrlPolicy
+from totask_ray.annotation import detections_to_task_data
+from totask_ray.net.downloads import Downloader, DownloadError, UrlPolicy
 from totask_ray.net.redact import redact_url
 from totask_ray.serving.interface import (
     Detection,
@@ -201,10 +203,11 @@ def client_error(exc: BaseException) -> str:
 
 
 def _status_for(exc: BaseException) -> int:
-    # A model that returns garbage is the server's fault; a param it refuses is the caller's.
+    # A model that returns garbage is the server's fault; a param it refuses, or an image_path
+    # that cannot be fetched (refused by the policy, unreachable, not an image), is the caller's.
     if isinstance(exc, PreProcessorOutputError):
         return 500
-    return 400 if isinstance(exc, (ValueError, TypeError)) else 500
+    return 400 if isinstance(exc, (ValueError, TypeError, DownloadError)) else 500
 
 
 def replica_cpus() -> int:
@@ -292,22 +295,33 @@ class PreProcessorDeployment:
                 results[i] = d
         return results
 
-    async def __call__(self, request: Request) -> Any:
-        """Synapse-style: ``{"image_path": url, ...params}`` -> ``{"detections": [...]}``; a request
-        that cannot be served answers ``{"error": "Type: message"}``."""
-        try:
-            body = await request.json()
-            if not isinstance(body, dict) or "image_path" not in body:
-                raise ImageRequestError('expected a JSON object {"image_path": url, ...params}')
-            params = {k: v for k, v in body.items() if k != "image_path"}
-            InferenceParams.model_validate(params)
-            image = await self._fetcher.fetch(body["image_path"])
-        except Exception as exc:
-            return JSONResponse({"error": client_error(exc)}, status_code=400)
+    async def infer(self, body: Mapping[str, Any]) -> dict[str, Any]:
+        """Synapse-style: ``{"image_path": url, ...params}`` -> task data, ``{"objects": [...]}``.
+
+        The body of ``POST /``, and what the synapse calling convention calls through a deployment
+        handle: both go through here, so they fetch alike and share the replica's ``@serve.batch``.
+        The answer is in task-compatible format (what the Synapse user guide asks of a pre-processor,
+        so the SDK template's ``convert_data_from_inference`` can write it as it is); an image with
+        no detection is ``{"objects": []}``, a result. A request that cannot be served raises;
+        :func:`_status_for` says whose fault it is.
+        """
+        if not isinstance(body, Mapping) or "image_path" not in body:
+            raise ImageRequestError('expected a JSON object {"image_path": url, ...params}')
+        params = {k: v for k, v in body.items() if k != "image_path"}
+        InferenceParams.model_validate(params)
+        image = await self._fetcher.fetch(body["image_path"])
         out = await self._http_batch((image, json.dumps(params, sort_keys=True)))
         if isinstance(out, Exception):
-            return JSONResponse({"error": client_error(out)}, status_code=_status_for(out))
-        return {"detections": out}
+            raise out
+        return detections_to_task_data(out)
+
+    async def __call__(self, request: Request) -> Any:
+        """:meth:`infer` over HTTP; a request that cannot be served answers ``{"error": "Type:
+        message"}`` with 400 (the caller's fault) or 500 (the model's)."""
+        try:
+            return await self.infer(await request.json())
+        except Exception as exc:
+            return JSONResponse({"error": client_error(exc)}, status_code=_status_for(exc))
 
 
 DEPLOYMENT = serve.deployment(PreProcessorDeployment)
