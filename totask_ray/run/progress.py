@@ -127,7 +127,7 @@ class RunTracker:
             # Log lines and the bar share stderr: log through the bar, so it stays whole at the bottom.
             from tqdm.contrib.logging import logging_redirect_tqdm
 
-            self._redirect = logging_redirect_tqdm(loggers=[logging.getLogger(), log])
+            self._redirect = logging_redirect_tqdm()  # the root logger, where the CLI logs
             self._redirect.__enter__()
 
     @property
