@@ -49,11 +49,15 @@ def check_accounting(
     """The invariants every faulted run must keep; returns the report's outcomes."""
     outcomes = read_report(report)  # also asserts: at most one outcome per task
     assert sorted(outcomes) == sorted(ids), "every task has exactly one outcome"
-    assert result.success_count + result.failed_count == result.total_tasks == len(ids)
+    # a task re-run after a fault finds its data already there: `unchanged`, not written again
+    done = result.success_count + result.unchanged_count
+    assert done + result.failed_count == result.total_tasks == len(ids)
     assert result.metrics.stand_by == 0
     assert sum(o["status"] == "success" for o in outcomes.values()) == result.success_count
+    assert sum(o["status"] == "unchanged" for o in outcomes.values()) == result.unchanged_count
     writes = platform.store.history_counts(task_ids=ids)
-    print(f"\n[fault summary] tasks={len(ids)} success={result.success_count} failed={result.failed_count} "
+    print(f"\n[fault summary] tasks={len(ids)} success={result.success_count} unchanged={result.unchanged_count} "
+          f"failed={result.failed_count} "
           f"written_twice_same_content={sum(1 for v in writes.values() if v > 1)}")  # fmt: skip
     store = platform.store
     for tid in ids:
@@ -264,7 +268,9 @@ def test_serve_replica_killed_mid_run(platform, tmp_path):
     assert "error" not in box, box.get("error")
     result = box["result"]
     outcomes = read_report(report)
-    assert sorted(outcomes) == sorted(ids) and result.success_count + result.failed_count == len(ids)
+    assert sorted(outcomes) == sorted(
+        ids
+    ) and result.success_count + result.unchanged_count + result.failed_count == len(ids)
     for tid, o in outcomes.items():
         writes = store.history_counts(task_ids=[tid]).get(tid, 0)
         assert (writes >= 1) if o["status"] == "success" else True

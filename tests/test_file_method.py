@@ -39,7 +39,13 @@ def test_thousand_tasks_written_exactly_as_their_files(platform, tmp_path):
     matched = counts.get("pending", 0) + counts.get("in_progress", 0)
     assert result.status is RunStatus.SUCCEEDED
     assert (result.total_tasks, result.success_count, result.failed_count) == (matched, matched, 0)
-    assert result.metrics.model_dump() == {"total": matched, "success": matched, "failed": 0, "stand_by": 0}
+    assert result.metrics.model_dump() == {
+        "total": matched,
+        "success": matched,
+        "failed": 0,
+        "stand_by": 0,
+        "empty": 0,
+    }
     assert f"{matched} succeeded, 0 failed" in result.message
 
     store = platform.store

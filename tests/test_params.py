@@ -106,4 +106,4 @@ def test_bad_files(tmp_path, name, content, words):
 def test_result_reads_like_the_synapse_dict():
     r = ToTaskResult(status=RunStatus.SUCCEEDED, message="ok", total_tasks=3, success_count=3)
     assert r["status"] == "SUCCEEDED"
-    assert r.metrics.model_dump() == {"total": 0, "success": 0, "failed": 0, "stand_by": 0}
+    assert r.metrics.model_dump() == {"total": 0, "success": 0, "failed": 0, "stand_by": 0, "empty": 0}

@@ -302,7 +302,12 @@ def test_task_without_data_unit_and_missing_objects(client, crafted):
 
 def test_project_collection_and_data_unit(client, demo):
     p = client.get(f"/projects/{demo['project']}/").json()
-    assert p == {"id": demo["project"], "title": p["title"], "data_collection": demo["data_collection"]}
+    assert p == {
+        "id": demo["project"],
+        "title": p["title"],
+        "data_collection": demo["data_collection"],
+        "classes": [],
+    }
     dc = client.get(
         f"/data_collections/{demo['data_collection']}/", params={"expand": "file_specifications"}
     ).json()

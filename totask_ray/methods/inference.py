@@ -489,13 +489,18 @@ class InferenceAnnotator(Annotator):
             image = await loop.run_in_executor(self._threads, decode_image, body)
         return _Ready(task, primary.url, image, params, model, key)
 
-    async def _call(self, make: Any, what: str) -> Any:
-        """One handle call, retried once; the answer, or a `TaskFailed` saying why not."""
+    async def _call(self, make: Any, what: str, problem: Any = None) -> Any:
+        """One handle call, retried once; the answer, or a `TaskFailed` saying why not. `problem`
+        (answer -> error text or None) marks an answer of the wrong shape as a failed attempt."""
         last_error = ""
         for attempt in (1, 2):
             response = make()
             try:
-                return await asyncio.wait_for(response, timeout=self.call_timeout_s)
+                answer = await asyncio.wait_for(response, timeout=self.call_timeout_s)
+                wrong = problem(answer) if problem is not None else None
+                if wrong is None:
+                    return answer
+                last_error = wrong
             except TimeoutError:
                 response.cancel()
                 last_error = f"the pre-processor did not answer within {self.call_timeout_s:g} s"
@@ -541,16 +546,18 @@ class InferenceAnnotator(Annotator):
 
         images = [item.image for item in group]
         params = group[0].params
-        answer = await self._call(lambda: self.handle.predict.remote(images, params), "batch call")
+
+        def problem(answer: Any) -> str | None:
+            if isinstance(answer, list) and len(answer) == len(group):
+                return None
+            return (
+                f"the pre-processor returned {type(answer).__name__} instead of one detection list per image "
+                f"({len(group)})"
+            )
+
+        answer = await self._call(lambda: self.handle.predict.remote(images, params), "batch call", problem)
         if isinstance(answer, TaskFailed):
             return [(item, answer) for item in group]
-        if not isinstance(answer, list) or len(answer) != len(group):
-            failed = TaskFailed(
-                Stage.CONVERT,
-                f"the pre-processor returned {type(answer).__name__} instead of one detection list per image "
-                f"({len(group)})",
-            )
-            return [(item, failed) for item in group]
         out: list[tuple[_Ready, Any]] = []
         for item, detections in zip(group, answer, strict=True):
             try:
