@@ -20,6 +20,7 @@ from typing import Any
 
 import httpx
 import pytest
+import yaml
 
 from totask_ray.embedded.ray_runner import ENV_RAY_ADDRESS, ENV_SERVE_PORT
 from totask_ray.embedded.seeds import match_faces, release_config, seed_faces_demo, write_sample_images
@@ -33,6 +34,8 @@ pytestmark = pytest.mark.timeout(300)
 RUNNER = "totask_ray.embedded.ray_runner:ray_plugin_runner"
 VERSION = "1.0.0+runner"
 APP = f"faces@{VERSION}"
+SDK_APP = f"face-finder@{VERSION}"  # examples/synapse_preprocessor: a release in the Synapse SDK's shape
+REPO = Path(__file__).resolve().parents[1]
 # The astronaut's face in the 512x512 picture: box centre about (223, 113).
 FACE_CENTRE = (223, 113)
 
@@ -53,6 +56,15 @@ def serve_port(ray_cluster) -> int:
     config = _get_global_client().http_config
     assert config.host in ("127.0.0.1", "localhost")
     return int(config.port)
+
+
+def _sdk_config(version: str) -> dict[str, Any]:
+    """The example's own release config; it declares two replicas so that the payload's count
+    can be seen to win."""
+    cfg = yaml.safe_load((REPO / "examples" / "synapse_preprocessor" / "config.yaml").read_text())
+    cfg["version"] = version
+    cfg["actions"]["inference"]["serve_options"] = {"num_replicas": 2}
+    return cfg
 
 
 def _faces_config(version: str, **required: Any) -> dict[str, Any]:
@@ -83,6 +95,7 @@ def rp(ray_cluster, serve_port, tmp_path_factory) -> Iterator[dict[str, Any]]:
         ),
         "broken": s.create_plugin_release("faces", "1.0.0+broken", broken),
         "idle": s.create_plugin_release("faces", "1.0.0+idle", _faces_config("1.0.0+idle")),
+        "sdk": s.create_plugin_release("face-finder", VERSION, _sdk_config(VERSION)),
         "agent": s.create_agent("ray-runner-agent"),
         "client": httpx.Client(base_url=lp.url, headers=lp.headers, timeout=120),
         "synapse": SynapseClient(SynapseConfig(host=lp.url, access_token=lp.token, retries=0)),
@@ -93,23 +106,23 @@ def rp(ray_cluster, serve_port, tmp_path_factory) -> Iterator[dict[str, Any]]:
         ctx["client"].close()
         lp.stop()
         backend = RayServeBackend(delete_timeout_s=30)
-        for name in (APP, "faces@1.0.0+gpu4", "faces@1.0.0+broken", "faces@1.0.0+idle"):
+        for name in (APP, SDK_APP, "faces@1.0.0+gpu4", "faces@1.0.0+broken", "faces@1.0.0+idle"):
             backend.delete(name)
 
 
-def _run(rp: dict, body: dict) -> httpx.Response:
-    return rp["client"].post("/plugins/faces/run/", json={"agent": rp["agent"], "language": "ko", **body})
+def _run(rp: dict, body: dict, code: str = "faces") -> httpx.Response:
+    return rp["client"].post(f"/plugins/{code}/run/", json={"agent": rp["agent"], "language": "ko", **body})
 
 
-def _rows(rp: dict) -> list[dict]:
-    rows = rp["synapse"].list_serve_applications(plugin_code="faces", agent=rp["agent"])
-    return [r for r in rows if r["name"] == APP]
+def _rows(rp: dict, app: str = APP) -> list[dict]:
+    rows = rp["synapse"].list_serve_applications(plugin_code=app.partition("@")[0], agent=rp["agent"])
+    return [r for r in rows if r["name"] == app]
 
 
-def _wait_status(rp: dict, wanted: str, timeout_s: float) -> tuple[list[dict], float]:
+def _wait_status(rp: dict, wanted: str, timeout_s: float, app: str = APP) -> tuple[list[dict], float]:
     start = time.monotonic()
     while True:
-        rows = _rows(rp)
+        rows = _rows(rp, app)
         if rows and all(r["status"] == wanted for r in rows):
             return rows, time.monotonic() - start
         assert time.monotonic() - start < timeout_s, f"no {wanted} after {timeout_s} s: {rows}"
@@ -119,6 +132,11 @@ def _wait_status(rp: dict, wanted: str, timeout_s: float) -> tuple[list[dict], f
 def _signed(lp: LocalPlatform, rel: str) -> str:
     expires = int(time.time()) + 600
     return f"{lp.url}/media/{rel}?expires={expires}&signature={media_signature(lp.token, rel, expires)}"
+
+
+def _box(obj: dict) -> list[float]:
+    c = obj["coordinates"]
+    return [c["x"], c["y"], c["width"], c["height"]]
 
 
 def _infer(rp: dict, json_body: Any, version: str = VERSION, **params: Any) -> httpx.Response:
@@ -188,16 +206,16 @@ def test_inference_through_the_platform_finds_the_astronaut(rp, deployed):
         r = _infer(rp, {"image_path": url, "threshold": 0.5})
         latencies.append(time.monotonic() - start)
         assert r.status_code == 200, r.text
-    (face,) = r.json()["detections"]
-    x, y, w, h = face["bbox"]
-    assert face["label"] == "face" and face["score"] >= 0.5
+    (face,) = r.json()["objects"]  # task data, as the app answers
+    x, y, w, h = _box(face)
+    assert face["properties"]["label"] == "face" and face["properties"]["confidence"] >= 0.5
     assert abs(x + w / 2 - FACE_CENTRE[0]) < 15 and abs(y + h / 2 - FACE_CENTRE[1]) < 15
     print(
         f"\ninference through the platform: first {latencies[0] * 1000:.0f} ms, median of the rest "
         f"{statistics.median(latencies[1:]) * 1000:.0f} ms"
     )
     coffee = _infer(rp, {"image_path": _signed(lp, images["coffee"]["path"]), "threshold": 0.5})
-    assert coffee.status_code == 200 and coffee.json() == {"detections": []}
+    assert coffee.status_code == 200 and coffee.json() == {"objects": []}
 
 
 def test_faces_demo_scored_through_the_platform(rp, deployed):
@@ -208,8 +226,38 @@ def test_faces_demo_scored_through_the_platform(rp, deployed):
         url = task["data_unit"]["files"]["image_1"]["url"]
         r = _infer(rp, {"image_path": url, **demo["pre_processor_params"]})
         assert r.status_code == 200, r.text
-        found = match_faces(truth, [d["bbox"] for d in r.json()["detections"]])
+        found = match_faces(truth, [_box(o) for o in r.json()["objects"]])
         assert not found["missed"] and not found["extra"], (task_id, truth, r.json())
+
+
+def test_an_sdk_shaped_release_deploys_through_the_platform(rp):
+    """examples/synapse_preprocessor: its entrypoint is on actions.inference, a FastAPI-ingress class
+    that takes no options (the platform's host is not pushed into its constructor) and fetches
+    image_path itself; the dispatch payload's replica count wins over the release's."""
+    from ray import serve
+
+    params = {"num_cpus": 1, "num_gpus": 0, "num_replicas": 1}
+    r = _run(rp, {"action": "deployment", "version": VERSION, "params": params}, code="face-finder")
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert out["name"] == SDK_APP and out["route_prefix"] == route_prefix("face-finder", VERSION)
+    (row,), _ = _wait_status(rp, "RUNNING", timeout_s=120, app=SDK_APP)
+    assert row["plugin_release"] == rp["sdk"] and row["id"] == out["serve_application"]
+    (deployment,) = serve.status().applications[SDK_APP].deployments.values()
+    assert deployment.replica_states == {"RUNNING": 1}
+
+    # It serves, and fetches the platform's media itself. Called through its handle, as the synapse
+    # convention calls it: over Serve's HTTP proxy (Ray 2.60, FastAPI 0.165) the example's route
+    # reads `body: dict` as a query parameter and answers 422, which is the app's matter.
+    lp = rp["lp"]
+    images = write_sample_images(lp.media_dir)
+    body = {"image_path": _signed(lp, images["astronaut"]["path"])}
+    answer = serve.get_app_handle(SDK_APP).infer.remote(body=body).result(timeout_s=60)
+    (face,) = answer["objects"]
+    x, y, w, h = _box(face)
+    assert face["properties"]["label"] == "face"
+    assert 177 <= x + w / 2 <= 270 and 67 <= y + h / 2 <= 160
+    assert RayServeBackend(delete_timeout_s=30).delete(SDK_APP)
 
 
 def test_inference_errors_are_clear(rp, deployed):
@@ -419,3 +467,23 @@ def test_inference_without_serve_is_a_503(tmp_path):
         assert r.status_code == 503 and "Serve is not running" in r.json()["detail"]
 
     _scripted_platform(tmp_path, ScriptedServe([]), scenario)
+
+
+def test_release_payload_for_an_sdk_shaped_release():
+    """The payload's resources land on actions.inference and its replica count replaces the one in
+    the deployed action's serve_options; the platform's host is allow-listed only where options
+    reach totask-ray's image fetch (a builder's args), never in an SDK class's constructor."""
+    from totask_ray.embedded.ray_runner import PLATFORM_HOST, _release_with_payload
+
+    sdk = {"id": 3, "plugin": "face-finder", "version": "1.0.0", "config": _sdk_config("1.0.0")}
+    rel = _release_with_payload(sdk, {"num_cpus": 2, "num_gpus": 0, "num_replicas": 3})
+    target = rel.config.deploy_target
+    assert target is not None and target.source == "inference"
+    assert target.options == {} and target.serve_options.num_replicas is None
+    assert rel.config.actions.inference.required_resources.num_replicas == 3
+    assert _release_with_payload(sdk, {}).config.deploy_target.serve_options.num_replicas == 2
+
+    builder = _faces_config("1.0.0")
+    builder["actions"]["inference"]["entrypoint"] = builder["actions"].pop("deployment")["entrypoint"]
+    rel = _release_with_payload({"plugin": "faces", "version": "1.0.0", "config": builder}, {})
+    assert rel.config.deploy_target.options["allowed_hosts"] == [PLATFORM_HOST]

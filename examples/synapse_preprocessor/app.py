@@ -19,7 +19,7 @@ from typing import Any
 import cv2
 import httpx
 import numpy as np
-from fastapi import FastAPI
+from fastapi import Body, FastAPI
 from ray import serve
 
 app = FastAPI()
@@ -46,7 +46,7 @@ class FaceFinder:
         self.batch_sizes: list[int] = []
 
     @app.post("/")
-    async def infer(self, body: dict[str, Any]) -> dict[str, Any]:
+    async def infer(self, body: dict[str, Any] = Body(...)) -> dict[str, Any]:
         model = _model_from_token(serve.get_multiplexed_model_id())
         response = await self.http.get(body["image_path"])
         response.raise_for_status()

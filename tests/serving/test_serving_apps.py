@@ -223,16 +223,20 @@ def test_faces_over_http(deployed, serve_http_port, image_server):
     coffee = image_server.add("coffee.png", png(data.coffee()))
     resp = _post(serve_http_port, route, {"image_path": astro, "threshold": 0.5})
     assert resp.status_code == 200, resp.text
-    (face,) = resp.json()["detections"]
-    assert face["label"] == "face" and face_centre_ok(face["bbox"])
-    assert _post(serve_http_port, route, {"image_path": coffee}).json() == {"detections": []}
+    # task data, as Synapse pre-processors answer: objects with their label and confidence
+    (face,) = resp.json()["objects"]
+    c = face["coordinates"]
+    assert face["type"] == "bbox" and face["properties"]["label"] == "face"
+    assert face["properties"]["confidence"] >= 0.5
+    assert face_centre_ok([c["x"], c["y"], c["width"], c["height"]])
+    assert _post(serve_http_port, route, {"image_path": coffee}).json() == {"objects": []}
 
 
 def test_ocr_over_http(deployed, serve_http_port, image_server):
     url = image_server.add("words.png", png(text_image()))
     resp = _post(serve_http_port, deployed["ocr"].route_prefix, {"image_path": url})
     assert resp.status_code == 200, resp.text
-    assert [d["text"] for d in resp.json()["detections"]] == WORDS
+    assert [o["properties"]["text"] for o in resp.json()["objects"]] == WORDS
 
 
 def test_http_rejects_bad_requests(deployed, serve_http_port, image_server):

@@ -177,11 +177,11 @@ def _refused(route: str, image_path: Any, *needles: str) -> str:
 def test_an_allowed_host_is_fetched_and_detected(route, site):
     resp = _post(route, {"image_path": site.url(f"/astronaut.png?{SIG}"), "threshold": 0.5})
     assert resp.status_code == 200, resp.text
-    (face,) = resp.json()["detections"]
-    assert face["label"] == "face" and face["score"] > 0.9
+    (face,) = resp.json()["objects"]
+    assert face["properties"]["label"] == "face" and face["properties"]["confidence"] > 0.9
     # a redirect that stays on the allow-list is followed
     hop = site.redirect("hop", site.url(f"/astronaut.png?{SIG}"))
-    assert len(_post(route, {"image_path": hop}).json()["detections"]) == 1
+    assert len(_post(route, {"image_path": hop}).json()["objects"]) == 1
 
 
 def test_loopback_hosts_that_are_not_allowed_are_refused(route, site, trap):
@@ -249,8 +249,8 @@ def test_concurrent_requests_with_different_params_are_answered_separately(route
             return await asyncio.gather(*(client.post(route, json=b) for b in bodies))
 
     ok, none, bad, ok2 = asyncio.run(go())
-    assert len(ok.json()["detections"]) == 1 and ok2.json() == ok.json()
-    assert none.json() == {"detections": []}
+    assert len(ok.json()["objects"]) == 1 and ok2.json() == ok.json()
+    assert none.json() == {"objects": []}
     assert bad.status_code == 400 and "scale_factor" in bad.json()["error"]
 
 
