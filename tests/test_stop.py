@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import good_unit, make_project, read_report
+from helpers import free_port, good_unit, make_project, read_report, wait_port
 
 from totask_ray.embedded.server import LocalPlatform
 from totask_ray.platform.synapse import SynapseClient, SynapseConfig
@@ -232,33 +232,13 @@ sys.exit(3)
     assert result["stand_by"] == TASKS - len(written)
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_port(port: int, timeout: float = 60.0) -> None:
-    import socket
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.5)
-    raise TimeoutError(f"nothing listens on {port}")
-
-
 def test_ray_job_stop_on_a_submitted_job_then_resume(slow_platform, tmp_path):
     """`ray job stop` sends SIGTERM, then SIGKILL after RAY_JOB_STOP_WAIT_TIME_S (3 s by default;
     README says to raise it): the job stops gracefully inside that wait."""
     platform = slow_platform
     project, ids, units, job, job_id = _project(platform, tmp_path, "jobstop")
     workdir = job.parent
-    gcs_port, dash_port, agent_http, agent_grpc, metrics = (_free_port() for _ in range(5))
+    gcs_port, dash_port, agent_http, agent_grpc, metrics = (free_port() for _ in range(5))
     temp = Path("/tmp") / f"raystop{gcs_port}"
     env = _env(platform, RAY_AUTH_MODE="token", RAY_JOB_STOP_WAIT_TIME_S="40")
     head = subprocess.Popen(
@@ -272,7 +252,7 @@ def test_ray_job_stop_on_a_submitted_job_then_resume(slow_platform, tmp_path):
     address = f"http://127.0.0.1:{dash_port}"
     first = tmp_path / "first.jsonl"
     try:
-        _wait_port(dash_port)
+        wait_port(dash_port)
         submit_id = f"totask_stop_{gcs_port}"
         deadline = time.monotonic() + 120
         while True:
