@@ -42,7 +42,6 @@ from totask_ray.platform.models import Task
 
 if TYPE_CHECKING:
     from totask_ray.serving.config import PreProcessorRelease
-    from totask_ray.serving.lifecycle import LifecycleResult
 
 log = logging.getLogger("totask_ray")
 
@@ -64,8 +63,8 @@ class InferenceOptions:
 @dataclass
 class InferencePlan:
     release: PreProcessorRelease
-    lifecycle: LifecycleResult
     config: dict[str, Any]
+    params: dict[str, Any]  # the job's pre_processor_params as checked (aliases resolved, unknown out)
     convention: str = "batched"
     route: str | None = None
     body_model: str | None = None
@@ -86,7 +85,6 @@ class InferenceMethod(AnnotationMethod):
         self.plan: InferencePlan | None = None
         self._backend: Any = None
         self._dispatched: str | None = None
-        self.checked_params: dict[str, Any] = {}
 
     def prepare(self, job: PrepareInput) -> None:
         from totask_ray.serving.capacity import CapacityError
@@ -143,14 +141,13 @@ class InferenceMethod(AnnotationMethod):
             self._dispatched = release.app_name
         self.plan = InferencePlan(
             release,
-            result,
             config.model_dump(mode="json", exclude_none=True),
+            checked_params,
             convention=convention,
             route=route,
             body_model=body_model,
             labels=labels,
         )
-        self.checked_params: dict[str, Any] = checked_params
         verb = "started" if result.started else "found running"
         log.info("pre-processor %s %s (%.1f s)", release.app_name, verb, result.elapsed_s)
 
@@ -174,7 +171,7 @@ class InferenceMethod(AnnotationMethod):
                 "route": self.plan.route,
                 "body_model": self.plan.body_model,
                 "labels": self.plan.labels,
-                "app_params": self.checked_params,
+                "app_params": self.plan.params,
                 "release": {
                     "code": self.plan.release.code,
                     "version": self.plan.release.version,

@@ -113,6 +113,5 @@ class RunContext:
     job: JobSink | None = None
     tracker: RunTracker | None = None
     report_file: IO[str] | None = None
-    stopped: str | None = None  # the signal that stopped the run, once one did
     cleanups: list[Callable[[], None]] = field(default_factory=list)
     started: float = field(default_factory=time.monotonic)

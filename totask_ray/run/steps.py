@@ -153,7 +153,6 @@ class Annotate(Step):
                 ctx.tracker.close()
         if stop.reason is not None:
             waited = time.monotonic() - (stop.signalled_at or time.monotonic())
-            ctx.stopped = stop.reason
             how = "before what was in flight had reported" if stop.cut else f"{waited:.1f} s after it"
             raise RunStopped(f"Stopped by {stop.reason} {how}")
         if critical is not None:

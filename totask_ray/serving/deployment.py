@@ -63,7 +63,6 @@ __all__ = [
     "ImageFetcher",
     "ImageRequestError",
     "PreProcessorDeployment",
-    "app_params",
     "build_application",
     "client_error",
     "decode_image",
@@ -115,26 +114,6 @@ class FetchOptions(BaseModel):
 
     def policy(self) -> UrlPolicy:
         return UrlPolicy.for_platform(None, self.allowed_hosts, allow_private=self.allow_private_urls)
-
-
-def app_params(
-    params: InferenceParams, defaults: Mapping[str, Any], casts: Mapping[str, Callable[[Any], Any]]
-) -> dict[str, Any]:
-    """A model's per-call options: its ``defaults``, overridden by the app-specific keys of ``params``.
-
-    Params arrive as JSON from a caller: each key named in ``casts`` is converted, and a value that
-    does not convert is a ``ValueError`` naming the key (the HTTP route answers it with a 400).
-    """
-    opts = dict(defaults)
-    extras = params.extras
-    for key, cast in casts.items():
-        if key in extras:
-            try:
-                opts[key] = cast(extras[key])
-            except (TypeError, ValueError) as exc:
-                kind = getattr(cast, "__name__", "value").strip("_")
-                raise ValueError(f"param {key!r} must be a {kind}, got {extras[key]!r}") from exc
-    return opts
 
 
 def decode_image(body: bytes, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
