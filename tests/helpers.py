@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -124,3 +129,66 @@ def wait_port(port: int, timeout: float = 60.0) -> None:
                 return
         time.sleep(0.5)
     raise TimeoutError(f"nothing listens on {port}")
+
+
+BIN = Path(sys.executable).parent  # this venv's console scripts (totask-ray, ray)
+
+
+def cli_env(platform: Any, **extra: str) -> dict[str, str]:
+    """The environment a user's shell gives `totask-ray` / `ray`: the platform in the SYNAPSE_*
+    variables, no stray RAY_ADDRESS, this venv first on PATH (as when it is activated)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "SYNAPSE_"))}
+    env.update(
+        RAY_USAGE_STATS_ENABLED="0",
+        SYNAPSE_HOST=platform.url,
+        SYNAPSE_ACCESS_TOKEN=platform.token,
+        PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+        **extra,
+    )
+    return env
+
+
+@dataclass(frozen=True)
+class RayHead:
+    gcs: str  # host:port for `--address` of a driver
+    dashboard: str  # http URL for `ray job ...`
+    port: int
+
+
+@contextmanager
+def ray_head(env: dict[str, str], name: str) -> Iterator[RayHead]:
+    """A `ray start --head` cluster of 2 CPUs on loopback ports of its own, stopped afterwards."""
+    gcs_port, dash_port, agent_http, agent_grpc, metrics = (free_port() for _ in range(5))
+    temp = Path("/tmp") / f"{name}{gcs_port}"  # a short path: unix socket names are limited
+    head = subprocess.Popen(
+        [str(BIN / "ray"), "start", "--head", "--block", f"--port={gcs_port}", "--num-cpus=2",
+         "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash_port}",
+         "--disable-usage-stats", f"--temp-dir={temp}",
+         # another cluster (the suite's) may hold the default agent ports on this machine
+         f"--dashboard-agent-listen-port={agent_http}", f"--dashboard-agent-grpc-port={agent_grpc}",
+         f"--metrics-export-port={metrics}"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    try:
+        wait_port(dash_port)
+        yield RayHead(gcs=f"127.0.0.1:{gcs_port}", dashboard=f"http://127.0.0.1:{dash_port}", port=gcs_port)
+    finally:
+        head.terminate()
+        try:
+            head.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            head.kill()
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def job_submit(args: list[str], env: dict[str, str], timeout: float = 120.0) -> subprocess.CompletedProcess:
+    """`ray job submit ARGS`, retried while the dashboard's job agent is still starting ("No
+    available agent": the submission is refused before a job exists, so retrying is safe)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        proc = subprocess.run(
+            [str(BIN / "ray"), "job", "submit", *args], env=env, capture_output=True, text=True, timeout=300
+        )
+        if proc.returncode == 0 or "No available agent" not in proc.stderr or time.monotonic() > deadline:
+            return proc
+        time.sleep(2)

@@ -4,40 +4,20 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import socket
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
 import yaml
-from helpers import good_unit, make_project, read_report
+from helpers import BIN, cli_env, good_unit, job_submit, make_project, ray_head, read_report
 
 REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _env(platform, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "SYNAPSE_"))}
-    env.update(
-        RAY_USAGE_STATS_ENABLED="0",
-        SYNAPSE_HOST=platform.url,
-        SYNAPSE_ACCESS_TOKEN=platform.token,
-        PYTHONPATH=str(REPO / "tests"),
-        PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",  # as with an activated virtualenv
-        **extra,
-    )
-    return env
+    return cli_env(platform, PYTHONPATH=str(REPO / "tests"), **extra)
 
 
 def _job_file(tmp_path: Path, **params) -> Path:
@@ -109,27 +89,6 @@ def test_cli_exit_codes_and_the_token_appears_nowhere(platform, gcs_address, tmp
     assert leaks == [], f"the platform token leaked into {leaks}"
 
 
-def _wait_port(port: int, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.5)
-    raise TimeoutError(f"nothing listens on {port}")
-
-
-def _submit(args: list[str], env: dict[str, str], timeout: float = 120.0) -> subprocess.CompletedProcess:
-    """`ray job submit`, retried while the dashboard's job agent is still starting ("No available
-    agent": the submission is refused before a job exists, so retrying is safe)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        proc = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
-        if proc.returncode == 0 or "No available agent" not in proc.stderr or time.monotonic() > deadline:
-            return proc
-        time.sleep(2)
-
-
 @pytest.mark.slow
 def test_ray_job_submit_to_a_ray_start_cluster(platform, tmp_path):
     units = [good_unit(platform, i, "jobsubmit") for i in range(20)]
@@ -137,36 +96,17 @@ def test_ray_job_submit_to_a_ray_start_cluster(platform, tmp_path):
     workdir = tmp_path / "job"
     workdir.mkdir()
     _job_file(workdir, project=project)
-    gcs_port, dash_port, agent_http, agent_grpc, metrics = (_free_port() for _ in range(5))
-    temp = Path("/tmp") / f"rayjob{gcs_port}"  # a short path: unix socket names are limited
     env = _env(platform, RAY_AUTH_MODE="token")
-    head = subprocess.Popen(
-        [str(BIN / "ray"), "start", "--head", "--block", f"--port={gcs_port}", "--num-cpus=2",
-         "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash_port}",
-         "--disable-usage-stats", f"--temp-dir={temp}",
-         # another cluster (the suite's) may hold the default agent ports on this machine
-         f"--dashboard-agent-listen-port={agent_http}", f"--dashboard-agent-grpc-port={agent_grpc}",
-         f"--metrics-export-port={metrics}"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )  # fmt: skip
-    try:
-        _wait_port(dash_port)
-        report = tmp_path / "job-report.jsonl"
-        submit = _submit(
-            [str(BIN / "ray"), "job", "submit", f"--address=http://127.0.0.1:{dash_port}", f"--working-dir={workdir}",
+    report = tmp_path / "job-report.jsonl"
+    with ray_head(env, "rayjob") as head:
+        submit = job_submit(
+            [f"--address={head.dashboard}", f"--working-dir={workdir}",
              "--", "python", "-m", "totask_ray", "run", "job.yaml", "--report", str(report)],
             env,
         )  # fmt: skip
         assert submit.returncode == 0, (submit.stdout + submit.stderr)[-3000:]
         assert "20 succeeded, 0 failed" in submit.stdout
         assert platform.token not in submit.stdout + submit.stderr
-    finally:
-        head.terminate()
-        try:
-            head.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            head.kill()
-        shutil.rmtree(temp, ignore_errors=True)
     for tid, unit in zip(ids, units, strict=True):
         assert platform.store.get_task(tid)["data"] == unit["expected"]
     assert set(platform.store.history_counts(task_ids=ids).values()) == {1}

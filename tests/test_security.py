@@ -16,16 +16,14 @@ from __future__ import annotations
 import asyncio
 import inspect
 import json
-import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import httpx
 import pytest
 import yaml
-from helpers import file_server, read_report
+from helpers import BIN, cli_env, file_server, read_report
 from test_bad_input import NEVER, SIG, RecordingRoutes, bad_input_project
 
 import totask_ray.net.downloads as downloads
@@ -275,19 +273,6 @@ def test_embedded_platform_binds_loopback_and_guards_its_endpoints(platform):
 
 # -- the token appears nowhere after the failure scenarios -------------------------------------------
 
-BIN = Path(sys.executable).parent
-
-
-def _env(platform) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "SYNAPSE_"))}
-    env.update(
-        RAY_USAGE_STATS_ENABLED="0",
-        SYNAPSE_HOST=platform.url,
-        SYNAPSE_ACCESS_TOKEN=platform.token,
-        PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-    )
-    return env
-
 
 def test_cli_over_the_bad_input_project_leaks_no_token(platform, ray_cluster, tmp_path):
     """`totask-ray run` over every per-task failure of tests/test_bad_input.py (plus bad params),
@@ -304,11 +289,11 @@ def test_cli_over_the_bad_input_project_leaks_no_token(platform, ray_cluster, tm
         run = subprocess.run(
             [str(BIN / "totask-ray"), "run", str(job), "--address", gcs, "--report", str(report),
              "--job-id", str(job_id), "--num-actors", "1", "--allow-host", "localhost"],
-            env=_env(platform), capture_output=True, text=True, timeout=300,
+            env=cli_env(platform), capture_output=True, text=True, timeout=300,
         )  # fmt: skip
     bad_job = tmp_path / "bad.yaml"
     bad_job.write_text(yaml.safe_dump({"name": f"x {token}", "project": token, "batch_size": token}))
-    bad = subprocess.run([str(BIN / "totask-ray"), "run", str(bad_job)], env=_env(platform),
+    bad = subprocess.run([str(BIN / "totask-ray"), "run", str(bad_job)], env=cli_env(platform),
                          capture_output=True, text=True, timeout=120)  # fmt: skip
 
     assert run.returncode == 2, run.stderr[-3000:]  # some tasks failed

@@ -11,8 +11,6 @@ says STOPPED with the same counts. Each case prints one row of the table the clo
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -21,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import free_port, good_unit, make_project, read_report, wait_port
+from helpers import BIN, cli_env, good_unit, job_submit, make_project, ray_head, read_report
 
 from totask_ray.embedded.server import LocalPlatform
 from totask_ray.platform.synapse import SynapseClient, SynapseConfig
@@ -29,7 +27,6 @@ from totask_ray.platform.synapse import SynapseClient, SynapseConfig
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
 TASKS = 1500
 STOP_AT = 0.3  # the signal comes once this share of the tasks has been written
 
@@ -48,18 +45,6 @@ def slow_platform(tmp_path_factory):
 @pytest.fixture(scope="module")
 def gcs_address(ray_cluster):
     return ray_cluster.get_runtime_context().gcs_address
-
-
-def _env(platform, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "SYNAPSE_"))}
-    env.update(
-        RAY_USAGE_STATS_ENABLED="0",
-        SYNAPSE_HOST=platform.url,
-        SYNAPSE_ACCESS_TOKEN=platform.token,
-        PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-        **extra,
-    )
-    return env
 
 
 def _project(platform, tmp_path: Path, name: str) -> tuple[int, list[int], list[dict], Path, int]:
@@ -124,7 +109,7 @@ def _row(case: str, written: int, in_report: int, rewritten: int, exit_s: float,
 
 def _cli_case(platform, tmp_path, gcs_address, sig: signal.Signals, name: str):
     project, ids, units, job, job_id = _project(platform, tmp_path, name)
-    env = _env(platform)
+    env = cli_env(platform)
     first = tmp_path / "first.jsonl"
     proc = subprocess.Popen(
         [str(BIN / "totask-ray"), "run", str(job), "--report", str(first), "--address", gcs_address,
@@ -214,7 +199,7 @@ print("not stopped")
 sys.exit(3)
 """
     proc = subprocess.Popen(
-        [sys.executable, "-c", script], env=_env(platform), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        [sys.executable, "-c", script], env=cli_env(platform), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         text=True,
     )  # fmt: skip
     try:
@@ -238,33 +223,16 @@ def test_ray_job_stop_on_a_submitted_job_then_resume(slow_platform, tmp_path):
     platform = slow_platform
     project, ids, units, job, job_id = _project(platform, tmp_path, "jobstop")
     workdir = job.parent
-    gcs_port, dash_port, agent_http, agent_grpc, metrics = (free_port() for _ in range(5))
-    temp = Path("/tmp") / f"raystop{gcs_port}"
-    env = _env(platform, RAY_AUTH_MODE="token", RAY_JOB_STOP_WAIT_TIME_S="40")
-    head = subprocess.Popen(
-        [str(BIN / "ray"), "start", "--head", "--block", f"--port={gcs_port}", "--num-cpus=2",
-         "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash_port}",
-         "--disable-usage-stats", f"--temp-dir={temp}",
-         f"--dashboard-agent-listen-port={agent_http}", f"--dashboard-agent-grpc-port={agent_grpc}",
-         f"--metrics-export-port={metrics}"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )  # fmt: skip
-    address = f"http://127.0.0.1:{dash_port}"
+    env = cli_env(platform, RAY_AUTH_MODE="token", RAY_JOB_STOP_WAIT_TIME_S="40")
     first = tmp_path / "first.jsonl"
-    try:
-        wait_port(dash_port)
-        submit_id = f"totask_stop_{gcs_port}"
-        deadline = time.monotonic() + 120
-        while True:
-            sub = subprocess.run(
-                [str(BIN / "ray"), "job", "submit", f"--address={address}", f"--working-dir={workdir}",
-                 f"--submission-id={submit_id}", "--no-wait", "--", "python", "-m", "totask_ray", "run",
-                 "job.yaml", "--report", str(first), "--job-id", str(job_id)],
-                env=env, capture_output=True, text=True, timeout=300,
-            )  # fmt: skip
-            if sub.returncode == 0 or "No available agent" not in sub.stderr or time.monotonic() > deadline:
-                break
-            time.sleep(2)
+    with ray_head(env, "raystop") as head:
+        address = head.dashboard
+        submit_id = f"totask_stop_{head.port}"
+        sub = job_submit(
+            [f"--address={address}", f"--working-dir={workdir}", f"--submission-id={submit_id}", "--no-wait",
+             "--", "python", "-m", "totask_ray", "run", "job.yaml", "--report", str(first), "--job-id", str(job_id)],
+            env,
+        )  # fmt: skip
         assert sub.returncode == 0, (sub.stdout + sub.stderr)[-3000:]
         _wait_for_writes(platform, project, None, int(TASKS * STOP_AT))
         t0 = time.monotonic()
@@ -284,15 +252,9 @@ def test_ray_job_stop_on_a_submitted_job_then_resume(slow_platform, tmp_path):
         assert len(written) < TASKS
         assert set(written) <= reported, f"{len(set(written) - reported)} writes are in no report"
         # resume on the same cluster, as a user would after `ray job stop`
-        gcs = f"127.0.0.1:{gcs_port}"
-        _added, rewritten = _resume_and_check(platform, project, ids, units, job, first, tmp_path, env, gcs)
+        _added, rewritten = _resume_and_check(
+            platform, project, ids, units, job, first, tmp_path, env, head.gcs
+        )
         _row(
             "ray job stop (RAY_JOB_STOP_WAIT_TIME_S=40)", len(written), len(reported), rewritten, exit_s, 130
         )
-    finally:
-        head.terminate()
-        try:
-            head.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            head.kill()
-        shutil.rmtree(temp, ignore_errors=True)

@@ -174,6 +174,8 @@ def deployed(ray_cluster, serve_http_port):
             rel = PreProcessorRelease.from_config(load_release_config(ROOT / "serve_apps" / app))
             # the image server is on loopback: an app fetches from there only when it is allow-listed
             rel.config.actions.deployment.options["allowed_hosts"] = ["127.0.0.1"]
+            # an app of the same name left by another module was deployed without this allow-list
+            backend.delete(rel.app_name)
             results.append(ensure_running(rel, backend, poll_interval_s=0.1, timeout_s=120))
         yield {r.app_name.split("@")[0]: r for r in results}
     finally:
