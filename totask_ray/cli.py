@@ -23,7 +23,7 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 app = typer.Typer(
     name="totask-ray",
-    help="Pre-annotate labeling tasks at cluster scale (Synapse ToTask on Ray Data and Ray Serve).",
+    help="Pre-annotate labeling tasks at cluster scale (Synapse or Label Studio, on Ray Data and Ray Serve).",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
@@ -62,8 +62,31 @@ def load_action_class(spec: str | None) -> type:
 @app.command()
 def run(
     job: Annotated[Path, typer.Argument(help="Job parameters, YAML or JSON (Synapse ToTask names).")],
-    host: Annotated[str | None, typer.Option(help="Platform URL (default: $SYNAPSE_HOST).")] = None,
-    token: Annotated[str | None, typer.Option(help="Access token (prefer $SYNAPSE_ACCESS_TOKEN).")] = None,
+    platform: Annotated[
+        str | None,
+        typer.Option(
+            help="synapse or label-studio (default: label-studio when $LABEL_STUDIO_URL and "
+            "$LABEL_STUDIO_API_KEY are set and $SYNAPSE_HOST is not, else synapse)."
+        ),
+    ] = None,
+    host: Annotated[
+        str | None, typer.Option(help="Platform URL (default: $SYNAPSE_HOST or $LABEL_STUDIO_URL).")
+    ] = None,
+    token: Annotated[
+        str | None,
+        typer.Option(help="Access token (prefer $SYNAPSE_ACCESS_TOKEN or $LABEL_STUDIO_API_KEY)."),
+    ] = None,
+    model_version: Annotated[
+        str | None,
+        typer.Option(help="Label Studio: the predictions' model_version (default: the job's name)."),
+    ] = None,
+    write: Annotated[
+        str, typer.Option(help="Label Studio: write predictions (default) or annotations.")
+    ] = "predictions",
+    release: Annotated[
+        list[str] | None,
+        typer.Option(help="Label Studio: a pre-processor release, ID=path/to/config.yaml (repeatable)."),
+    ] = None,
     tenant: Annotated[str | None, typer.Option(help="Tenant (default: $SYNAPSE_PLUGIN_RUN_TENANT).")] = None,
     address: Annotated[
         str | None, typer.Option(help="Ray cluster address (default: $RAY_ADDRESS, else local).")
@@ -97,13 +120,23 @@ def run(
     from totask_ray.console import print_result
     from totask_ray.errors import RunStopped, ToTaskError
     from totask_ray.params import ParamsError, ToTaskParams
+    from totask_ray.platform.connect import config_from_env, platform_from_env
     from totask_ray.platform.errors import PlatformError
-    from totask_ray.platform.synapse import SynapseConfig
+    from totask_ray.platform.label_studio.config import WriteAs, load_release_files
     from totask_ray.run.driver import run_to_task
 
     try:
         params = ToTaskParams.from_file(job)
-        config = SynapseConfig.from_env(host=host, access_token=token, tenant=tenant)
+        name = platform or platform_from_env()
+        if name == "label-studio":
+            if write not in tuple(WriteAs):
+                raise PlatformError(f"--write takes predictions or annotations, not {write!r}")
+            config = config_from_env(
+                name, host=host, api_key=token, model_version=model_version, write=write,
+                releases=load_release_files(release or []),
+            )  # fmt: skip
+        else:
+            config = config_from_env(name, host=host, access_token=token, tenant=tenant)
     except (ParamsError, PlatformError) as exc:
         typer.echo(str(exc), err=True)
         raise typer.Exit(EXIT_FAILED) from None

@@ -74,7 +74,7 @@ class FileAnnotator(Annotator):
             raise
         except Exception as exc:
             raise TaskFailed(Stage.CONVERT, f"convert_data_from_file raised {safe_error(exc)}") from exc
-        return await self.validate_and_write(task, data)
+        return await self.validate_and_write(task, data, image_url=primary.url)
 
     async def _download_default(
         self, primary_url: str, primary_name: Any, data_url: str, data_name: Any, task_data: Any

@@ -589,7 +589,7 @@ class InferenceAnnotator(Annotator):
             )
         except Exception as exc:
             raise TaskFailed(Stage.CONVERT, f"convert_data_from_inference raised {safe_error(exc)}") from exc
-        return await self.validate_and_write(item.task, data)
+        return await self.validate_and_write(item.task, data, image_url=item.url, image=item.image)
 
 
 def _import(path: str) -> Any:

@@ -15,7 +15,7 @@ import ipaddress
 import json
 import logging
 import socket
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urljoin, urlsplit
@@ -194,8 +194,11 @@ class Downloader:
         max_connections: int = 100,
         transport: httpx.AsyncBaseTransport | None = None,
         retry: RetryPolicy | None = None,
+        headers: Callable[[str], Awaitable[Mapping[str, str]]] | None = None,
     ):
         self.policy = policy
+        # credentials for one URL (asked again for each redirect hop, so another host gets none)
+        self._headers = headers
         self.retry = retry or RetryPolicy(
             retries=4, backoff_s=0.25, max_backoff_s=5.0, max_retry_after_s=30.0
         )
@@ -229,14 +232,17 @@ class Downloader:
 
     @contextlib.asynccontextmanager
     async def _open(self, url: str) -> AsyncIterator[_Hop]:
+        headers = dict(await self._headers(url)) if self._headers is not None else None
         if self._httpx is not None:
-            async with self._httpx.stream("GET", url) as resp:
+            async with self._httpx.stream("GET", url, headers=headers) as resp:
                 yield _Hop(resp.status_code, resp.headers, resp.aiter_bytes())
             return
         if self._session is None:
             self._session = aio.session(self._max_connections, resolver=_policy_resolver(self.policy))
         with aio.transport_errors():
-            async with self._session.get(aio.url(url), allow_redirects=False, timeout=self._timeout) as resp:
+            async with self._session.get(
+                aio.url(url), headers=headers, allow_redirects=False, timeout=self._timeout
+            ) as resp:
                 yield _Hop(resp.status, resp.headers, resp.content.iter_chunked(CHUNK_BYTES))
 
     async def _get(self, url: str, max_bytes: int, content_types: tuple[str, ...]) -> tuple[bytes, str] | str:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import io
 import json
 import logging
 import re
@@ -112,7 +113,10 @@ class Annotator:
         if self._client is None:
             s = self.settings
             self._client = connect_async(s.platform)
-            self._downloader = Downloader(s.url_policy, timeout_s=s.download_timeout_s)
+            # the platform's own files may need its token (Label Studio's uploads); only its own
+            self._downloader = Downloader(
+                s.url_policy, timeout_s=s.download_timeout_s, headers=self._client.media_headers
+            )
             self._sem = asyncio.Semaphore(s.concurrency)
             self._stop.start()
 
@@ -171,6 +175,8 @@ class Annotator:
         return task, unit
 
     def skip_existing(self, task: Task) -> Outcome | None:
+        if task.already_done is not None:
+            return Outcome(task.id, Status.SKIPPED, Stage.DONE, task.already_done)
         if self.params.existing_data is ExistingDataPolicy.SKIP and task.data:
             return Outcome(task.id, Status.SKIPPED, Stage.DONE, "task already holds annotation data")
         return None
@@ -185,7 +191,26 @@ class Annotator:
             result = await result
         return result
 
-    async def validate_and_write(self, task: Task, data: Any) -> Outcome:
+    async def image_size(self, url: str | None, image: np.ndarray | None = None) -> tuple[int, int] | None:
+        """The primary image's (width, height) where the platform stores coordinates relative to it
+        (Label Studio's percentages); None where it stores pixels (Synapse), at no cost."""
+        if not getattr(self._client, "needs_image_size", False):
+            return None
+        if image is not None:
+            return int(image.shape[1]), int(image.shape[0])
+        if not url:
+            raise TaskFailed(Stage.LOCATE, "the task has no primary image to take the coordinates' size from")
+        assert self._downloader is not None
+        try:
+            body = await self._downloader.fetch_image(url, max_bytes=self.settings.max_image_bytes)
+        except DownloadError as exc:
+            raise TaskFailed(Stage.CONVERT, f"could not read the image's size: {safe_error(exc)}") from exc
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._threads, read_image_size, body)
+
+    async def validate_and_write(
+        self, task: Task, data: Any, *, image_url: str | None = None, image: np.ndarray | None = None
+    ) -> Outcome:
         assert self._client is not None
         schema = self.params.schema
         if data is None or data == {} or data == []:
@@ -213,8 +238,9 @@ class Annotator:
             return outcome
         if self.settings.dry_run:
             return Outcome(task.id, done, Stage.DONE, objects=n_objects, would_write=json.dumps(data))
+        size = await self.image_size(image_url, image)
         try:
-            await self._client.annotate_task(task.id, data, schema)
+            await self._client.annotate_task(task.id, data, schema, image_size=size)
         except AuthenticationError as exc:
             raise TaskFailed(Stage.WRITE, safe_error(exc), critical=True) from exc
         except PlatformError as exc:
@@ -262,6 +288,17 @@ class Annotator:
             values = wanted.split(",") if isinstance(wanted, str) else list(wanted)
             return task.status in values
         return False  # no status to tell: never advance a task this run did not write
+
+
+def read_image_size(body: bytes) -> tuple[int, int]:
+    """(width, height) from the image's header, without decoding its pixels."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(body)) as img:
+            return img.size
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        raise TaskFailed(Stage.CONVERT, f"the primary file is not an image ({type(exc).__name__})") from None
 
 
 def _node_id() -> str:

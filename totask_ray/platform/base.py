@@ -2,8 +2,14 @@
 
 The driver, the id source and the annotators speak to a platform only through these protocols, and
 get one from `totask_ray.platform.connect`, the one place that picks the concrete client. Another
-platform (Label Studio next) is one more client that implements the same methods. Nothing outside
-`platform/` builds a URL.
+platform (Label Studio: `platform/label_studio`) is one more client that implements the same
+methods. Nothing outside `platform/` builds a URL.
+
+Two things differ by platform and are asked, not assumed: an async client that stores coordinates
+relative to the image sets `needs_image_size` (the annotator then passes `image_size` to
+`annotate_task`), and `media_headers(url)` gives the credentials a file on the platform's own
+origin needs (none for Synapse's signed URLs). A blocking client without a task workflow sets
+`supports_workflow = False`, and a job with `on_success` is refused before anything runs.
 """
 
 from __future__ import annotations
@@ -55,8 +61,14 @@ class AsyncPlatform(Protocol):
     async def get_task(self, task_id: int) -> Task: ...
     async def get_data_unit(self, data_unit_id: int) -> DataUnit: ...
     async def annotate_task(
-        self, task_id: int, data: dict[str, Any], schema: str | None = None
+        self,
+        task_id: int,
+        data: dict[str, Any],
+        schema: str | None = None,
+        *,
+        image_size: tuple[int, int] | None = None,
     ) -> dict[str, Any]: ...
+    async def media_headers(self, url: str) -> dict[str, str]: ...
     async def update_task(self, task_id: int, changes: dict[str, Any]) -> dict[str, Any]: ...
     async def submit_task(self, task_id: int) -> dict[str, Any]: ...
     async def aclose(self) -> None: ...

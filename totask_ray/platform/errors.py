@@ -67,3 +67,7 @@ def http_error(method: str, path: str, status_code: int, detail: str) -> Platfor
     else:
         cls = PlatformHTTPError
     return cls(method, path, status_code, detail)
+
+
+class PlatformFilterError(PlatformError):
+    """The job's task filters cannot be expressed on this platform; never ignored."""

@@ -22,7 +22,7 @@ from totask_ray.methods.file import FileMethod
 from totask_ray.methods.inference import InferenceMethod, InferenceOptions
 from totask_ray.net.downloads import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_JSON_BYTES
 from totask_ray.params import Method, ToTaskParams
-from totask_ray.platform.connect import PlatformConfig, config_from_env, connect
+from totask_ray.platform.connect import PlatformConfig, config_from_env, connect, for_job
 from totask_ray.platform.errors import PlatformError
 from totask_ray.result import RunStatus, ToTaskResult
 from totask_ray.run.context import RunContext, RunOptions
@@ -129,7 +129,7 @@ def run_to_task(
     except ValueError as exc:
         errors = exc.errors(include_url=False, include_input=False) if hasattr(exc, "errors") else []
         raise ParamsError([(".".join(str(p) for p in e["loc"]), e["msg"]) for e in errors]) from None
-    config = platform or config_from_env()
+    config = for_job(platform or config_from_env(), params.name)
     client = connect(config)
     ctx = RunContext(
         params=params,

@@ -25,7 +25,7 @@ from totask_ray.pipeline.annotator import WorkerSettings
 from totask_ray.pipeline.outcomes import DONE_STATUSES, from_columns, read_report
 from totask_ray.pipeline.run import PipelineSpec, run_pipeline
 from totask_ray.platform.connect import connect
-from totask_ray.platform.errors import NotFoundError, PlatformError
+from totask_ray.platform.errors import NotFoundError, PlatformError, PlatformFilterError
 from totask_ray.result import RunStatus, ToTaskResult
 from totask_ray.run.context import RunContext
 from totask_ray.run.progress import STEP, RunTracker
@@ -62,6 +62,11 @@ class Initialize(Step):
             ) from None
         finally:
             probe.close()
+        if ctx.params.on_success is not None and not getattr(ctx.client, "supports_workflow", True):
+            raise CriticalError(
+                "on_success cannot be applied: this platform has no task workflow (status, assignee, "
+                "submit); leave on_success out of the job"
+            )
         if ctx.project.data_collection is None:
             raise CriticalError(
                 f"Project has no data collection: link a data collection to project {pid} before running"
@@ -97,6 +102,8 @@ class FetchTasks(Step):
         p = ctx.params
         try:
             ctx.total = ctx.client.count_tasks(p.project, p.task_filters)
+        except PlatformFilterError as exc:
+            raise CriticalError(f"The task filters cannot be used: {exc}") from exc
         except PlatformError as exc:
             if getattr(exc, "status_code", None) == 400:
                 raise CriticalError(f"The platform refused the task filters: {exc}") from exc

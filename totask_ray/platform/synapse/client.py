@@ -17,27 +17,17 @@ cost the workers as much CPU as the rest of a task: `totask_ray.net.wire`).
 
 from __future__ import annotations
 
-import asyncio
 import os
-import time
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
-from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar
-from urllib.parse import parse_qs, urlencode, urlsplit
+from collections.abc import AsyncIterator, Iterator, Mapping
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import httpx
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
-from totask_ray.net import wire as aio
-from totask_ray.net.redact import redact_url
-from totask_ray.net.retry import RetryPolicy, describe_transport_error
 from totask_ray.platform.base import TaskIdPage
-from totask_ray.platform.errors import (
-    PlatformConnectionError,
-    PlatformError,
-    PlatformResponseError,
-    http_error,
-)
+from totask_ray.platform.errors import PlatformError
+from totask_ray.platform.http import AsyncHttp, BlockingHttp, Call, HttpCore, as_dict, results
 from totask_ray.platform.models import (
     Agent,
     DataCollection,
@@ -48,9 +38,6 @@ from totask_ray.platform.models import (
     Task,
 )
 
-T = TypeVar("T")
-
-IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
 # status and assignee: a re-run applies on_success only where the task is not there yet
 TASK_FIELDS = "id,data,data_unit,status,assignee"
 
@@ -133,115 +120,6 @@ class SynapseConfig(BaseModel):
         return httpx.Timeout(self.read_timeout_s, connect=self.connect_timeout_s)
 
 
-@dataclass(frozen=True)
-class Call(Generic[T]):
-    """One request and how to read its answer."""
-
-    method: str
-    path: str  # relative to the host, or an absolute `next` link on the same origin
-    parse: Callable[[Any], T]
-    params: Mapping[str, Any] | None = None
-    json: Any = None
-    idempotent: bool | None = None  # None: decided by the method
-    expect_json: bool = True
-
-    @property
-    def replayable(self) -> bool:
-        return self.method in IDEMPOTENT_METHODS if self.idempotent is None else self.idempotent
-
-
-@dataclass
-class _Core:
-    """Everything both clients share: URLs, headers, retry decisions, error mapping, parsing."""
-
-    config: SynapseConfig
-    headers: dict[str, str] = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.headers = self.config.headers()
-        c = self.config
-        self.retry = RetryPolicy(c.retries, c.backoff_s, c.max_backoff_s, c.max_retry_after_s)
-        self._origin = urlsplit(self.config.host)
-
-    def url(self, path: str) -> str:
-        if path.startswith(("http://", "https://")):
-            parts = urlsplit(path)
-            # A `next` link on another origin would receive our token: refuse it.
-            if (parts.scheme, parts.netloc) != (self._origin.scheme, self._origin.netloc):
-                raise PlatformResponseError(
-                    f"the platform returned a link to another host ({redact_url(path)}); refusing to follow it"
-                )
-            return path
-        return f"{self.config.host}/{path.lstrip('/')}"
-
-    def label(self, call: Call[Any]) -> str:
-        path = urlsplit(call.path).path if call.path.startswith("http") else call.path
-        return f"{call.method} {path.lstrip('/')}"
-
-    def request_kwargs(self, call: Call[Any]) -> dict[str, Any]:
-        kw: dict[str, Any] = {"headers": self.headers}
-        if call.params:
-            kw["params"] = call.params
-        if call.json is not None:
-            kw["json"] = call.json
-        return kw
-
-    def retry_delay(
-        self,
-        call: Call[Any],
-        attempt: int,
-        response: httpx.Response | aio.Reply | None = None,
-        exc: Exception | None = None,
-    ) -> float | None:
-        """Seconds to wait before the next attempt, or None when this outcome is final."""
-        return self.retry.delay(attempt, replayable=call.replayable, response=response, exc=exc)
-
-    def connection_error(self, call: Call[Any], exc: Exception) -> PlatformConnectionError:
-        what = describe_transport_error(exc)
-        return PlatformConnectionError(
-            f"{self.label(call)} {what} ({type(exc).__name__}) at {redact_url(self.config.host)}"
-        )
-
-    def finish(self, call: Call[T], response: httpx.Response | aio.Reply) -> T:
-        if response.status_code >= 400:
-            raise http_error(
-                call.method, self.label(call).split(" ", 1)[1], response.status_code, self._detail(response)
-            )
-        if not call.expect_json:
-            return call.parse(None)
-        try:
-            body = response.json() if response.content else None
-        except ValueError:
-            raise PlatformResponseError(f"{self.label(call)} answered with a body that is not JSON") from None
-        try:
-            return call.parse(body)
-        except (ValidationError, ValueError, TypeError, KeyError) as exc:
-            raise PlatformResponseError(
-                f"{self.label(call)} answered with an unexpected shape: {_short(exc)}"
-            ) from None
-
-    def _detail(self, response: httpx.Response | aio.Reply) -> str:
-        try:
-            body = response.json()
-        except ValueError:
-            text = response.text[:200]
-        else:
-            if isinstance(body, dict) and isinstance(body.get("detail"), str):
-                text = body["detail"]
-            else:
-                text = str(body)[:300]
-        for secret in self.config.secrets():
-            text = text.replace(secret, "***")
-        return text.strip()
-
-
-def _short(exc: Exception) -> str:
-    if isinstance(exc, ValidationError):
-        err = exc.errors(include_url=False, include_input=False)[0]
-        return f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}"
-    return str(exc)[:200]
-
-
 def encode_filters(filters: Mapping[str, Any]) -> dict[str, str]:
     """Task filters as query parameters: lists comma-joined, None as 'null' (unassigned)."""
     out: dict[str, str] = {}
@@ -275,27 +153,12 @@ def _page_of_ids(body: Any) -> TaskIdPage:
     return TaskIdPage(count=count, ids=ids, next=nxt)
 
 
-def _results(body: Any) -> list[dict[str, Any]]:
-    if isinstance(body, dict) and isinstance(body.get("results"), list):
-        return [r for r in body["results"] if isinstance(r, dict)]
-    if isinstance(body, list):
-        return [r for r in body if isinstance(r, dict)]
-    raise ValueError("expected a paginated listing")
-
-
-def _dict(body: Any) -> dict[str, Any]:
-    if not isinstance(body, dict):
-        raise ValueError("expected a JSON object")
-    return body
-
-
 class _Endpoints:
     """Each endpoint written once; `_execute` makes it blocking or awaitable."""
 
-    _core: _Core
+    _core: HttpCore
 
-    def _execute(self, call: Call[Any]) -> Any:  # pragma: no cover - provided by subclasses
-        raise NotImplementedError
+    _execute: Any  # the flavour (BlockingHttp, AsyncHttp) provides it
 
     @property
     def config(self) -> SynapseConfig:
@@ -331,13 +194,21 @@ class _Endpoints:
             )
         )
 
-    def annotate_task(self, task_id: int, data: dict[str, Any], schema: str | None = None) -> Any:
-        """PUT the task's annotation data (idempotent: the same body twice leaves the same state)."""
+    def annotate_task(
+        self,
+        task_id: int,
+        data: dict[str, Any],
+        schema: str | None = None,
+        *,
+        image_size: tuple[int, int] | None = None,
+    ) -> Any:
+        """PUT the task's annotation data (idempotent: the same body twice leaves the same state).
+        Synapse stores pixel coordinates, so `image_size` is not needed."""
         return self._execute(
             Call(
                 "PUT",
                 f"tasks/{int(task_id)}/annotate_task_data/",
-                _dict,
+                as_dict,
                 params={"schema": "any"} if schema == "any" else None,
                 json={"action": "submit", "data": data},
             )
@@ -345,11 +216,11 @@ class _Endpoints:
 
     def update_task(self, task_id: int, changes: dict[str, Any]) -> Any:
         """A workflow change (status, assignee): absolute values, so a replay is harmless."""
-        return self._execute(Call("PATCH", f"tasks/{int(task_id)}/", _dict, json=changes, idempotent=True))
+        return self._execute(Call("PATCH", f"tasks/{int(task_id)}/", as_dict, json=changes, idempotent=True))
 
     def submit_task(self, task_id: int) -> Any:
         """Move a task to the next workflow stage (not replayable: it advances once per call)."""
-        return self._execute(Call("POST", f"tasks/{int(task_id)}/submit/", _dict, json={}))
+        return self._execute(Call("POST", f"tasks/{int(task_id)}/submit/", as_dict, json={}))
 
     def task_id_page(
         self, project_id: int, filters: Mapping[str, Any], *, page: int = 1, page_size: int | None = None
@@ -374,14 +245,14 @@ class _Endpoints:
         params = {"plugin_code": plugin_code}
         if agent is not None:
             params["job__agent"] = str(agent)
-        return self._execute(Call("GET", "serve_applications/", _results, params=params))
+        return self._execute(Call("GET", "serve_applications/", results, params=params))
 
     def run_plugin(self, code: str, body: dict[str, Any]) -> Any:
         return self._execute(Call("POST", f"plugins/{code}/run/", lambda b: b, json=body))
 
     def get_agent(self, agent_id: int) -> Any:
         def first(body: Any) -> Agent | None:
-            rows = _results(body)
+            rows = results(body)
             return Agent.model_validate(rows[0]) if rows else None
 
         return self._execute(Call("GET", "agents/", first, params={"id": str(int(agent_id))}))
@@ -394,42 +265,17 @@ class _Endpoints:
 
     def update_job(self, job_id: int, changes: dict[str, Any]) -> Any:
         # Job records are absolute snapshots (status, counts), so replaying a PATCH is harmless.
-        return self._execute(Call("PATCH", f"jobs/{int(job_id)}/", _dict, json=changes, idempotent=True))
+        return self._execute(Call("PATCH", f"jobs/{int(job_id)}/", as_dict, json=changes, idempotent=True))
 
     def post_logs(self, events: list[dict[str, Any]]) -> Any:
         return self._execute(Call("POST", "logs/", lambda b: b, json=events))
 
 
-class SynapseClient(_Endpoints):
+class SynapseClient(_Endpoints, BlockingHttp):
     """Blocking client, for the driver and for people at a terminal or in a notebook."""
 
     def __init__(self, config: SynapseConfig, *, transport: httpx.BaseTransport | None = None):
-        self._core = _Core(config)
-        self._http = httpx.Client(
-            timeout=config.timeout(),
-            limits=httpx.Limits(max_connections=config.max_connections),
-            transport=transport,
-            follow_redirects=False,
-        )
-
-    def _execute(self, call: Call[T]) -> T:
-        core = self._core
-        url = core.url(call.path)
-        kwargs = core.request_kwargs(call)
-        attempt = 0
-        while True:
-            try:
-                response = self._http.request(call.method, url, **kwargs)
-            except httpx.TransportError as exc:
-                delay = core.retry_delay(call, attempt, exc=exc)
-                if delay is None:
-                    raise core.connection_error(call, exc) from exc
-            else:
-                delay = core.retry_delay(call, attempt, response=response)
-                if delay is None:
-                    return core.finish(call, response)
-            attempt += 1
-            time.sleep(delay)
+        self._init_http(config, transport)
 
     def iter_task_ids(
         self, project_id: int, filters: Mapping[str, Any], page_size: int | None = None
@@ -445,75 +291,21 @@ class SynapseClient(_Endpoints):
     def count_tasks(self, project_id: int, filters: Mapping[str, Any]) -> int:
         return self.task_id_page(project_id, filters, page_size=1).count
 
-    def close(self) -> None:
-        self._http.close()
 
-    def __enter__(self) -> SynapseClient:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-class AsyncSynapseClient(_Endpoints):
+class AsyncSynapseClient(_Endpoints, AsyncHttp):
     """Async client for the workers: one per actor, many requests in flight on one event loop.
 
-    It speaks aiohttp directly (`totask_ray.net.wire`: the per-request CPU of httpx's models bounded the
-    workers). An httpx `transport` may be given instead: tests inject platform faults through it.
-    The session is made on first use, on the loop that uses it (aiohttp sessions belong to one).
+    It speaks aiohttp directly (`totask_ray.platform.http`: the per-request CPU of httpx's models
+    bounded the workers). An httpx `transport` may be given instead: tests inject platform faults
+    through it.
     """
 
     def __init__(self, config: SynapseConfig, *, transport: httpx.AsyncBaseTransport | None = None):
-        self._core = _Core(config)
-        self._httpx = (
-            None
-            if transport is None
-            else httpx.AsyncClient(timeout=config.timeout(), transport=transport, follow_redirects=False)
-        )
-        self._session: Any = None
-        self._timeout = aio.timeout(config.read_timeout_s, config.connect_timeout_s)
-        self._json_headers = {**self._core.headers, "Content-Type": "application/json"}
+        self._init_http(config, transport)
 
-    async def _send(self, call: Call[Any], url: str) -> Any:
-        """One attempt: the whole answer, or an httpx transport error."""
-        if self._httpx is not None:
-            response = await self._httpx.request(call.method, url, **self._core.request_kwargs(call))
-            await response.aread()
-            return response
-        if self._session is None:
-            self._session = aio.session(self.config.max_connections)
-        if call.params:
-            url = f"{url}?{urlencode(call.params)}"
-        body = None if call.json is None else aio.dumps(call.json)
-        headers = self._core.headers if body is None else self._json_headers
-        with aio.transport_errors():
-            async with self._session.request(
-                call.method,
-                aio.url(url),
-                headers=headers,
-                data=body,
-                allow_redirects=False,
-                timeout=self._timeout,
-            ) as resp:
-                return aio.Reply(resp.status, resp.headers, await resp.read())
-
-    async def _execute(self, call: Call[T]) -> T:
-        core = self._core
-        url = core.url(call.path)
-        attempt = 0
-        while True:
-            try:
-                response = await self._send(call, url)
-            except httpx.TransportError as exc:
-                delay = core.retry_delay(call, attempt, exc=exc)
-                if delay is None:
-                    raise core.connection_error(call, exc) from exc
-            else:
-                delay = core.retry_delay(call, attempt, response=response)
-                if delay is None:
-                    return core.finish(call, response)
-            attempt += 1
-            await asyncio.sleep(delay)
+    async def media_headers(self, url: str) -> dict[str, str]:
+        """Synapse's media URLs are signed: they carry their own credentials."""
+        return {}
 
     async def iter_task_ids(
         self, project_id: int, filters: Mapping[str, Any], page_size: int | None = None
@@ -525,19 +317,6 @@ class AsyncSynapseClient(_Endpoints):
             if not page.next:
                 return
             page = await self.next_task_id_page(page.next)
-
-    async def aclose(self) -> None:
-        if self._httpx is not None:
-            await self._httpx.aclose()
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
-
-    async def __aenter__(self) -> AsyncSynapseClient:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.aclose()
 
 
 def page_number(next_url: str | None) -> int | None:
