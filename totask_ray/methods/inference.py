@@ -58,6 +58,8 @@ class InferenceOptions:
     serve_ready_timeout_s: float = 180.0
     call_timeout_s: float = 120.0
     convention: str | None = None  # batched | synapse; None: as the release says
+    # What each decode (Data) actor reserves: the replica plan leaves room for them (RunOptions.actor_cpus)
+    decode_actor_cpus: float = 0.5
 
 
 @dataclass
@@ -130,8 +132,9 @@ class InferenceMethod(AnnotationMethod):
         backend = self._backend = RayServeBackend()
         try:
             result = ensure_running(
-                release, backend, poll_interval_s=o.serve_poll_interval_s, timeout_s=o.serve_ready_timeout_s
-            )
+                release, backend, poll_interval_s=o.serve_poll_interval_s, timeout_s=o.serve_ready_timeout_s,
+                size_replicas=True, decode_cpus=o.decode_actor_cpus,
+            )  # fmt: skip
         except CapacityError as exc:  # refused before dispatch: nothing to undo
             raise CriticalError(f"Pre-processor not active: {exc}") from exc
         except RuntimeError as exc:  # dispatched (or tried to), then failed: this run owns what is there

@@ -6,7 +6,11 @@ dispatch one, then poll until RUNNING, a terminal failure, or the timeout. Two t
 - a capacity gate before dispatch, because a replica the cluster can never place stays DEPLOYING
   forever on Ray 2.60 (the user would only learn it from the timeout, minutes later);
 - dispatch never blocks: ``serve.run`` waits without a timeout, so the Ray backend uses
-  ``serve.run_many(..., wait_for_applications_running=False)`` and polls ``serve.status()`` itself.
+  ``serve.run_many(..., wait_for_applications_running=False)`` and polls ``serve.status()`` itself;
+- for a run (``size_replicas``), a replica plan on the same view of the cluster: a release that does
+  not fix its replica count gets as many replicas as the free capacity holds next to the run's
+  decode actors, and a model that takes ``threads`` gets the free cores the replicas leave
+  (:func:`~totask_ray.serving.capacity.plan_replicas`). The plan is gated like a declared count.
 
 The user-facing errors are ``RuntimeError`` with fixed messages that carry only an error type or a
 status; the cause stays on ``__cause__`` for logs (no token, URL or stack in the message).
@@ -29,8 +33,10 @@ from totask_ray.serving.capacity import (
     CapacityReport,
     ClusterSnapshot,
     NodeType,
+    ReplicaPlan,
     Verdict,
     assess,
+    plan_replicas,
     read_cluster,
 )
 from totask_ray.serving.config import PreProcessorRelease, ReleaseConfig
@@ -48,6 +54,7 @@ __all__ = [
     "bind_deployment_class",
     "classify_serve_status",
     "ensure_running",
+    "plan_for",
     "route_prefix",
     "teardown",
 ]
@@ -130,15 +137,14 @@ class LifecycleResult:
     elapsed_s: float
     route_prefix: str = ""
     capacity: CapacityReport | None = None
+    plan: ReplicaPlan | None = None
 
 
 def _as_release(release: PreProcessorRelease | ReleaseConfig) -> PreProcessorRelease:
     return release if isinstance(release, PreProcessorRelease) else PreProcessorRelease.from_config(release)
 
 
-def _capacity_gate(
-    backend: Any, resources: Resources, release: PreProcessorRelease, node_types: Sequence[NodeType] | None
-) -> CapacityReport | None:
+def _snapshot(backend: Any) -> ClusterSnapshot | None:
     snapshot_fn: Callable[[], ClusterSnapshot | None] | None = getattr(backend, "cluster_snapshot", None)
     try:
         snapshot = snapshot_fn() if snapshot_fn else None
@@ -147,14 +153,47 @@ def _capacity_gate(
         return None
     if snapshot is None:
         log.info("capacity gate skipped: the backend offers no view of the cluster")
+    return snapshot
+
+
+def _local_cores(snapshot: ClusterSnapshot) -> int | None:
+    """This machine's cores when it is the cluster's only node (a local run), else None."""
+    if len(snapshot.node_ids) != 1:
         return None
-    report = assess(
+    try:
+        import ray
+
+        here = ray.get_runtime_context().get_node_id()
+    except Exception:
+        return None
+    return os.cpu_count() if here == snapshot.node_ids[0] else None
+
+
+def plan_for(
+    release: PreProcessorRelease, resources: Resources, snapshot: ClusterSnapshot, *, decode_cpus: float
+) -> ReplicaPlan:
+    """The replica plan of ``release`` on ``snapshot`` (see :func:`plan_replicas`)."""
+    serve_options = release.config.serve_options
+    fixed = resources.replicas(serve_options) if resources.fixes_replicas(serve_options) else None
+    return plan_replicas(
         resources.bundle(),
-        resources.replicas(release.config.serve_options),
-        snapshot,
-        node_types,
-        name=release.app_name,
+        snapshot.available,
+        fixed=fixed,
+        decode_cpus=decode_cpus,
+        cores=_local_cores(snapshot),
     )
+
+
+def _capacity_gate(
+    snapshot: ClusterSnapshot | None,
+    resources: Resources,
+    replicas: int,
+    release: PreProcessorRelease,
+    node_types: Sequence[NodeType] | None,
+) -> CapacityReport | None:
+    if snapshot is None:
+        return None
+    report = assess(resources.bundle(), replicas, snapshot, node_types, name=release.app_name)
     log.info("capacity %s: %s", report.verdict.value, report.message)
     if report.verdict is Verdict.NEVER_FITS:
         raise CapacityError(report)
@@ -169,8 +208,15 @@ def ensure_running(
     timeout_s: float = 180.0,
     check_capacity: bool = True,
     node_types: Sequence[NodeType] | None = None,
+    size_replicas: bool = False,
+    decode_cpus: float = 0.5,
 ) -> LifecycleResult:
     """Make sure ``release``'s Serve application is RUNNING; dispatch it if it is not.
+
+    ``size_replicas`` (a run): plan the replicas and model threads on the cluster's free capacity
+    before the gate, leaving room for decode actors of ``decode_cpus`` (see :func:`plan_for`); the
+    plan is logged in one line and returned on the result. Without it (``totask-ray serve deploy``,
+    the platform's agent) the release's count, or one, is deployed as before.
 
     Raises :class:`~totask_ray.serving.capacity.CapacityError` (a ``RuntimeError``) before dispatch
     when the cluster, even scaled up by ``node_types``, can never hold it; ``RuntimeError`` with the
@@ -191,12 +237,24 @@ def ensure_running(
         return LifecycleResult(name, False, RUNNING, time.monotonic() - start, prefix)
 
     resources = Resources.from_required(rel.config.actions.inference.required_resources)
-    report = _capacity_gate(backend, resources, rel, node_types) if check_capacity else None
+    snapshot = _snapshot(backend) if (check_capacity or size_replicas) else None
+    plan = None
+    if size_replicas and snapshot is not None:
+        plan = plan_for(rel, resources, snapshot, decode_cpus=decode_cpus)
+        log.info("%s", plan.describe(name))
+        if plan.planned:  # dispatched as if declared, so the agent and Serve deploy the same count
+            resources = resources.model_copy(update={"num_replicas": plan.replicas})
+    replicas = resources.replicas(rel.config.serve_options)
+    report = _capacity_gate(snapshot, resources, replicas, rel, node_types) if check_capacity else None
 
     payload = resources.to_payload()
     log.info("dispatching %s with %s", name, payload)
+    threads = plan.threads if plan is not None else None
     try:
-        backend.dispatch(rel, payload)
+        if threads and "model_threads" in inspect.signature(backend.dispatch).parameters:
+            backend.dispatch(rel, payload, model_threads=threads)
+        else:
+            backend.dispatch(rel, payload)
     except Exception as exc:
         raise RuntimeError(DISPATCH_FAILED.format(error_type=type(exc).__name__)) from exc
 
@@ -210,7 +268,7 @@ def ensure_running(
             log.debug("status read failed (%s); polling on", type(exc).__name__)
             bucket, status = "pending", None
         if bucket == "running":
-            return LifecycleResult(name, True, RUNNING, time.monotonic() - start, prefix, report)
+            return LifecycleResult(name, True, RUNNING, time.monotonic() - start, prefix, report, plan)
         if bucket == "failed":
             raise RuntimeError(TERMINAL_STATE.format(status=status)) from ServeApplicationError(_detail(last))
         remaining = deadline - time.monotonic()
@@ -331,7 +389,12 @@ class RayServeBackend:
         self._connect()
         return read_cluster()
 
-    def dispatch(self, release: PreProcessorRelease, payload: Mapping[str, Any]) -> None:
+    def dispatch(
+        self, release: PreProcessorRelease, payload: Mapping[str, Any], *, model_threads: int | None = None
+    ) -> None:
+        """Deploy ``release`` with ``payload``'s resources; ``model_threads`` (a run's plan) goes to
+        an app built on ``serving.deployment`` whose model takes ``threads`` and whose options do not
+        set them (any other app is deployed as it is)."""
         from ray import serve
 
         self._connect()
@@ -348,6 +411,10 @@ class RayServeBackend:
             app = bind_deployment_class(entry, args, batch=target.serve_options.batch_declared)
         else:
             app = entry(args.model_dump())
+            if model_threads and "threads" not in args.options and _model_takes_threads(app):
+                args = args.model_copy(update={"options": {**args.options, "threads": model_threads}})
+                app = entry(args.model_dump())
+                log.info("%s: %d model threads per replica", release.app_name, model_threads)
         if self.http_options is not None:
             serve.start(http_options=self.http_options)
         serve.run_many(
@@ -377,6 +444,19 @@ class RayServeBackend:
             time.sleep(0.2)
         log.warning("%s still deleting after %.0f s", app_name, self.delete_timeout_s)
         return True
+
+
+def _model_takes_threads(app: Any) -> bool:
+    """Whether a built app is ``serving.deployment``'s shape (``(model_cls, ..., options=...)``) around a
+    model whose constructor takes ``threads``."""
+    bound = getattr(app, "_bound_deployment", None)
+    args, kwargs = getattr(bound, "init_args", ()), getattr(bound, "init_kwargs", {})
+    if not args or not callable(args[0]) or "options" not in (kwargs or {}):
+        return False
+    try:
+        return "threads" in inspect.signature(args[0]).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def _names_other_version(row: Any, app_name: str, version: str) -> bool:

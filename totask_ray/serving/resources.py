@@ -96,6 +96,15 @@ class Resources(BaseModel):
         raw = {"CPU": self.num_cpus, "GPU": self.num_gpus, "memory": self.memory or 0}
         return {k: float(v) for k, v in raw.items() if v}
 
+    def fixes_replicas(self, serve_options: ServeOptions | None = None) -> bool:
+        """Whether the release fixes its replica count (declared, ``serve_options.num_replicas``, or
+        Serve autoscaling); otherwise a run plans it on the cluster's free capacity."""
+        if self.num_replicas is not None:
+            return True
+        return serve_options is not None and (
+            serve_options.num_replicas is not None or bool(serve_options.autoscaling_config)
+        )
+
     def replicas(self, serve_options: ServeOptions | None = None) -> int:
         """Declared replicas win; then ``serve_options.num_replicas``; then what an autoscaled app
         starts with (at least one, the replica a first request needs); then one."""
