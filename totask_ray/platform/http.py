@@ -18,6 +18,7 @@ instead, which tests use to inject faults.
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -149,7 +150,10 @@ class HttpCore:
         except ValueError:
             text = response.text[:200]
         else:
-            if isinstance(body, dict) and isinstance(body.get("detail"), str):
+            listed = body.get("validation_errors") if isinstance(body, dict) else None
+            if listed:  # Label Studio: "Validation error" in `detail`, the reasons beside it
+                text = "; ".join(_flatten(listed))[:300]
+            elif isinstance(body, dict) and isinstance(body.get("detail"), str):
                 text = body["detail"]
             else:
                 text = str(body)[:300]
@@ -160,6 +164,18 @@ class HttpCore:
             if secret:
                 text = text.replace(secret, "***")
         return text
+
+
+def _flatten(errors: Any) -> list[str]:
+    if isinstance(errors, dict):
+        return [f"{k}: {m}" if k != "non_field_errors" else m for k, v in errors.items() for m in _flatten(v)]
+    if isinstance(errors, list):
+        return [m for e in errors for m in _flatten(e)]
+    # Label Studio echoes a refused item whole ("{...} contains invalid ..."): keep the reason
+    return [_ECHOED.sub("", str(errors))]
+
+
+_ECHOED = re.compile(r"^\{.*\} (?=contains )", re.S)
 
 
 def short_error(exc: Exception) -> str:

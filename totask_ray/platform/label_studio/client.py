@@ -519,7 +519,7 @@ class _BulkWriter:
                 raise PlatformResponseError(f"the bulk import created {created} of {len(items)} predictions")
         except ValidationFailed as exc:
             if len(batch) == 1:
-                _settle(batch, exc)
+                _settle(batch, _refusal(exc, items[0]["task"], project_id))
                 return
             half = len(batch) // 2
             await asyncio.gather(self._send(project_id, batch[:half]), self._send(project_id, batch[half:]))
@@ -534,6 +534,15 @@ class _BulkWriter:
             self._flush(pid)
         if self._sending:
             await asyncio.gather(*self._sending, return_exceptions=True)
+
+
+def _refusal(exc: ValidationFailed, task_id: int, project_id: int) -> ValidationFailed:
+    """The server's refusal of one prediction, said shortly (it echoes the whole prediction)."""
+    if "couldn't be retrieved" in exc.detail or "not found in project" in exc.detail:
+        detail = f"task {task_id} is no longer in project {project_id} (deleted during the run?)"
+    else:
+        detail = exc.detail
+    return ValidationFailed(exc.method, exc.path, exc.status_code, detail)
 
 
 def _settle(batch: list[tuple[dict[str, Any], asyncio.Future[None]]], exc: BaseException | None) -> None:
