@@ -25,6 +25,8 @@ _EXPORTS = {
     "ParamsError": "totask_ray.params",
     "ToTaskParams": "totask_ray.params",
     "ToTaskResult": "totask_ray.result",
+    "SynapseConfig": "totask_ray.platform.synapse",
+    "LabelStudioConfig": "totask_ray.platform.label_studio",
 }
 
 __all__ = sorted(_EXPORTS)

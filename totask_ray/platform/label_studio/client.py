@@ -515,8 +515,9 @@ class _BulkWriter:
         try:
             answer = await self.client._execute(call)
             created = answer.get("created")
-            if isinstance(created, int) and created != len(items):
-                raise PlatformResponseError(f"the bulk import created {created} of {len(items)} predictions")
+            if isinstance(created, int) and created < len(items):
+                await self._dropped(batch)
+                return
         except ValidationFailed as exc:
             if len(batch) == 1:
                 _settle(batch, _refusal(exc, items[0]["task"], project_id))
@@ -528,6 +529,31 @@ class _BulkWriter:
             _settle(batch, exc)
             return
         _settle(batch, None)
+
+    async def _dropped(self, batch: list[tuple[dict[str, Any], asyncio.Future[None]]]) -> None:
+        """The import created fewer predictions than it was sent: Label Studio drops, without an
+        error, a prediction whose result does not fit the labeling config. Read each task back and
+        fail those that lack this run's prediction; the others were written."""
+        mv = self.client.config.model_version
+        for item, fut in batch:
+            try:
+                raw = await self.client._execute(self.client._task_call(item["task"]))
+                held = any(
+                    p.get("model_version") == mv for p in raw.get("predictions") or [] if isinstance(p, dict)
+                )
+            except Exception as exc:  # the read-back failed: say so for this task
+                _settle([(item, fut)], exc)
+                continue
+            if held:
+                _settle([(item, fut)], None)
+            else:
+                _settle(
+                    [(item, fut)],
+                    PlatformResponseError(
+                        f"Label Studio did not store the prediction for task {item['task']} (it drops a result "
+                        "that does not fit the project's labeling config without an error)"
+                    ),
+                )
 
     async def drain(self) -> None:
         for pid in list(self._pending):
