@@ -1,0 +1,213 @@
+"""Predictions/s into a real Label Studio server: totask-ray against LS's own bulk import, by hand.
+
+`python -m bench label-studio [--tasks N] [--runs R]` starts `label-studio==1.23.2` (its own venv,
+`devtools/ls_env.py`, from a pre-migrated data dir) on loopback, and for every run seeds fresh
+projects with the same N tasks (an image and an annotation JSON each, on a local file server).
+
+Contenders, interleaved, medians of R runs:
+- **ls bulk**: the predictions already converted, sent by hand to
+  `POST /api/projects/{id}/import/predictions` in chunks of 100: what LS itself can take in, with
+  nothing read, downloaded or converted. The ceiling.
+- **ls one by one**: `POST /api/predictions` per task, one at a time (what a backend that falls back
+  to one task per call does); over at most 200 tasks.
+- **totask-ray**: `run_to_task` with the file method on a warm local Ray: each task read, its JSON
+  downloaded, the image's size read from its header, converted, validated, written in bulk chunks.
+
+Every run is read back from Label Studio: a contender that did not leave exactly one prediction per
+task counts as failed.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from bench import common as c
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = """<View>
+  <Image name="img" value="$image"/>
+  <RectangleLabels name="box" toName="img"><Label value="cat"/><Label value="dog"/></RectangleLabels>
+</View>"""
+CHUNK = 100
+ONE_BY_ONE_MAX = 200
+
+
+class _Files(BaseHTTPRequestHandler):
+    files: dict[str, tuple[str, bytes]] = {}
+
+    def do_GET(self) -> None:
+        ctype, body = self.files.get(self.path, ("text/plain", b""))
+        self.send_response(200 if body else 404)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@contextmanager
+def file_server(tasks: int) -> Iterator[str]:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (640, 480), (80, 90, 100)).save(buf, format="PNG")
+    files: dict[str, tuple[str, bytes]] = {"/img.png": ("image/png", buf.getvalue())}
+    for i in range(tasks):
+        files[f"/ann/{i}.json"] = ("application/json", json.dumps(annotation(i)).encode())
+    handler = type("F", (_Files,), {"files": files})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def annotation(i: int) -> dict[str, Any]:
+    return {
+        "objects": [
+            {
+                "id": f"o{k}",
+                "class_id": (i + k) % 2,
+                "type": "bbox",
+                "coordinates": {"x": 10 + k * 50, "y": 20, "width": 40, "height": 30},
+                "properties": {"confidence": 0.9},
+            }
+            for k in range(3)
+        ]
+    }
+
+
+def converted(task_id: int, i: int) -> dict[str, Any]:
+    """The prediction totask-ray writes for task `i`, made here once, outside the timing."""
+    from totask_ray.platform.label_studio.convert import to_results
+    from totask_ray.platform.label_studio.labeling import parse_labeling_config
+
+    result, score = to_results(annotation(i), parse_labeling_config(CONFIG), {0: "cat", 1: "dog"}, (640, 480))
+    return {"task": task_id, "result": result, "score": score, "model_version": "by-hand"}
+
+
+class Admin:
+    def __init__(self, url: str, key: str):
+        self.http = httpx.Client(base_url=url, headers={"Authorization": f"Token {key}"}, timeout=120)
+
+    def project(self, files: str, tasks: int) -> tuple[int, list[int]]:
+        r = self.http.post(
+            "/api/projects/", json={"title": f"bench-{time.time_ns()}", "label_config": CONFIG}
+        )
+        r.raise_for_status()
+        pid = r.json()["id"]
+        rows = [
+            {"image": f"{files}/img.png", "annotation": f"{files}/ann/{i}.json", "n": i} for i in range(tasks)
+        ]
+        r = self.http.post(f"/api/projects/{pid}/import", params={"return_task_ids": "true"}, json=rows)
+        r.raise_for_status()
+        return pid, list(r.json()["task_ids"])
+
+    def predictions(self, pid: int) -> list[dict[str, Any]]:
+        r = self.http.get("/api/predictions/", params={"project": pid})
+        r.raise_for_status()
+        return r.json()
+
+    def drop(self, pid: int) -> None:
+        self.http.delete(f"/api/projects/{pid}/")
+
+
+def check(admin: Admin, pid: int, ids: list[int]) -> bool:
+    got = sorted(p["task"] for p in admin.predictions(pid))
+    return got == sorted(ids)
+
+
+def run_bulk(admin: Admin, pid: int, ids: list[int]) -> float:
+    items = [converted(t, i) for i, t in enumerate(ids)]
+    t0 = time.perf_counter()
+    for k in range(0, len(items), CHUNK):
+        admin.http.post(
+            f"/api/projects/{pid}/import/predictions", json=items[k : k + CHUNK]
+        ).raise_for_status()
+    return time.perf_counter() - t0
+
+
+def run_one_by_one(admin: Admin, pid: int, ids: list[int]) -> float:
+    items = [converted(t, i) for i, t in enumerate(ids)]
+    t0 = time.perf_counter()
+    for item in items:
+        admin.http.post("/api/predictions/", json=item).raise_for_status()
+    return time.perf_counter() - t0
+
+
+def run_totask(url: str, token: str, pid: int) -> tuple[float, Any]:
+    from totask_ray import LabelStudioConfig, run_to_task
+
+    params = {"name": "bench_ls", "project": pid, "method": "file", "target_specification_name": "annotation"}
+    t0 = time.perf_counter()
+    result = run_to_task(
+        params,
+        platform=LabelStudioConfig(host=url, api_key=token),
+        allowed_hosts=["127.0.0.1"],
+        progress_bar=False,
+        ray_address=c.ray_address(),
+    )
+    return time.perf_counter() - t0, result
+
+
+def main(args: Any, ray_started: bool = False) -> None:
+    from devtools.ls_env import LsEnvError, ensure_ls_venv
+
+    if not ray_started:
+        c.start_ray(getattr(args, "ray_cpus", None))
+    tasks = args.tasks or (40 if args.smoke else 2000)
+    runs = 1 if args.smoke else args.runs
+    try:
+        ensure_ls_venv(REPO)
+    except LsEnvError as exc:
+        c.say(f"label-studio bench skipped: label-studio could not be installed ({str(exc).splitlines()[0]})")
+        return
+    from devtools.ls_env import bench_server
+
+    with bench_server(REPO) as ls, file_server(tasks) as files:
+        admin = Admin(ls.url, ls.legacy_token)
+        rates: dict[str, list[float]] = {"ls bulk": [], "ls one by one": [], "totask-ray": []}
+        for run in range(runs):
+            pid, ids = admin.project(files, tasks)
+            s = run_bulk(admin, pid, ids)
+            rates["ls bulk"].append(len(ids) / s if check(admin, pid, ids) else 0.0)
+            admin.drop(pid)
+            n = min(tasks, ONE_BY_ONE_MAX)
+            pid, ids = admin.project(files, n)
+            s = run_one_by_one(admin, pid, ids)
+            rates["ls one by one"].append(len(ids) / s if check(admin, pid, ids) else 0.0)
+            admin.drop(pid)
+            pid, ids = admin.project(files, tasks)
+            s, result = run_totask(ls.url, ls.personal_token, pid)
+            ok = result.success_count == tasks and check(admin, pid, ids)
+            rates["totask-ray"].append(len(ids) / s if ok else 0.0)
+            admin.drop(pid)
+            c.log(f"run {run + 1}: " + ", ".join(f"{k} {v[-1]:.0f}/s" for k, v in rates.items()))
+        bulk = c.median(rates["ls bulk"])
+        rows = [
+            [name, tasks if name != "ls one by one" else min(tasks, ONE_BY_ONE_MAX), c.fmt(c.median(v)),
+             c.fmt(c.ratio(c.median(v), bulk), 2), " ".join(c.fmt(x) for x in v)]
+            for name, v in rates.items()
+        ]  # fmt: skip
+        c.say(
+            c.table(
+                ["contender", "tasks", "predictions/s", "vs ls bulk", "runs /s"],
+                rows,
+                title=f"Label Studio 1.23.2, file method, {tasks} tasks, 3 boxes each (medians of {runs})",
+            )
+        )
+        c.dump_json("label_studio", {"tasks": tasks, "runs": runs, "rates": rates})

@@ -1,0 +1,424 @@
+"""Both methods against a real Label Studio server (tests/label_studio/conftest.py starts it).
+
+Every outcome is read back from Label Studio itself: the predictions (or annotations) on each task,
+their labels, coordinates (percentages of the image, within 1 %), scores and `model_version`; a
+re-run is checked to write nothing. The faults are real too: a bad token, a project that does not
+exist, a task deleted while the run is under way, a model label the labeling config lacks.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import pytest
+
+from totask_ray import ToTask, run_to_task
+from totask_ray.errors import ToTaskError
+from totask_ray.platform.label_studio.config import LabelStudioConfig
+
+pytestmark = pytest.mark.usefixtures("ray_cluster")
+
+SHAPES_CONFIG = """
+<View>
+  <Image name="img" value="$image"/>
+  <RectangleLabels name="box" toName="img"><Label value="cat"/><Label value="dog"/></RectangleLabels>
+  <PolygonLabels name="poly" toName="img"><Label value="road"/></PolygonLabels>
+  <KeyPointLabels name="kp" toName="img"><Label value="eye"/></KeyPointLabels>
+  <Choices name="scene" toName="img"><Choice value="indoor"/><Choice value="outdoor"/></Choices>
+</View>
+"""
+FACES_CONFIG = """
+<View>
+  <Image name="image" value="$image"/>
+  <RectangleLabels name="faces" toName="image"><Label value="face"/></RectangleLabels>
+</View>
+"""
+
+
+class _Media(BaseHTTPRequestHandler):
+    files: dict[str, tuple[str, bytes]] = {}
+    auth_seen: list[str | None] = []
+
+    def do_GET(self) -> None:
+        type(self).auth_seen.append(self.headers.get("Authorization"))
+        ctype, body = self.files.get(self.path.split("?")[0], ("text/plain", b""))
+        self.send_response(200 if body else 404)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def media() -> Iterator[tuple[str, type[_Media]]]:
+    """A second loopback host for images and annotation files; it records the auth it was sent."""
+    handler = type("M", (_Media,), {"files": {}, "auth_seen": []})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", handler
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def _png(width: int, height: int) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (width, height), (90, 120, 150)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _objects(i: int) -> dict[str, Any]:
+    """One annotation file in the task-data object model (pixels) with every shape the config takes."""
+    return {
+        "objects": [
+            {
+                "id": "b1",
+                "class_id": i % 2,  # cat or dog, by class id only (ids follow the config's label order)
+                "type": "bbox",
+                "coordinates": {"x": 10 + i, "y": 20, "width": 50, "height": 30},
+                "properties": {"confidence": 0.5 + i / 100},
+            },
+            {
+                "id": "p1",
+                "class_id": 2,
+                "type": "polygon",
+                "coordinates": {"points": [[0, 0], [100, 0], [100, 50]]},
+                "properties": {"label": "road", "confidence": 0.7},
+            },
+            {
+                "id": "k1",
+                "class_id": 3,
+                "type": "keypoint",
+                "coordinates": {"points": [[40, 25]]},
+                "properties": {"label": "eye"},
+            },
+            {"id": "c1", "class_id": 4, "type": "classification", "properties": {"label": "outdoor"}},
+        ]
+    }
+
+
+def _config(ls: Any, token: str | None = None, **kw: Any) -> LabelStudioConfig:
+    return LabelStudioConfig(host=ls.url, api_key=token or ls.personal_token, **kw)
+
+
+def _shapes_project(ls: Any, media: tuple[str, type[_Media]], n: int) -> tuple[int, list[int]]:
+    url, handler = media
+    project = ls.admin.create_project(f"shapes-{random.randrange(10**9)}", SHAPES_CONFIG)
+    rows = []
+    for i in range(n):
+        key = f"{project['id']}-{i}"
+        handler.files[f"/img/{key}.png"] = ("image/png", _png(200, 100))
+        handler.files[f"/ann/{key}.json"] = ("application/json", json.dumps(_objects(i)).encode())
+        rows.append({"image": f"{url}/img/{key}.png", "annotation": f"{url}/ann/{key}.json"})
+    ids = ls.admin.import_tasks(project["id"], rows)
+    return project["id"], ids
+
+
+def _params(project: int, **kw: Any) -> dict[str, Any]:
+    return {"name": kw.pop("name", "ls_file_job"), "project": project, "method": "file",
+            "target_specification_name": "annotation", **kw}  # fmt: skip
+
+
+def _run(params: dict[str, Any], config: LabelStudioConfig, **kw: Any) -> Any:
+    return run_to_task(params, platform=config, allowed_hosts=["127.0.0.1"], progress_bar=False, **kw)
+
+
+def _by_task(predictions: list[dict[str, Any]]) -> dict[int, list[dict[str, Any]]]:
+    out: dict[int, list[dict[str, Any]]] = {}
+    for p in predictions:
+        out.setdefault(p["task"], []).append(p)
+    return out
+
+
+def test_file_method_writes_predictions_then_a_rerun_writes_nothing(label_studio, media):
+    ls = label_studio
+    pid, ids = _shapes_project(ls, media, 12)
+    media[1].auth_seen.clear()
+    result = _run(_params(pid), _config(ls))
+    assert result.success_count == 12 and result.failed_count == 0, result.message
+
+    written = _by_task(ls.admin.predictions(pid))
+    assert sorted(written) == sorted(ids)
+    for n, tid in enumerate(sorted(ids)):
+        [pred] = written[tid]
+        assert pred["model_version"] == "ls_file_job"  # the job's name by default
+        got = {(r["from_name"], r["id"]): r for r in pred["result"]}
+        box = got[("box", "b1")]
+        assert box["value"]["rectanglelabels"] == ["cat" if n % 2 == 0 else "dog"]
+        assert box["value"]["x"] == pytest.approx((10 + n) / 200 * 100, abs=1)
+        assert box["value"]["y"] == pytest.approx(20.0, abs=1)
+        assert box["value"]["width"] == pytest.approx(25.0, abs=1)
+        assert box["value"]["height"] == pytest.approx(30.0, abs=1)
+        assert box["score"] == pytest.approx(0.5 + n / 100)
+        assert (box["original_width"], box["original_height"]) == (200, 100)
+        poly = got[("poly", "p1")]
+        assert poly["value"]["polygonlabels"] == ["road"]
+        assert poly["value"]["points"] == [[0, 0], [50, 0], [50, 50]]
+        assert got[("kp", "k1")]["value"]["keypointlabels"] == ["eye"]
+        assert got[("kp", "k1")]["value"]["x"] == pytest.approx(20.0, abs=1)
+        assert got[("scene", "c1")]["value"]["choices"] == ["outdoor"]
+        assert pred["score"] == pytest.approx((0.5 + n / 100 + 0.7) / 2, abs=1e-6)
+    # the token went to Label Studio only, never to the host that serves the files
+    assert media[1].auth_seen and not any(media[1].auth_seen)
+
+    again = _run(_params(pid), _config(ls))
+    assert (again.success_count, again.skipped_count, again.failed_count) == (0, 12, 0), again.message
+    assert len(ls.admin.predictions(pid)) == 12  # nothing written twice
+
+
+def test_filters_limit_and_legacy_key(label_studio, media):
+    ls = label_studio
+    pid, ids = _shapes_project(ls, media, 6)
+    lowest = sorted(ids)[:2]
+    first = _run(_params(pid, task_filters={"id__in": lowest}), _config(ls, ls.legacy_token))
+    assert first.success_count == 2, first.message
+    # "no predictions yet" and a limit: the next three in id order, none of the first two
+    second = _run(
+        _params(pid, name="second", task_filters={"has_predictions": False, "limit": 3}),
+        _config(ls, ls.legacy_token),
+    )
+    assert second.success_count == 3 and second.total_tasks == 3, second.message
+    written = _by_task(ls.admin.predictions(pid))
+    assert sorted(written) == sorted(ids)[:5]
+    assert {p["model_version"] for t in sorted(ids)[2:5] for p in written[t]} == {"second"}
+
+
+def test_a_filter_label_studio_cannot_apply_is_refused(label_studio, media):
+    ls = label_studio
+    pid, _ = _shapes_project(ls, media, 2)
+    with pytest.raises(ToTaskError) as err:
+        _run(_params(pid, task_filters={"status": "pending"}), _config(ls))
+    assert "cannot filter tasks by 'status'" in str(err.value) and "has_predictions" in str(err.value)
+    assert ls.admin.predictions(pid) == []
+
+
+def test_annotations_on_request(label_studio, media):
+    ls = label_studio
+    pid, ids = _shapes_project(ls, media, 3)
+    config = _config(ls, write="annotations")
+    result = _run(_params(pid), config)
+    assert result.success_count == 3, result.message
+    tasks = {t["id"]: t for t in ls.admin.list_tasks(pid)}
+    for tid in ids:
+        [ann] = tasks[tid]["annotations"]
+        assert {r["from_name"] for r in ann["result"]} == {"box", "poly", "kp", "scene"}
+    assert ls.admin.predictions(pid) == []
+    again = _run(_params(pid), config)
+    assert again.skipped_count == 3 and again.success_count == 0
+
+
+class DeletesOneTask(ToTask):
+    """Deletes task `victim` on Label Studio while the run converts it: a task gone mid-run."""
+
+    victim: int = 0
+    where: tuple[str, str] = ("", "")  # the server's URL and a key (plain strings: the class is pickled)
+
+    def convert_data_from_file(self, primary_url, primary_name, data_url, data_name, task_data):
+        if task_data["id"] == type(self).victim:
+            import httpx
+
+            url, key = type(self).where
+            httpx.delete(f"{url}/api/tasks/{self.victim}/", headers={"Authorization": f"Token {key}"})
+        return _objects(0)
+
+
+def test_a_task_deleted_mid_run_fails_alone(label_studio, media):
+    ls = label_studio
+    pid, ids = _shapes_project(ls, media, 8)
+    DeletesOneTask.victim, DeletesOneTask.where = sorted(ids)[3], (ls.url, ls.legacy_token)
+    result = _run(_params(pid), _config(ls), action_cls=DeletesOneTask)
+    assert (result.success_count, result.failed_count) == (7, 1), result.message
+    [failure] = result.failures
+    assert failure.task_id == DeletesOneTask.victim
+    assert "no longer in project" in failure.error
+    assert sorted(_by_task(ls.admin.predictions(pid))) == sorted(set(ids) - {DeletesOneTask.victim})
+
+
+def test_bad_token_and_unknown_project_fail_fast_without_the_token(label_studio, media):
+    ls = label_studio
+    pid, _ = _shapes_project(ls, media, 1)
+    bad = "0123456789abcdef0123456789abcdef01234567"
+    t0 = time.monotonic()
+    with pytest.raises(ToTaskError) as err:
+        _run(_params(pid), _config(ls, bad))
+    assert time.monotonic() - t0 < 15
+    assert "401" in str(err.value) and bad not in str(err.value)
+    with pytest.raises(ToTaskError) as err:
+        _run(_params(987654), _config(ls))
+    assert "Project not found" in str(err.value)
+    assert ls.personal_token not in str(err.value)
+
+
+def _faces(n: int, seed: int) -> list[tuple[bytes, list[list[float]], tuple[int, int]]]:
+    from totask_ray.embedded.seeds.faces import _compose_faces, _face_patch
+
+    rng = random.Random(seed)
+    patch, offset = _face_patch()
+    out = []
+    for i in range(n):
+        img, truth, _ = _compose_faces(rng, patch, offset, 0 if i == n - 1 else 1)
+        buf = io.BytesIO()
+        img.convert("RGB").save(buf, format="JPEG", quality=92)
+        out.append((buf.getvalue(), truth, img.size))
+    return out
+
+
+def test_inference_on_uploaded_images(label_studio):
+    """Images uploaded to Label Studio (`/data/upload/...`, fetched with the token) through the faces
+    pre-processor; each face found where it was pasted, the face-free image given an empty result."""
+    from totask_ray.embedded.seeds.faces import FACES_PARAMS, iou
+    from totask_ray.embedded.seeds.registry import release_config
+
+    ls = label_studio
+    project = ls.admin.create_project(f"faces-{random.randrange(10**9)}", FACES_CONFIG)
+    images = _faces(5, seed=3)
+    ids = ls.admin.upload_images(
+        project["id"], [(f"f{i}.jpg", body) for i, (body, _, _) in enumerate(images)]
+    )
+    assert len(ids) == 5
+    tasks = {t["id"]: t for t in ls.admin.list_tasks(project["id"])}
+    assert all(tasks[t]["data"]["image"].startswith("/data/upload/") for t in ids)
+    params = {"name": "faces_job", "project": project["id"], "method": "inference", "pre_processor": 7,
+              "pre_processor_params": FACES_PARAMS}  # fmt: skip
+    config = _config(ls, model_version="faces-v1", releases={7: release_config("faces")})
+    result = _run(params, config)
+    assert result.failed_count == 0 and result.success_count == 5, result.message
+
+    written = _by_task(ls.admin.predictions(project["id"]))
+    # the upload names the files in order; match each task to its image by its name
+    by_name = {tasks[t]["data"]["image"].rsplit("-", 1)[-1]: t for t in ids}
+    for i, (_, truth, (w, h)) in enumerate(images):
+        [pred] = written[by_name[f"f{i}.jpg"]]
+        assert pred["model_version"] == "faces-v1"
+        boxes = [
+            [r["value"]["x"] * w / 100, r["value"]["y"] * h / 100, r["value"]["width"] * w / 100,
+             r["value"]["height"] * h / 100]
+            for r in pred["result"]
+        ]  # fmt: skip
+        assert len(boxes) == len(truth)
+        for t in truth:
+            assert max(iou(t, b) for b in boxes) >= 0.5
+        for r in pred["result"]:
+            assert r["value"]["rectanglelabels"] == ["face"] and 0 < r["score"] <= 1
+    again = _run(params, config)
+    assert again.skipped_count == 5 and again.success_count == 0
+
+
+def test_a_model_label_missing_from_the_config_is_refused_at_prepare(label_studio):
+    from totask_ray.embedded.seeds.registry import release_config
+
+    ls = label_studio
+    project = ls.admin.create_project(
+        f"nofaces-{random.randrange(10**9)}", FACES_CONFIG.replace('value="face"', 'value="person"')
+    )
+    ls.admin.upload_images(project["id"], [("a.jpg", _faces(1, seed=1)[0][0])])
+    params = {"name": "faces_job", "project": project["id"], "method": "inference", "pre_processor": 7}
+    with pytest.raises(ToTaskError) as err:
+        _run(params, _config(ls, releases={7: release_config("faces")}))
+    assert "'face'" in str(err.value) and "'person'" in str(err.value)
+    assert ls.admin.predictions(project["id"]) == []
+
+
+def test_the_access_token_is_renewed_before_it_expires_and_after_a_401(label_studio, media):
+    import asyncio
+
+    from totask_ray.platform.label_studio.client import AsyncLabelStudioClient, LabelStudioClient
+
+    ls = label_studio
+    pid, ids = _shapes_project(ls, media, 1)
+
+    async def go() -> None:
+        client = AsyncLabelStudioClient(_config(ls))
+        try:
+            await client.get_task(ids[0])
+            first = client._core.headers["Authorization"]
+            assert first.startswith("Bearer ") and ls.personal_token not in first
+            client._expires = time.time() + 5  # inside the renewal margin: the next call renews first
+            await client.get_task(ids[0])
+            second = client._core.headers["Authorization"]
+            assert second != first
+            client._core.set_headers({**client._core.headers, "Authorization": "Bearer revoked"})
+            client._expires = time.time() + 3600  # looks fresh, but the server refuses it: renewed once
+            assert (await client.get_task(ids[0])).id == ids[0]
+            assert client._core.headers["Authorization"] not in (first, second, "Bearer revoked")
+        finally:
+            await client.aclose()
+
+    asyncio.run(go())
+    with LabelStudioClient(_config(ls)) as blocking:
+        assert blocking.get_project(pid).classes[0].name == "cat"
+
+
+def test_a_prediction_label_studio_drops_silently_fails_alone(label_studio, media):
+    """The bulk import drops a result that does not fit the labeling config and says only
+    `created: N-1`: the writer reads the tasks back and fails just the one it dropped."""
+    import asyncio
+
+    from totask_ray.platform.label_studio.client import AsyncLabelStudioClient
+
+    ls = label_studio
+    pid, ids = _shapes_project(ls, media, 3)
+    good = [{"from_name": "box", "to_name": "img", "type": "rectanglelabels",
+             "value": {"x": 1, "y": 1, "width": 5, "height": 5, "rectanglelabels": ["cat"]}}]  # fmt: skip
+    bad = [{**good[0], "from_name": "no_such_control"}]
+
+    async def go() -> list[Any]:
+        client = AsyncLabelStudioClient(_config(ls, model_version="drop-check"))
+        try:
+            items = [
+                {"task": t, "result": bad if t == ids[1] else good, "model_version": "drop-check"}
+                for t in ids
+            ]
+            return await asyncio.gather(*(client._writer.put(pid, i) for i in items), return_exceptions=True)
+        finally:
+            await client.aclose()
+
+    outcomes = dict(zip(ids, asyncio.run(go()), strict=True))
+    assert outcomes[ids[0]] is None and outcomes[ids[2]] is None
+    assert "did not store the prediction" in str(outcomes[ids[1]])
+    assert sorted(_by_task(ls.admin.predictions(pid))) == [ids[0], ids[2]]
+
+
+def test_the_cli_finds_label_studio_in_the_environment(label_studio, media, tmp_path):
+    """`totask-ray run job.yaml` with LABEL_STUDIO_URL / LABEL_STUDIO_API_KEY set and no SYNAPSE_HOST:
+    the same job file, an LS project id, predictions visible in Label Studio; the key never printed."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import ray
+    import yaml
+
+    ls = label_studio
+    pid, ids = _shapes_project(ls, media, 3)
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump(_params(pid, name="cli_job")))
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "SYNAPSE_", "LABEL_STUDIO_"))
+    }
+    env.update(LABEL_STUDIO_URL=ls.url, LABEL_STUDIO_API_KEY=ls.personal_token, RAY_USAGE_STATS_ENABLED="0")
+    exe = Path(sys.executable).with_name("totask-ray")
+    address = ray.get_runtime_context().gcs_address
+    out = subprocess.run(
+        [str(exe), "run", str(job), "--allow-host", "127.0.0.1", "--address", address],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert ls.personal_token not in out.stdout + out.stderr
+    preds = ls.admin.predictions(pid)
+    assert sorted(p["task"] for p in preds) == sorted(ids)
+    assert {p["model_version"] for p in preds} == {"cli_job"}
