@@ -5,6 +5,7 @@
 - inference  images/s with the faces app: raw model, the SDK's inference path, totask-ray
 - memory     the driver's peak RSS over a file-method run at 10,000 and 200,000 tasks
 - startup    `totask-ray run` to the first annotation on the platform, warm cluster, with a breakdown
+- label-studio  predictions/s into a real Label Studio: totask-ray, LS's bulk import by hand, one by one
 - all        every bench above, on one local Ray started once
 
 `--smoke` runs every bench quickly (few tasks, one run) so they cannot rot (tests/test_bench_smoke.py);
@@ -20,7 +21,7 @@ import time
 
 from bench import common as c
 
-BENCHES = ("file", "inference", "memory", "startup")
+BENCHES = ("file", "inference", "memory", "startup", "label-studio")
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -89,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
                 from bench import inference as mod  # type: ignore[no-redef]
             elif name == "memory":
                 from bench import memory as mod  # type: ignore[no-redef]
+            elif name == "label-studio":
+                from bench import label_studio as mod  # type: ignore[no-redef]
             else:
                 from bench import startup as mod  # type: ignore[no-redef]
             mod.main(args, ray_started=True)

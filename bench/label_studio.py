@@ -181,6 +181,7 @@ def main(args: Any, ray_started: bool = False) -> None:
     with bench_server(REPO) as ls, file_server(tasks) as files:
         admin = Admin(ls.url, ls.legacy_token)
         rates: dict[str, list[float]] = {"ls bulk": [], "ls one by one": [], "totask-ray": []}
+        steady: list[float] = []
         for run in range(runs):
             pid, ids = admin.project(files, tasks)
             s = run_bulk(admin, pid, ids)
@@ -195,14 +196,23 @@ def main(args: Any, ray_started: bool = False) -> None:
             s, result = run_totask(ls.url, ls.personal_token, pid)
             ok = result.success_count == tasks and check(admin, pid, ids)
             rates["totask-ray"].append(len(ids) / s if ok else 0.0)
+            # the rate once running: the predictions' own creation times, 10 % to 90 %
+            made = [c._epoch(p["created_at"]) for p in admin.predictions(pid)]
+            steady.append(c.steady_rate(made) or 0.0)
             admin.drop(pid)
-            c.log(f"run {run + 1}: " + ", ".join(f"{k} {v[-1]:.0f}/s" for k, v in rates.items()))
+            c.log(
+                f"run {run + 1}: "
+                + ", ".join(f"{k} {v[-1]:.0f}/s" for k, v in rates.items())
+                + f", totask-ray steady {steady[-1]:.0f}/s"
+            )
         bulk = c.median(rates["ls bulk"])
         rows = [
             [name, tasks if name != "ls one by one" else min(tasks, ONE_BY_ONE_MAX), c.fmt(c.median(v)),
              c.fmt(c.ratio(c.median(v), bulk), 2), " ".join(c.fmt(x) for x in v)]
             for name, v in rates.items()
         ]  # fmt: skip
+        rows.append(["totask-ray, steady (10-90 % of writes)", tasks, c.fmt(c.median(steady)),
+                     c.fmt(c.ratio(c.median(steady), bulk), 2), " ".join(c.fmt(x) for x in steady)])  # fmt: skip
         c.say(
             c.table(
                 ["contender", "tasks", "predictions/s", "vs ls bulk", "runs /s"],
@@ -210,4 +220,4 @@ def main(args: Any, ray_started: bool = False) -> None:
                 title=f"Label Studio 1.23.2, file method, {tasks} tasks, 3 boxes each (medians of {runs})",
             )
         )
-        c.dump_json("label_studio", {"tasks": tasks, "runs": runs, "rates": rates})
+        c.dump_json("label_studio", {"tasks": tasks, "runs": runs, "rates": rates, "totask_steady": steady})

@@ -34,9 +34,9 @@ def connect_async(config: PlatformConfig) -> AsyncPlatform:
     return AsyncSynapseClient(config)
 
 
-def for_job(config: PlatformConfig, job_name: str) -> PlatformConfig:
+def for_job(config: PlatformConfig, job_name: str, project: int | None = None) -> PlatformConfig:
     """The config a run uses (Label Studio: `model_version` defaults to the job's name)."""
-    return config.for_job(job_name) if isinstance(config, LabelStudioConfig) else config
+    return config.for_job(job_name, project) if isinstance(config, LabelStudioConfig) else config
 
 
 def platform_from_env(env: Mapping[str, str] | None = None) -> str:

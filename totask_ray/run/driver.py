@@ -129,7 +129,7 @@ def run_to_task(
     except ValueError as exc:
         errors = exc.errors(include_url=False, include_input=False) if hasattr(exc, "errors") else []
         raise ParamsError([(".".join(str(p) for p in e["loc"]), e["msg"]) for e in errors]) from None
-    config = for_job(platform or config_from_env(), params.name)
+    config = for_job(platform or config_from_env(), params.name, params.project)
     client = connect(config)
     ctx = RunContext(
         params=params,

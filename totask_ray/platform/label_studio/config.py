@@ -40,6 +40,8 @@ class LabelStudioConfig(BaseModel):
     # predictions carry it; a task that already holds one of this version is skipped (resume)
     model_version: str | None = None
     write: WriteAs = WriteAs.PREDICTIONS
+    # the run's project (set by the run): lets a worker read its tasks in chunks
+    project: int | None = Field(default=None, gt=0)
     # pre-processor release configs by the id the job's `pre_processor` names
     releases: dict[int, dict[str, Any]] = Field(default_factory=dict)
     write_chunk: int = Field(default=100, ge=1, le=500)
@@ -88,9 +90,10 @@ class LabelStudioConfig(BaseModel):
             where = ".".join(str(p) for p in err["loc"])
             raise PlatformError(f"Bad Label Studio setting {where}: {err['msg']}") from None
 
-    def for_job(self, job_name: str) -> LabelStudioConfig:
-        """The config a run uses: `model_version` is the job's name unless one was given."""
-        return self if self.model_version else self.model_copy(update={"model_version": job_name})
+    def for_job(self, job_name: str, project: int | None = None) -> LabelStudioConfig:
+        """The config a run uses: `model_version` is the job's name unless one was given, and the
+        project is the job's."""
+        return self.model_copy(update={"model_version": self.model_version or job_name, "project": project})
 
     @property
     def personal_token(self) -> bool:
