@@ -19,13 +19,15 @@ task counts as failed.
 
 from __future__ import annotations
 
-import io
 import json
-import threading
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -39,41 +41,57 @@ CONFIG = """<View>
   <RectangleLabels name="box" toName="img"><Label value="cat"/><Label value="dog"/></RectangleLabels>
 </View>"""
 CHUNK = 100
+FILE_SERVER = """
+import sys
+from aiohttp import web
+app = web.Application()
+app.router.add_static("/", sys.argv[1])
+web.run_app(app, host="127.0.0.1", port=int(sys.argv[2]), backlog=1024, print=None, access_log=None)
+"""
 ONE_BY_ONE_MAX = 200
-
-
-class _Files(BaseHTTPRequestHandler):
-    files: dict[str, tuple[str, bytes]] = {}
-
-    def do_GET(self) -> None:
-        ctype, body = self.files.get(self.path, ("text/plain", b""))
-        self.send_response(200 if body else 404)
-        self.send_header("Content-Type", ctype)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args: Any) -> None:
-        pass
+BENCH_PARAMS: dict[str, Any] = {}
+BENCH_CONFIG: dict[str, Any] = {}
+BENCH_RUN: dict[str, Any] = {}
 
 
 @contextmanager
 def file_server(tasks: int) -> Iterator[str]:
+    """The images and annotation files on a second host: an aiohttp static server in its own
+    process (in the bench's process it would share a GIL with the driver it measures; `http.server`
+    keeps a listen backlog of 5, so under load connections wait for SYN retries of 1-7 s)."""
     from PIL import Image
 
-    buf = io.BytesIO()
-    Image.new("RGB", (640, 480), (80, 90, 100)).save(buf, format="PNG")
-    files: dict[str, tuple[str, bytes]] = {"/img.png": ("image/png", buf.getvalue())}
+    root = Path(tempfile.mkdtemp(prefix="bench-ls-files-"))
+    (root / "ann").mkdir()
+    Image.new("RGB", (640, 480), (80, 90, 100)).save(root / "img.png")
     for i in range(tasks):
-        files[f"/ann/{i}.json"] = ("application/json", json.dumps(annotation(i)).encode())
-    handler = type("F", (_Files,), {"files": files})
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+        (root / "ann" / f"{i}.json").write_text(json.dumps(annotation(i)))
+    port = c_free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-c", FILE_SERVER, str(root), str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{url}/img.png", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        yield url
     finally:
-        server.shutdown()
-        server.server_close()
+        proc.terminate()
+        proc.wait(timeout=10)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def c_free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def annotation(i: int) -> dict[str, Any]:
@@ -152,14 +170,21 @@ def run_one_by_one(admin: Admin, pid: int, ids: list[int]) -> float:
 def run_totask(url: str, token: str, pid: int) -> tuple[float, Any]:
     from totask_ray import LabelStudioConfig, run_to_task
 
-    params = {"name": "bench_ls", "project": pid, "method": "file", "target_specification_name": "annotation"}
+    params = {
+        "name": "bench_ls",
+        "project": pid,
+        "method": "file",
+        "target_specification_name": "annotation",
+        **BENCH_PARAMS,
+    }
     t0 = time.perf_counter()
     result = run_to_task(
         params,
-        platform=LabelStudioConfig(host=url, api_key=token),
+        platform=LabelStudioConfig(host=url, api_key=token, **BENCH_CONFIG),
         allowed_hosts=["127.0.0.1"],
         progress_bar=False,
         ray_address=c.ray_address(),
+        **BENCH_RUN,
     )
     return time.perf_counter() - t0, result
 

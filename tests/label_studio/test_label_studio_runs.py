@@ -63,7 +63,8 @@ class _Media(BaseHTTPRequestHandler):
 def media() -> Iterator[tuple[str, type[_Media]]]:
     """A second loopback host for images and annotation files; it records the auth it was sent."""
     handler = type("M", (_Media,), {"files": {}, "auth_seen": []})
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    # a listen backlog of 5 (the default) makes a burst of connections wait for SYN retries
+    server = type("S", (ThreadingHTTPServer,), {"request_queue_size": 256})(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         yield f"http://127.0.0.1:{server.server_address[1]}", handler

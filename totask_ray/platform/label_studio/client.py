@@ -66,6 +66,8 @@ from totask_ray.platform.models import (
 
 REFRESH_PATH = "api/token/refresh/"
 REFRESH_MARGIN_S = 30.0
+# what a run reads of a task (`include`: Label Studio's field selection; the rest costs it CPU)
+TASK_FIELDS = "id,data,predictions,annotations,project"
 NO_JOBS = "Label Studio keeps no job records: leave out job_id / create_job (--job-id) on this platform"
 NO_AGENTS = "Label Studio has no agents: leave out `agent`; the pre-processor runs on this run's Ray cluster"
 
@@ -159,6 +161,7 @@ class _Endpoints:
             "page": str(page),
             "page_size": str(size),
             "query": q.query,
+            "include": "id",  # without it LS computes a dozen columns per task: 5-10x the time
         }
         return Call("GET", "api/tasks/", _page(q.limit, page, size), params=params)
 
@@ -373,6 +376,7 @@ class AsyncLabelStudioClient(_Endpoints, AsyncHttp):
         self._project_of: dict[int, int] = {}
         self._writer = _BulkWriter(self, config.write_chunk, config.write_linger_s)
         self._reader = _TaskReader(self)
+        self._project_reads: dict[int, asyncio.Future[ProjectInfo]] = {}
         self._origin = urlsplit(config.host)
 
     async def _authorize(self, force: bool = False) -> None:
@@ -413,8 +417,18 @@ class AsyncLabelStudioClient(_Endpoints, AsyncHttp):
         return {"Authorization": auth} if auth else {}
 
     async def project_info(self, project_id: int) -> ProjectInfo:
+        """The project and its labeling config, read once per actor (one request in flight)."""
         if project_id not in self._projects:
-            self._projects[project_id] = await self._execute(self._project_call(project_id))
+            pending = self._project_reads.get(project_id)
+            if pending is None:
+                pending = self._project_reads[project_id] = asyncio.ensure_future(
+                    self._execute(self._project_call(project_id))
+                )
+            try:
+                self._projects[project_id] = await asyncio.shield(pending)
+            finally:
+                if pending.done():
+                    self._project_reads.pop(project_id, None)
         return self._projects[project_id]
 
     async def _read_task(self, project_id: int | None, task_id: int) -> dict[str, Any]:
@@ -488,9 +502,11 @@ class _Gather:
     """Items gathered for a moment (`linger_s`, or until `chunk` are waiting) and handled as one
     request per chunk and key; each caller awaits its own item's answer."""
 
-    def __init__(self, chunk: int, linger_s: float):
+    def __init__(self, chunk: int, linger_s: float, max_wait_s: float | None = None):
         self.chunk = chunk
         self.linger_s = linger_s
+        self.max_wait_s = max(linger_s, max_wait_s if max_wait_s is not None else linger_s)
+        self._last_put: dict[int, float] = {}
         self._pending: dict[int, Pending] = {}
         self._timers: dict[int, asyncio.Task[None]] = {}
         self._sending: set[asyncio.Task[None]] = set()
@@ -499,6 +515,7 @@ class _Gather:
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         queue = self._pending.setdefault(key, [])
         queue.append((item, fut))
+        self._last_put[key] = time.monotonic()
         if len(queue) >= self.chunk:
             self._flush(key)
         elif key not in self._timers:
@@ -506,7 +523,14 @@ class _Gather:
         return await fut
 
     async def _linger(self, key: int) -> None:
-        await asyncio.sleep(self.linger_s)
+        """Flush once no item came for `linger_s` (the tasks of a batch finish over a spread of
+        downloads), or `max_wait_s` after the first: fewer, fuller requests."""
+        first = time.monotonic()
+        while True:
+            await asyncio.sleep(self.linger_s)
+            now = time.monotonic()
+            if now - self._last_put.get(key, 0.0) >= self.linger_s or now - first >= self.max_wait_s:
+                break
         self._timers.pop(key, None)
         self._flush(key)
 
@@ -540,14 +564,20 @@ class _TaskReader(_Gather):
     """Tasks read in one listing per chunk (`selectedItems`, `fields=all`: data, predictions and
     annotations) instead of one request each: Label Studio spends tens of ms of CPU per request."""
 
-    def __init__(self, client: AsyncLabelStudioClient, chunk: int = 100, linger_s: float = 0.005):
-        super().__init__(chunk, linger_s)
+    def __init__(self, client: AsyncLabelStudioClient, chunk: int = 100, linger_s: float = 0.01):
+        super().__init__(chunk, linger_s, max_wait_s=0.1)
         self.client = client
 
     async def handle(self, project_id: int, batch: Pending) -> None:
         ids = [int(tid) for tid, _ in batch]
         query = json.dumps({"selectedItems": {"all": False, "included": ids}}, separators=(",", ":"))
-        params = {"project": str(project_id), "fields": "all", "page_size": str(len(ids)), "query": query}
+        params = {
+            "project": str(project_id),
+            "fields": "all",
+            "page_size": str(len(ids)),
+            "query": query,
+            "include": TASK_FIELDS,
+        }
         body = await self.client._execute(Call("GET", "api/tasks/", as_dict, params=params))
         found = {t.get("id"): t for t in body.get("tasks") or [] if isinstance(t, dict)}
         for tid, fut in batch:
@@ -573,7 +603,9 @@ class _BulkWriter(_Gather):
     twice, and a task fails only when its prediction is not there."""
 
     def __init__(self, client: AsyncLabelStudioClient, chunk: int, linger_s: float):
-        super().__init__(chunk, linger_s)
+        # LS's bulk import recounts every task of the project on each call (1.23.2,
+        # `update_tasks_counters`): its cost is per call, not per prediction, so calls are few.
+        super().__init__(chunk, linger_s, max_wait_s=max(1.0, 10 * linger_s))
         self.client = client
         self._one_at_a_time: asyncio.Lock | None = None
 

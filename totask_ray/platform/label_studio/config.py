@@ -44,8 +44,9 @@ class LabelStudioConfig(BaseModel):
     project: int | None = Field(default=None, gt=0)
     # pre-processor release configs by the id the job's `pre_processor` names
     releases: dict[int, dict[str, Any]] = Field(default_factory=dict)
-    write_chunk: int = Field(default=100, ge=1, le=500)
-    write_linger_s: float = Field(default=0.02, ge=0, le=5)
+    write_chunk: int = Field(default=500, ge=1, le=500)
+    # a chunk goes once no prediction came for this long (or 10x this after the first)
+    write_linger_s: float = Field(default=0.1, ge=0, le=5)
     connect_timeout_s: float = Field(default=5.0, gt=0)
     read_timeout_s: float = Field(default=30.0, gt=0)
     retries: int = Field(default=5, ge=0, le=20)
