@@ -55,6 +55,11 @@ def _release_config(version: str) -> dict[str, Any]:
 
     cfg = load_release_config(c.ROOT / "serve_apps" / "faces").model_dump(mode="json", exclude_none=True)
     cfg["version"] = version
+    # The SDK contender calls the app's own route, which fetches the image from the platform on
+    # loopback: a host the route refuses unless allow-listed (the embedded agent adds it when it
+    # deploys; here a totask-ray warm-up run deploys the app, so the bench's release says so).
+    options = cfg["actions"]["deployment"].setdefault("options", {})
+    options["allowed_hosts"] = [*options.get("allowed_hosts", []), "127.0.0.1"]
     return cfg
 
 
