@@ -3,7 +3,7 @@ in seconds.
 
 - `ensure_ls_venv(root)` builds `<root>/.venv-ls` with `label-studio==1.23.2` once (its pins clash
   with Ray's, so it never shares a venv with totask-ray); a stamp records it, a lock serialises
-  builds across processes (the machinery of `devtools.sdk_env`).
+  builds across processes (`devtools.venvs`, shared with `devtools.sdk_env`).
 - `ls_data_template(root)` migrates a data dir once (33-37 s here), with an admin user, a legacy key
   and a personal access token, and keeps it beside the venv; `LabelStudioServer` copies it to a
   fresh temp dir and boots on 127.0.0.1 in about 4 s.
@@ -16,7 +16,6 @@ The secrets here are throwaway test values for a server bound to loopback.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import secrets
 import shutil
@@ -30,7 +29,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from devtools.sdk_env import SdkEnvError, _clean_env, _locked, _probe, _run, lock_path, venv_python
+from devtools import venvs
+from devtools.venvs import venv_python
 
 LS_PACKAGE = "label-studio"
 LS_VERSION = "1.23.2"
@@ -55,10 +55,7 @@ def _venv(root: str | Path) -> Path:
 def ls_venv_ready(root: str | Path) -> Path | None:
     """The python of an already built venv, else None (no build)."""
     venv = _venv(root)
-    try:
-        stamp = json.loads((venv / STAMP_NAME).read_text())
-    except (OSError, ValueError):
-        return None
+    stamp = venvs.read_stamp(venv / STAMP_NAME) or {}
     ok = stamp.get("label_studio") == LS_VERSION and venv_python(venv).exists()
     return venv_python(venv) if ok else None
 
@@ -69,41 +66,26 @@ def ensure_ls_venv(root: str | Path, *, python: str | None = None) -> Path:
     ready = ls_venv_ready(root)
     if ready is not None:
         return ready
-    try:
-        with _locked(lock_path(venv), 1800):
-            ready = ls_venv_ready(root)
-            if ready is not None:
-                return ready
-            if venv.exists():
-                if any(venv.iterdir()) and not (venv / "pyvenv.cfg").exists():
-                    raise LsEnvError(f"{venv} exists and is not a virtualenv; not replacing it")
-                shutil.rmtree(venv)
-            exe = python or sys.executable
-            _run([exe, "-m", "venv", str(venv)], f"{exe} -m venv {venv}", 300)
-            py = venv_python(venv)
-            if _probe(str(py)) is None:
-                raise LsEnvError(f"the new venv's python {py} does not run")
-            spec = f"{LS_PACKAGE}=={LS_VERSION}"
-            _run(
-                [str(py), "-m", "pip", "install", "--quiet", "--no-input", spec],
-                f"pip install {spec}",
-                PIP_TIMEOUT_S,
-            )
-            version = _run(
-                [str(py), "-c", "import importlib.metadata as m; print(m.version('label-studio'))"],
-                "checking the installed label-studio",
-                60,
-            ).strip()
-            if version != LS_VERSION:
-                raise LsEnvError(f"expected label-studio {LS_VERSION} in {venv}, found {version}")
-            (venv / STAMP_NAME).write_text(json.dumps({"label_studio": version}))
-            return py
-    except SdkEnvError as exc:
-        raise LsEnvError(str(exc)) from None
+    with venvs.locked(_lock(venv), 1800, LsEnvError):
+        ready = ls_venv_ready(root)
+        if ready is not None:
+            return ready
+        exe = python or sys.executable
+        py = venvs.make_venv(venv, exe, LsEnvError)
+        if venvs.probe(str(py)) is None:
+            raise LsEnvError(f"the new venv's python {py} does not run")
+        spec = f"{LS_PACKAGE}=={LS_VERSION}"
+        version = venvs.pip_install(py, [spec], LS_PACKAGE, LS_VERSION, PIP_TIMEOUT_S, LsEnvError)
+        venvs.write_stamp(venv / STAMP_NAME, {"label_studio": version})
+        return py
+
+
+def _lock(venv: Path) -> Path:
+    return venvs.lock_path(venv, prefix="totask-ls-venv")
 
 
 def _env(data_dir: Path, secret_key: str, media_root: Path | None = None) -> dict[str, str]:
-    env = _clean_env()
+    env = venvs.clean_env()
     for k in list(env):
         if k.startswith(("LABEL_STUDIO_", "DJANGO_")):
             env.pop(k)
@@ -252,43 +234,40 @@ def ls_data_template(root: str | Path) -> tuple[Path, Credentials]:
     stamp = venv / TEMPLATE_STAMP
 
     def read() -> Credentials | None:
+        data = venvs.read_stamp(stamp)
         try:
-            data = json.loads(stamp.read_text())
-            return Credentials(**data) if template.is_dir() else None
-        except (OSError, ValueError, TypeError):
+            return Credentials(**data) if data is not None and template.is_dir() else None
+        except TypeError:
             return None
 
     creds = read()
     if creds is not None:
         return template, creds
     ensure_ls_venv(root)
-    try:
-        with _locked(lock_path(venv.with_name(VENV_DIR + "-template")), 600):
-            creds = read()
-            if creds is not None:
-                return template, creds
-            shutil.rmtree(template, ignore_errors=True)
+    with venvs.locked(_lock(venv.with_name(VENV_DIR + "-template")), 600, LsEnvError):
+        creds = read()
+        if creds is not None:
+            return template, creds
+        shutil.rmtree(template, ignore_errors=True)
+        made = Credentials(
+            legacy_token=secrets.token_hex(20),
+            personal_token="",
+            secret_key=secrets.token_urlsafe(40),
+            password=secrets.token_urlsafe(16),
+        )
+        server = LabelStudioServer(root, data_dir=template)
+        server.credentials = made
+        server.start(fresh=True)
+        try:
             made = Credentials(
-                legacy_token=secrets.token_hex(20),
-                personal_token="",
-                secret_key=secrets.token_urlsafe(40),
-                password=secrets.token_urlsafe(16),
+                **{**made.__dict__, "personal_token": _personal_token(server.url, made.legacy_token)}
             )
-            server = LabelStudioServer(root, data_dir=template)
-            server.credentials = made
-            server.start(fresh=True)
-            try:
-                made = Credentials(
-                    **{**made.__dict__, "personal_token": _personal_token(server.url, made.legacy_token)}
-                )
-            finally:
-                server.stop()
-            for log in template.parent.glob("label-studio-*.log"):
-                log.unlink(missing_ok=True)
-            stamp.write_text(json.dumps(made.__dict__))
-            return template, made
-    except SdkEnvError as exc:
-        raise LsEnvError(str(exc)) from None
+        finally:
+            server.stop()
+        for log in template.parent.glob("label-studio-*.log"):
+            log.unlink(missing_ok=True)
+        venvs.write_stamp(stamp, made.__dict__)
+        return template, made
 
 
 def _personal_token(url: str, legacy: str) -> str:

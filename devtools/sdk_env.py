@@ -10,25 +10,23 @@ it lives in its own venv (default `<repo>/.venv-sdk`, gitignored) and is driven 
 - `ensure_sdk_venv(root)` builds the venv once and returns its python. A stamp file records what was
   installed; a later call with the same request returns at once. A lock file (`fcntl.flock`, in
   the temp dir) keeps two processes from building it at the same time. A pip failure raises `SdkEnvError` with the tail
-  of pip's output.
+  of pip's output. The lock, pip and stamp machinery is `devtools.venvs`, shared with `devtools.ls_env`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import glob
-import hashlib
-import json
 import os
 import re
 import shutil
 import subprocess
 import sys
-import tempfile
-import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+
+from devtools import venvs
+from devtools.venvs import lock_path, venv_python
 
 SDK_PACKAGE = "synapse-sdk"
 SDK_VERSION = "2026.2.17"
@@ -45,26 +43,7 @@ class SdkEnvError(RuntimeError):
     """The SDK venv could not be built (the message ends with the tail of the failing output)."""
 
 
-def _clean_env() -> dict[str, str]:
-    env = dict(os.environ)
-    if not env.get("PYENV_VERSION"):
-        env.pop("PYENV_VERSION", None)
-    for k in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV", "PYTHONSTARTUP", "PIP_REQUIRE_VIRTUALENV"):
-        env.pop(k, None)
-    return env
-
-
-def _probe(exe: str) -> tuple[tuple[int, int], str] | None:
-    """((major, minor), sys.executable) of an interpreter that runs and has venv and ensurepip."""
-    code = "import sys, venv, ensurepip; print(sys.version_info[0], sys.version_info[1], sys.executable)"
-    try:
-        out = subprocess.run([exe, "-c", code], capture_output=True, text=True, timeout=30, env=_clean_env())
-    except (OSError, subprocess.SubprocessError):
-        return None
-    if out.returncode != 0:
-        return None
-    m = re.fullmatch(r"(\d+) (\d+) (.+)", out.stdout.strip())
-    return ((int(m.group(1)), int(m.group(2))), m.group(3)) if m else None
+_probe = venvs.probe
 
 
 def _version_key(path: str) -> tuple[int, int, int]:
@@ -132,26 +111,12 @@ def find_python312() -> str | None:
     return None
 
 
-def venv_python(venv: Path) -> Path:
-    return venv / "bin" / "python"
-
-
-def lock_path(venv: Path) -> Path:
-    """The lock file that serialises builds of `venv`: in the temp dir (not in the work tree,
-    where it would show up in git status; not in the venv, which a rebuild deletes)."""
-    digest = hashlib.sha256(str(venv.resolve()).encode()).hexdigest()[:16]
-    return Path(tempfile.gettempdir()) / f"totask-sdk-venv-{digest}.lock"
-
-
 def _requirements(extra_packages: Iterable[str]) -> list[str]:
     return [f"{SDK_PACKAGE}=={SDK_VERSION}", *sorted(set(extra_packages))]
 
 
 def _read_stamp(venv: Path) -> dict | None:
-    try:
-        return json.loads((venv / STAMP_NAME).read_text())
-    except (OSError, ValueError):
-        return None
+    return venvs.read_stamp(venv / STAMP_NAME)
 
 
 def _is_ready(venv: Path, requirements: list[str]) -> bool:
@@ -160,46 +125,6 @@ def _is_ready(venv: Path, requirements: list[str]) -> bool:
         return False
     have = set(stamp.get("requirements", []))
     return set(requirements) <= have
-
-
-@contextlib.contextmanager
-def _locked(path: Path, timeout_s: float) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as fh:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise SdkEnvError(
-                        f"timed out after {timeout_s:.0f} s waiting for the lock {path}"
-                    ) from None
-                time.sleep(0.5)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
-
-
-def _run(cmd: list[str], what: str, timeout_s: float) -> str:
-    try:
-        out = subprocess.run(
-            cmd,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            timeout=timeout_s,
-            env=_clean_env() | {"PIP_DISABLE_PIP_VERSION_CHECK": "1", "PIP_NO_INPUT": "1"},
-        )
-    except subprocess.TimeoutExpired as exc:
-        tail = (exc.stdout or "")[-4000:] if isinstance(exc.stdout, str) else ""
-        raise SdkEnvError(f"{what} timed out after {timeout_s:.0f} s:\n{tail}") from None
-    if out.returncode != 0:
-        tail = "\n".join(out.stdout.splitlines()[-40:])
-        raise SdkEnvError(f"{what} failed (exit {out.returncode}):\n{tail}")
-    return out.stdout
 
 
 def sdk_venv_ready(
@@ -229,7 +154,7 @@ def ensure_sdk_venv(
     reqs = _requirements(extra_packages)
     if _is_ready(venv, reqs):
         return venv_python(venv)
-    with _locked(lock_path(venv), lock_timeout_s):
+    with venvs.locked(lock_path(venv), lock_timeout_s, SdkEnvError):
         if _is_ready(venv, reqs):  # another process built it while we waited
             return venv_python(venv)
         stamp = _read_stamp(venv)
@@ -238,26 +163,9 @@ def ensure_sdk_venv(
             exe = python or find_python312()
             if exe is None:
                 raise SdkEnvError("no Python >= 3.12 interpreter found")
-            if venv.exists():
-                if any(venv.iterdir()) and not (venv / "pyvenv.cfg").exists():
-                    raise SdkEnvError(f"{venv} exists and is not a virtualenv; not replacing it")
-                shutil.rmtree(venv)
-            _run([exe, "-m", "venv", str(venv)], f"{exe} -m venv {venv}", 300)
+            venvs.make_venv(venv, exe, SdkEnvError)
             stamp = None
         wanted = sorted(set(reqs) | set((stamp or {}).get("requirements", [])))
-        _run(
-            [str(py), "-m", "pip", "install", "--quiet", "--no-input", *reqs],
-            f"pip install {' '.join(reqs)}",
-            PIP_TIMEOUT_S,
-        )
-        version = _run(
-            [str(py), "-c", "import importlib.metadata as m; print(m.version('synapse-sdk'))"],
-            "checking the installed synapse-sdk",
-            60,
-        ).strip()
-        if version != SDK_VERSION:
-            raise SdkEnvError(f"expected synapse-sdk {SDK_VERSION} in {venv}, found {version}")
-        tmp = venv / f"{STAMP_NAME}.tmp"
-        tmp.write_text(json.dumps({"requirements": wanted, "synapse_sdk": version}, indent=1))
-        os.replace(tmp, venv / STAMP_NAME)
+        version = venvs.pip_install(py, reqs, SDK_PACKAGE, SDK_VERSION, PIP_TIMEOUT_S, SdkEnvError)
+        venvs.write_stamp(venv / STAMP_NAME, {"requirements": wanted, "synapse_sdk": version})
     return py

@@ -64,6 +64,15 @@ class Admin:
     def delete_task(self, task_id: int) -> None:
         self._ok(self.http.delete(f"/api/tasks/{task_id}/"))
 
+    def delete_project(self, project_id: int) -> None:
+        self._ok(self.http.delete(f"/api/projects/{project_id}/"))
+
+    def import_predictions(self, project_id: int, predictions: list[dict[str, Any]]) -> int:
+        """LS's own bulk import (`{"task", "result", "score", "model_version"}` each); how many it
+        created. It drops a prediction that does not fit the labeling config without an error."""
+        r = self.http.post(f"/api/projects/{project_id}/import/predictions", json=predictions)
+        return int(self._ok(r).json()["created"])
+
 
 @dataclass(frozen=True)
 class LabelStudio:
