@@ -63,7 +63,9 @@ def test_more_free_cpus_more_replicas_with_room_for_their_decode_actors():
     plan = plan_replicas({"CPU": 1}, [{"CPU": 4}], cores=2)
     assert (plan.replicas, plan.threads) == (2, None)  # one thread each: as many as they reserve
     assert plan.decode_actors >= math.ceil(plan.replicas / 2)
-    assert plan_replicas({"CPU": 1}, [{"CPU": 8}, {"CPU": 8}]).replicas == 12  # + 6 decode actors
+    # at most half of what is free: the replicas outlive the run, other runs need room beside them
+    assert plan_replicas({"CPU": 1}, [{"CPU": 8}, {"CPU": 8}]).replicas == 8
+    assert plan_replicas({"CPU": 1}, [{"CPU": 2.5}]).replicas == 1  # a cluster already half used
     assert plan_replicas({"CPU": 1}, [{"CPU": 64}]).replicas == 16  # capped
 
 
@@ -107,6 +109,8 @@ def test_the_plan_never_exceeds_the_free_capacity(bundle, decode):
             plan.replicas == 16
             or more.decode_actors < math.ceil((plan.replicas + 1) / 2)
             or (pack(bundle, plan.replicas + 1, available) < plan.replicas + 1)
+            # or it would have taken more than half of the free CPUs (the replicas outlive the run)
+            or (plan.replicas + 1) * bundle.get("CPU", 0) > cpus * nodes / 2 + 1e-6
         )
 
 

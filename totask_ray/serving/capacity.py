@@ -408,6 +408,10 @@ def plan_replicas(
             left = _place(bundle, m, available)
             if left is None or decode_room(left) < math.ceil(m / 2):
                 break
+            # The replicas stay up after the run (the next run finds them): a planned count takes
+            # at most half of what is free, so other runs and apps keep room beside it.
+            if m > 1 and sum(n.get("CPU", 0.0) for n in left) < free_total.get("CPU", 0.0) / 2 - _EPS:
+                break
             replicas = m
         replicas = max(1, replicas)
     left = _place(bundle, replicas, available)
