@@ -6,6 +6,8 @@
 - memory     the driver's peak RSS over a file-method run at 10,000 and 200,000 tasks
 - startup    `totask-ray run` to the first annotation on the platform, warm cluster, with a breakdown
 - label-studio  predictions/s into a real Label Studio: totask-ray, LS's bulk import by hand, one by one
+- accelerator  a GPU-shaped pre-processor (40 ms + 1 ms/image) on N = 1, 2, 4 logical GPUs
+- scaleout   the file method on a simulated two-node cluster (2x2 CPUs) against one node (1x4)
 - all        every bench above, on one local Ray started once
 
 `--smoke` runs every bench quickly (few tasks, one run) so they cannot rot (tests/test_bench_smoke.py);
@@ -21,7 +23,7 @@ import time
 
 from bench import common as c
 
-BENCHES = ("file", "inference", "memory", "startup", "label-studio")
+BENCHES = ("file", "inference", "memory", "startup", "label-studio", "accelerator", "scaleout")
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -90,8 +92,12 @@ def main(argv: list[str] | None = None) -> int:
                 from bench import inference as mod  # type: ignore[no-redef]
             elif name == "memory":
                 from bench import memory as mod  # type: ignore[no-redef]
+            elif name == "accelerator":
+                from bench import accelerator as mod  # type: ignore[no-redef]
             elif name == "label-studio":
                 from bench import label_studio as mod  # type: ignore[no-redef]
+            elif name == "scaleout":
+                from bench import scaleout as mod  # type: ignore[no-redef]
             else:
                 from bench import startup as mod  # type: ignore[no-redef]
             mod.main(args, ray_started=True)
