@@ -43,8 +43,12 @@ def start_cluster(layout: tuple[int, ...], tries: int = 3) -> Any:
     Ray gives a raylet 30 s to register (not configurable); on this shared 2-core box under load
     that is sometimes not enough, so a failed start is tried again."""
     import ray
+    from ray._private import ray_constants
     from ray.cluster_utils import Cluster
 
+    # Ray turns a 127.0.0.1 address into this host's outward IP before connecting, unless it runs
+    # "without clusters" (as on macOS): with that off, the driver reaches the loopback-bound GCS.
+    ray_constants.ENABLE_RAY_CLUSTER = False
     for attempt in range(tries):
         try:
             cluster = Cluster(initialize_head=True, head_node_args=_node_args(layout[0], head=True))
