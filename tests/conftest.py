@@ -35,6 +35,9 @@ def ray_cluster():
     import ray
 
     ray.init(
+        # a new local cluster even if another one runs on this machine (a `ray start`, a bench):
+        # without it ray.init joins that one and refuses num_cpus/num_gpus
+        address="local",
         num_cpus=RAY_NUM_CPUS,
         num_gpus=RAY_NUM_GPUS,
         include_dashboard=False,
