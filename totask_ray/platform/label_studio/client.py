@@ -232,6 +232,23 @@ class _Endpoints:
         specs = [FileSpecification(name=k, is_primary=k == primary) for k in keys]
         return DataCollection(id=info.project.id, name=info.project.title, file_specifications=specs)
 
+    # -- the personal access token, traded for an access token (both flavours) ------------------
+
+    _expires: float
+
+    def _fresh(self) -> bool:
+        return time.time() < self._expires - REFRESH_MARGIN_S
+
+    def _refresh_call(self) -> Call[str]:
+        """The trade, sent without the (maybe expired) access token: LS refuses a bad Bearer first."""
+        self._core.set_headers(self.config.headers())
+        return Call("POST", REFRESH_PATH, _access, json={"refresh": self.config.api_key.get_secret_value()})
+
+    def _use_access(self, access: str) -> None:
+        self._core.extra_secrets = [access]
+        self._core.set_headers({**self.config.headers(), "Authorization": f"Bearer {access}"})
+        self._expires = _jwt_expiry(access) or time.time() + 240
+
     # -- what Label Studio does not have ------------------------------------------------------
 
     def get_plugin_release(self, release_id: int) -> PluginRelease:
@@ -281,17 +298,9 @@ class LabelStudioClient(_Endpoints, BlockingHttp):
         if not self.config.personal_token:
             return
         with self._lock:
-            if not force and time.time() < self._expires - REFRESH_MARGIN_S:
+            if not force and self._fresh():
                 return
-            core = self._core
-            call = Call(
-                "POST", REFRESH_PATH, _access, json={"refresh": self.config.api_key.get_secret_value()}
-            )
-            core.set_headers(self.config.headers())
-            access = BlockingHttp._execute(self, call)
-            core.extra_secrets = [access]
-            core.set_headers({**self.config.headers(), "Authorization": f"Bearer {access}"})
-            self._expires = _jwt_expiry(access) or time.time() + 240
+            self._use_access(BlockingHttp._execute(self, self._refresh_call()))
 
     def _execute(self, call: Call[Any]) -> Any:
         self._authorize()
@@ -385,17 +394,9 @@ class AsyncLabelStudioClient(_Endpoints, AsyncHttp):
         if self._auth_lock is None:
             self._auth_lock = asyncio.Lock()
         async with self._auth_lock:
-            if not force and time.time() < self._expires - REFRESH_MARGIN_S:
+            if not force and self._fresh():
                 return
-            core = self._core
-            call = Call(
-                "POST", REFRESH_PATH, _access, json={"refresh": self.config.api_key.get_secret_value()}
-            )
-            core.set_headers(self.config.headers())
-            access = await AsyncHttp._execute(self, call)
-            core.extra_secrets = [access]
-            core.set_headers({**self.config.headers(), "Authorization": f"Bearer {access}"})
-            self._expires = _jwt_expiry(access) or time.time() + 240
+            self._use_access(await AsyncHttp._execute(self, self._refresh_call()))
 
     async def _execute(self, call: Call[Any]) -> Any:
         await self._authorize()
