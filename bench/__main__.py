@@ -2,6 +2,7 @@
 
 - file       tasks/s of the file method: platform raw capacity, the public SDK, totask-ray
              (plain loopback and +20 ms platform latency)
+- client-cpu the annotator's CPU per task against a bare aiohttp client (no Ray around either)
 - inference  images/s with the faces app: raw model, the SDK's inference path, totask-ray
 - memory     the driver's peak RSS over a file-method run at 10,000 and 200,000 tasks
 - startup    `totask-ray run` to the first annotation on the platform, warm cluster, with a breakdown
@@ -23,7 +24,7 @@ import time
 
 from bench import common as c
 
-BENCHES = ("file", "inference", "memory", "startup", "label-studio", "accelerator", "scaleout")
+BENCHES = ("file", "client-cpu", "inference", "memory", "startup", "label-studio", "accelerator", "scaleout")
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -88,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             if name == "file":
                 from bench import file_method as mod
+            elif name == "client-cpu":
+                from bench import client_cpu as mod  # type: ignore[no-redef]
             elif name == "inference":
                 from bench import inference as mod  # type: ignore[no-redef]
             elif name == "memory":

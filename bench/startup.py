@@ -138,6 +138,9 @@ def _spawn(bp: Any, cmd: list[str], out: Path) -> tuple[float, float | None, flo
     env = c.env_for_children()
     env["SYNAPSE_HOST"] = bp.url
     env["SYNAPSE_ACCESS_TOKEN"] = bp.token
+    # each run writes every task: the run before it left the same data there, which totask-ray
+    # would find unchanged and not write again (no first annotation to time)
+    c.clear_task_data(bp.store, bp.project)
     wm = c.history_watermark(bp.store)
     first = None
     with open(out, "w") as fo, open(out.with_suffix(".err"), "w") as fe:

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-BENCHES = ("file", "inference", "memory", "startup", "accelerator", "scaleout")
+BENCHES = ("file", "client_cpu", "inference", "memory", "startup", "accelerator", "scaleout")
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -69,6 +69,10 @@ def test_every_bench_runs_in_smoke_mode():
         print(f"SDK file contenders: {sdk_note}", file=sys.stderr)
     else:
         assert {"sdk b1", "sdk b8"} <= set(file_rows)
+
+    cpu_rows = reports["client_cpu"]["summary"]
+    for name in ("bare", "totask-ray"):  # both wrote every task (read back from the platform)
+        assert cpu_rows[name]["failed_runs"] == 0 and cpu_rows[name]["cpu_ms_per_task"] > 0, cpu_rows
 
     inf = reports["inference"]["contenders"]
     for name in ("raw 1 thread", "raw 2 threads", "totask-ray"):
