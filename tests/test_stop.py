@@ -27,14 +27,22 @@ from totask_ray.platform.synapse import SynapseClient, SynapseConfig
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
-TASKS = 1500
-STOP_AT = 0.3  # the signal comes once this share of the tasks has been written
+TASKS = 800
+STOP_AT = 0.25  # the signal comes once this share of the tasks has been written
+HOLD_S = 1.5  # from then on each write waits this long, so the stop lands before the run can end
+
+
+def _hold_writes(platform) -> None:
+    """Slow every write from now on (the platform's own fault injection: a fake slowness, because a
+    real platform cannot be told to slow down on cue). Without it the signal races the run's last
+    writes: on a fast machine the run ended before `ray job stop` had even started."""
+    platform.set_faults(slow_rate=1.0, slow_s=HOLD_S, path_regex="annotate_task_data", methods=["PUT"])
 
 
 @pytest.fixture(scope="module")
 def slow_platform(tmp_path_factory):
     """Its own platform with 15 ms per answer, so a run lasts long enough to be stopped mid-way."""
-    lp = LocalPlatform(data_dir=tmp_path_factory.mktemp("stop-platform"), latency_ms=15)
+    lp = LocalPlatform(data_dir=tmp_path_factory.mktemp("stop-platform"), latency_ms=15, fault_injection=True)
     lp.start()
     try:
         yield lp
@@ -48,6 +56,7 @@ def gcs_address(ray_cluster):
 
 
 def _project(platform, tmp_path: Path, name: str) -> tuple[int, list[int], list[dict], Path, int]:
+    platform.clear_faults()  # a case that failed before its resume may have left the writes held
     units = [good_unit(platform, i, name) for i in range(TASKS)]
     project, ids = make_project(platform, units)
     job = tmp_path / "job.yaml"
@@ -82,6 +91,7 @@ def _successes(report: Path) -> set[int]:
 
 def _resume_and_check(platform, project, ids, units, job: Path, first: Path, tmp_path: Path, env, address):
     """Resume from the stopped run's report; then every check the issue names, on the platform."""
+    platform.clear_faults()
     before = _written(platform, project)
     final = tmp_path / "final.jsonl"
     proc = subprocess.run(
@@ -118,6 +128,7 @@ def _cli_case(platform, tmp_path, gcs_address, sig: signal.Signals, name: str):
     )  # fmt: skip
     try:
         _wait_for_writes(platform, project, proc, int(TASKS * STOP_AT))
+        _hold_writes(platform)
         t0 = time.monotonic()
         proc.send_signal(sig)
         out, _ = proc.communicate(timeout=120)
@@ -204,6 +215,7 @@ sys.exit(3)
     )  # fmt: skip
     try:
         _wait_for_writes(platform, project, proc, int(TASKS * STOP_AT))
+        _hold_writes(platform)
         proc.send_signal(signal.SIGINT)
         out, _ = proc.communicate(timeout=120)
     finally:
@@ -235,6 +247,7 @@ def test_ray_job_stop_on_a_submitted_job_then_resume(slow_platform, tmp_path):
         )  # fmt: skip
         assert sub.returncode == 0, (sub.stdout + sub.stderr)[-3000:]
         _wait_for_writes(platform, project, None, int(TASKS * STOP_AT))
+        _hold_writes(platform)
         t0 = time.monotonic()
         stop = subprocess.run(
             [str(BIN / "ray"), "job", "stop", f"--address={address}", submit_id],
