@@ -293,3 +293,12 @@ def bench_server(root: str | Path) -> Iterator[LabelStudioServer]:
     """A server for one benchmark run (the same as the tests'), stopped afterwards."""
     with LabelStudioServer(root) as server:
         yield server
+
+
+if __name__ == "__main__":
+    # `python -m devtools.ls_env <root>`: build the venv and the data template now (the test suite
+    # starts this in the background at collection, so the minutes it takes overlap other tests).
+    # SIGTERM unwinds (pip is killed, a half-migrated template's server stopped); no stamp is
+    # written, so the next build starts afresh.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    ls_data_template(sys.argv[1] if len(sys.argv) > 1 else ".")

@@ -21,6 +21,10 @@ for _var in (
     os.environ.pop(_var, None)
 
 import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -84,3 +88,42 @@ def serve_http_port(ray_cluster) -> int:
     config = _get_global_client().http_config
     assert config.host in ("127.0.0.1", "localhost"), f"Serve's proxy must bind loopback, got {config.host}"
     return int(config.port)
+
+
+# -- Label Studio's venv, built while the rest of the suite runs ----------------------------------
+
+_LS_BUILD = pytest.StashKey[subprocess.Popen]()
+
+
+def _uses_the_server(item: pytest.Item) -> bool:
+    return "label_studio" in getattr(item, "fixturenames", ())
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """On a fresh machine Label Studio's venv and migrated data template take minutes (211 s of
+    one CI run, all of it before the first Label Studio test could start). Start that build in a
+    background process now and run the tests that use the server last, so the build overlaps the
+    rest of the suite; tests marked `ls_venv` (the bench smoke) keep their place. The build takes
+    the same cross-process locks as the fixture, so a test that gets there first waits for it (or
+    builds itself, if the build failed) instead of racing it."""
+    if not any(_uses_the_server(i) or i.get_closest_marker("ls_venv") for i in items):
+        return
+    root = Path(__file__).resolve().parents[1]
+    with open(Path(tempfile.gettempdir()) / "totask-ls-venv-build.log", "w") as log:
+        config.stash[_LS_BUILD] = subprocess.Popen(
+            [sys.executable, "-m", "devtools.ls_env", str(root)],
+            cwd=root, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+        )  # fmt: skip
+    items[:] = [i for i in items if not _uses_the_server(i)] + [i for i in items if _uses_the_server(i)]
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """An interrupted session leaves no build running (the next one builds the venv afresh)."""
+    proc = session.config.stash.get(_LS_BUILD, None)
+    if proc is not None and proc.poll() is None:
+        proc.terminate()  # it unwinds: pip killed, a template's server stopped
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

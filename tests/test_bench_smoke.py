@@ -20,7 +20,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 BENCHES = ("file", "client_cpu", "inference", "memory", "startup", "accelerator", "scaleout")
 
-pytestmark = pytest.mark.timeout(600)
+pytestmark = [pytest.mark.timeout(600), pytest.mark.ls_venv]
 
 
 def test_every_bench_runs_in_smoke_mode():
