@@ -48,6 +48,10 @@ def images(platform):
 @pytest.fixture(scope="module")
 def synapse_release(platform):
     config = yaml.safe_load((REPO / "examples" / "synapse_preprocessor" / "config.yaml").read_text())
+    # one replica: the test reads the app's batch sizes through a handle, which reaches one replica;
+    # left unset, a run sizes the count from the free CPUs and a lone run got 3 (the sizes then
+    # summed to one replica's share of the tasks)
+    config["actions"]["inference"]["required_resources"]["num_replicas"] = 1
     yield platform.store.create_plugin_release(config["code"], config["version"], config)
     from ray import serve
 
