@@ -35,7 +35,6 @@ from totask_ray.platform.errors import NotFoundError
 READ_TASK_CPUS = 0.1
 PAGES_PER_READ_TASK = 2
 READ_CONCURRENCY = 2
-FIRST_PAGE_BLOCK_ROWS = 25  # the first page reaches the actors in blocks this small
 
 
 def id_block(ids: list[int], exclude: np.ndarray | None) -> pa.Table:
@@ -138,11 +137,8 @@ def task_dataset(source: TaskIdSource) -> Any:
 
     if source.first_page is None:
         return _reads(source)
-    # from_blocks: its metadata is read here; from_arrow would wait on a remote task for it. Small
-    # blocks, so that a run that fits one page still spreads over every actor the pool grows to.
-    head = id_block(source.first_page, source.exclude)
-    step = FIRST_PAGE_BLOCK_ROWS
-    first = ray.data.from_blocks([head.slice(i, step) for i in range(0, max(head.num_rows, 1), step)])
+    # from_blocks: its metadata is read here; from_arrow would wait on a remote task for it
+    first = ray.data.from_blocks([id_block(source.first_page, source.exclude)])
     if source.read_count == 0:
         return first  # every id was on the first page (empty only when a resume excludes them all)
     return first.union(_reads(source))
