@@ -8,8 +8,7 @@ from __future__ import annotations
 import numpy as np
 from helpers import config_for, make_project
 
-from totask_ray.pipeline.source import PAGES_PER_READ_TASK, TaskIdSource, id_block
-from totask_ray.platform.synapse import SynapseClient
+from totask_ray.pipeline.source import PAGES_PER_READ_TASK, TaskIdSource
 
 
 def _read_all(source: TaskIdSource) -> tuple[list[int], list[int], int]:
@@ -41,23 +40,3 @@ def test_reads_skip_excluded_tasks_and_stop_when_the_listing_shrinks(platform):
     ids, _, n_reads = _read_all(source)
     assert n_reads == -(-20 // PAGES_PER_READ_TASK)  # planned on the count: 20 pages of 50
     assert sorted(ids) == sorted(set(task_ids) - set(exclude.tolist()))
-
-
-def test_with_the_first_page_listed_by_the_driver_the_reads_start_at_page_two(platform):
-    """The driver's count listed page 1 already; its ids become the actors' first block, so the
-    reads must list every other task once and never page 1 again."""
-    project, task_ids = make_project(platform, [{"files": None}] * 1_030)
-    page = 100
-    with SynapseClient(config_for(platform)) as client:
-        first = client.task_id_page(project, {}, page=1, page_size=page)
-    exclude = np.array(sorted(task_ids[::4]), dtype=np.int64)  # a resume drops them from both parts
-    source = TaskIdSource(
-        config_for(platform), project, {}, count=first.count, page_size=page, exclude=exclude,
-        first_page=first.ids,
-    )  # fmt: skip
-    ids, rows, n_reads = _read_all(source)
-    assert n_reads == source.read_count == -(-(11 - 1) // PAGES_PER_READ_TASK)  # pages 2..11
-    assert sum(rows) == len(task_ids) - page
-    head = id_block(first.ids, exclude).column("task_id").to_pylist()
-    assert not set(head) & set(ids)
-    assert sorted(head + ids) == sorted(set(task_ids) - set(exclude.tolist()))

@@ -56,7 +56,6 @@ class PipelineSpec:
     verbose: bool = False
     plugin_cls: type | None = None
     stop_flag: Any = None  # `pipeline.stop`: set, the reads stop listing and the actors stop starting tasks
-    first_page: list[int] | None = None  # page 1's ids at `page_size`, listed by the driver already
     lister: Platform | None = field(default=None, repr=False)  # for a snapshot of the ids (see below)
 
 
@@ -170,7 +169,6 @@ def run_pipeline(spec: PipelineSpec) -> Iterator[dict[str, Any]]:
         page_size=spec.page_size,
         exclude=spec.exclude,
         stop_flag=spec.stop_flag,
-        first_page=spec.first_page,
     )
     moving = listing_moves_under_us(spec.on_success, spec.task_filters)
     dataset = snapshot_dataset(spec, source) if moving else task_dataset(source)

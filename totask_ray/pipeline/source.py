@@ -1,10 +1,7 @@
 """Task ids, streamed from the platform into a Ray Dataset.
 
-The driver reads only the first page (to learn `count`) and hands its ids straight to the actors as
-the first block: the first write then waits for one actor to start, not also for a read task's
-worker process to boot and list (about 1 s of the first write on a 2-core box). The rest is read by
-Ray Data read tasks, each walking a short range of pages (1,000 ids by default), so neither the
-driver nor any worker holds the whole listing.
+The driver reads only the first page (to learn `count`); the rest is read by Ray Data read tasks,
+each walking a short range of pages (200 ids by default), so neither the driver nor any worker holds the whole listing.
 Read tasks ask for a fraction of a CPU: a read that needs a whole CPU can starve behind Data actors
 and Serve replicas (the measured deadlock in shared/reference/ray-2.60-notes.md).
 
@@ -61,7 +58,6 @@ class TaskIdSource(Datasource):
         page_size: int = 100,
         exclude: np.ndarray | None = None,
         stop_flag: Any = None,
-        first_page: list[int] | None = None,
     ):
         self.config = config
         self.project = project
@@ -70,8 +66,6 @@ class TaskIdSource(Datasource):
         self.page_size = page_size
         self.exclude = exclude
         self.stop_flag = stop_flag
-        # page 1's ids when the driver already listed them: the reads then start at page 2
-        self.first_page = first_page
 
     def get_name(self) -> str:
         return "PlatformTasks"
@@ -84,13 +78,9 @@ class TaskIdSource(Datasource):
         return max(1, math.ceil(self.count / self.page_size))
 
     @property
-    def first_read_page(self) -> int:
-        return 1 if self.first_page is None else 2
-
-    @property
     def read_count(self) -> int:
         """How many read tasks `get_read_tasks` makes."""
-        return math.ceil((self.pages - self.first_read_page + 1) / PAGES_PER_READ_TASK)
+        return math.ceil(self.pages / PAGES_PER_READ_TASK)
 
     def get_read_tasks(
         self, parallelism: int, per_task_row_limit: int | None = None, data_context: Any = None
@@ -98,7 +88,7 @@ class TaskIdSource(Datasource):
         pages = self.pages
         per = PAGES_PER_READ_TASK  # `parallelism` is ignored: reads are sized for a quick first block
         tasks = []
-        for start in range(self.first_read_page, pages + 1, per):
+        for start in range(1, pages + 1, per):
             stop = min(pages, start + per - 1)
             rows = min(self.count, stop * self.page_size) - (start - 1) * self.page_size
             meta = BlockMetadata(num_rows=rows, size_bytes=rows * 8, exec_stats=None, input_files=None)
@@ -133,18 +123,6 @@ class TaskIdSource(Datasource):
 
 
 def task_dataset(source: TaskIdSource) -> Any:
-    import ray.data
-
-    if source.first_page is None:
-        return _reads(source)
-    # from_blocks: its metadata is read here; from_arrow would wait on a remote task for it
-    first = ray.data.from_blocks([id_block(source.first_page, source.exclude)])
-    if source.read_count == 0:
-        return first  # every id was on the first page (empty only when a resume excludes them all)
-    return first.union(_reads(source))
-
-
-def _reads(source: TaskIdSource) -> Any:
     import ray.data
 
     return ray.data.read_datasource(

@@ -109,7 +109,6 @@ class RunContext:
     project: Project | None = None
     collection: DataCollection | None = None
     total: int = 0
-    first_page: list[int] | None = None  # page 1's ids, when the count's listing returned them whole
     exclude: np.ndarray | None = None
     job: JobSink | None = None
     tracker: RunTracker | None = None

@@ -101,20 +101,13 @@ class FetchTasks(Step):
     def run(self, ctx: RunContext) -> None:
         p = ctx.params
         try:
-            # page 1 at the run's page size: its count, and its ids for the actors' first block
-            first = ctx.client.task_id_page(
-                p.project, p.task_filters, page=1, page_size=ctx.options.page_size
-            )
+            ctx.total = ctx.client.count_tasks(p.project, p.task_filters)
         except PlatformFilterError as exc:
             raise CriticalError(f"The task filters cannot be used: {exc}") from exc
         except PlatformError as exc:
             if getattr(exc, "status_code", None) == 400:
                 raise CriticalError(f"The platform refused the task filters: {exc}") from exc
             raise
-        ctx.total = first.count
-        # a platform that capped the page below page_size would shift the reads' pages: list page 1 again
-        if len(first.ids) == min(ctx.options.page_size, ctx.total):
-            ctx.first_page = list(first.ids)
         if ctx.total == 0:
             raise CriticalError(
                 "No tasks found matching filters: check task_filters and that the tasks exist"
@@ -234,7 +227,6 @@ def pipeline_spec(ctx: RunContext, stop_flag: Any = None) -> PipelineSpec:
         plugin_cls=ctx.action_cls,
         lister=ctx.client,
         stop_flag=stop_flag,
-        first_page=ctx.first_page,
     )
 
 
