@@ -59,6 +59,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         metavar="DIR",
         help="after the measured runs, one more totask-ray run with py-spy on its actors (stacks kept in DIR)",
     )
+    g = ap.add_argument_group("accelerator")
+    g.add_argument("--replicas", default=None, help="replica counts N, comma separated (default 1,2,4)")
+    g.add_argument("--no-sdk", action="store_true", help="skip the SDK per-task contender (it takes minutes)")
     g = ap.add_argument_group("memory")
     g.add_argument("--sizes", default=None, help="task counts, comma separated (default 10000,200000)")
     g.add_argument(

@@ -116,6 +116,46 @@ def test_setup_inference_params_override_reaches_the_app(platform, images):
         assert bool(objects) is (tid % 2 == 1)
 
 
+def _free_cpus_once_settled(ray, quiet_s: float = 1.0, limit_s: float = 15.0) -> float:
+    """The cluster's free CPUs once they have not changed for `quiet_s` (earlier tests' actors gone)."""
+    import time
+
+    last, since, t0 = ray.available_resources().get("CPU", 0.0), time.monotonic(), time.monotonic()
+    while time.monotonic() - since < quiet_s and time.monotonic() - t0 < limit_s:
+        time.sleep(0.05)
+        now = ray.available_resources().get("CPU", 0.0)
+        if now != last:
+            last, since = now, time.monotonic()
+    return last
+
+
+def test_a_finished_run_gives_its_actors_cpus_back_at_once(platform, images, ray_cluster):
+    """A notebook runs jobs one after another: the next one must find the cluster as the last one
+    found it. An actor that called a Serve handle used to hold its CPUs for Ray's 5 s kill timeout
+    after the run returned (its long poll on the Serve controller kept it from exiting)."""
+    import time
+
+    ray = ray_cluster
+    project, ids = _project(platform, [images["astronaut"], images["coffee"]] * 4)
+    # overwrite: the second run goes through the model too, and finds its results already there
+    params = _params(project, _release(platform), existing_data="overwrite")
+    options = {**FAST, "num_actors": 2}
+    run_to_task(params, platform=config_for(platform), **options)
+    # settled for longer than Ray's 5 s kill timeout: every actor of the first run is gone
+    before = _free_cpus_once_settled(ray, quiet_s=6.0)
+
+    result = run_to_task(params, platform=config_for(platform), **options)
+    returned = time.monotonic()
+    while ray.available_resources().get("CPU", 0.0) < before and time.monotonic() - returned < 5:
+        time.sleep(0.02)
+    back_after = time.monotonic() - returned
+
+    # each task is written once, by the first run
+    assert (result.failed_count, result.unchanged_count) == (0, len(ids))
+    assert set(platform.store.history_counts(task_ids=ids).values()) == {1}
+    assert back_after < 1.5, f"the annotators' CPUs came back {back_after:.2f} s after the run returned"
+
+
 def test_release_that_does_not_exist(platform, images):
     project, ids = _project(platform, [images["astronaut"]])
     with pytest.raises(ToTaskError) as info:

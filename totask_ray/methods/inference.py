@@ -428,6 +428,11 @@ class InferenceAnnotator(Annotator):
         )  # fmt: skip
         self._default = split_request(default, settings.params.model)
 
+    def release(self) -> None:
+        from totask_ray.serving.handles import let_go
+
+        let_go()
+
     async def run_batch(self, ids: list[int]) -> list[Outcome]:
         prepared = await asyncio.gather(*(self._isolated(tid, self._prepare, tid) for tid in ids))
         outcomes = [p for p in prepared if isinstance(p, Outcome)]

@@ -103,7 +103,7 @@ class Annotator:
         self._downloader: Downloader | None = None
         self._sem: asyncio.Semaphore | None = None
         self.node = _node_id()
-        self._stop = StopWatch(settings.stop_flag)
+        self._stop = StopWatch(settings.stop_flag, on_run_over=self.release)
         # Ray Data kills its actors without a close hook, so pooled sessions are never closed;
         # the OS reclaims the sockets, and asyncio's "Unclosed client session" noise is dropped.
         logging.getLogger("asyncio").addFilter(lambda r: not r.getMessage().startswith("Unclosed"))
@@ -156,6 +156,10 @@ class Annotator:
 
     async def process(self, task_id: int) -> Outcome:  # pragma: no cover - per annotator
         raise NotImplementedError
+
+    def release(self) -> None:
+        """The run is over (its stop flag is gone): let go of whatever would keep this actor from
+        exiting as soon as Ray Data drops it. Nothing here by default."""
 
     # -- steps shared by both methods --------------------------------------------------------------
 

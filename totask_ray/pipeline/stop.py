@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Callable
 from typing import Any
 
 STOP_POLL_S = 0.2
@@ -50,11 +51,18 @@ def is_set(flag: Any, timeout_s: float = 5.0) -> bool:
 
 
 class StopWatch:
-    """An annotator's view of the flag: `stopped` is refreshed in the background on its event loop."""
+    """An annotator's view of the flag: `stopped` is refreshed in the background on its event loop.
 
-    def __init__(self, flag: Any) -> None:
+    The flag also tells an actor that its run is over: the driver removes it once every outcome is
+    in, and `on_run_over` is called then (an annotator lets go of what would keep it alive after
+    Ray Data releases it: an actor holding a Serve handle otherwise takes Ray's 5 s kill timeout
+    to exit, its CPUs held from the next run in the same session)."""
+
+    def __init__(self, flag: Any, on_run_over: Callable[[], None] | None = None) -> None:
         self.flag = flag
         self.stopped = False
+        self.run_over = False
+        self._on_run_over = on_run_over
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -62,7 +70,20 @@ class StopWatch:
             self._task = asyncio.get_running_loop().create_task(self._poll())
 
     async def _poll(self) -> None:
-        while not self.stopped:
-            with contextlib.suppress(Exception):  # a flag gone with its driver: the job ends anyway
-                self.stopped = bool(await self.flag.is_set.remote())
+        from ray.exceptions import RayActorError
+
+        while not self.run_over:
+            try:
+                if not self.stopped:
+                    self.stopped = bool(await self.flag.is_set.remote())
+                else:  # stopped for good: only the end of the run is news now
+                    await self.flag.is_set.remote()
+            except RayActorError:  # the flag is gone: removed at the run's end, or with its driver
+                self.run_over = True
+                if self._on_run_over is not None:
+                    with contextlib.suppress(Exception):
+                        self._on_run_over()
+                return
+            except Exception:  # a slow or failing call: try again at the next poll
+                pass
             await asyncio.sleep(STOP_POLL_S)
