@@ -139,7 +139,9 @@ def main(args: Any, *, ray_started: bool = False) -> dict[str, Any]:
                     got = inf.run_totask(bp, project, n, release, bp.tmp / "report.jsonl")
                     got["busy"] = busy(log_dir)
                     per.append(got)
-                    c.log(f"N={replicas}: {got['images_per_s']} images/s, busy {got['busy']}")
+                    c.log(
+                        f"N={replicas}: {got['images_per_s']} images/s, busy {got['busy']}, first write {got.get('to_first_write_s')} s"
+                    )
                 sdk = None
                 if sdk_py is not None and replicas == 1 and not args.smoke:
                     sdk = inf.run_sdk(bp, sdk_py, project, n, release)

@@ -324,7 +324,8 @@ def decode_image(body: bytes) -> np.ndarray:
     try:
         with Image.open(io.BytesIO(body)) as img:
             img.load()
-            return np.asarray(img.convert("RGB"))
+            # convert() copies even an RGB image: only a conversion that changes something pays it
+            return np.asarray(img if img.mode == "RGB" else img.convert("RGB"))
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
         raise TaskFailed(
             Stage.CONVERT, f"the primary image could not be decoded: {safe_error(exc)}"

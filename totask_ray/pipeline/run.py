@@ -207,6 +207,29 @@ def actor_pool(actors: int, *, fixed: bool) -> Any:
     return ActorPoolStrategy(min_size=1, max_size=actors, initial_size=1, max_tasks_in_flight_per_actor=2)
 
 
+def free_cpus() -> float:
+    import ray
+
+    return float(ray.available_resources().get("CPU", 0.0))
+
+
+def wait_for_cpus(level: float, timeout_s: float = 2.0) -> bool:
+    """Wait (bounded) until the cluster's free CPUs are back to `level`, as they were before the
+    pipeline: its actors exit a fraction of a second after the run ends (`pipeline/stop.py`), and a
+    run that returned before they had would leave the next one (a notebook's next cell) to find
+    fewer CPUs than there are. Other work on a shared cluster can keep it from coming true; the
+    bound keeps that from costing more than `timeout_s`."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if free_cpus() >= level - 1e-6:
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.02)
+
+
 def _explain(exc: Exception) -> str:
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     low = text.lower()

@@ -23,7 +23,7 @@ from totask_ray.methods.base import PrepareInput
 from totask_ray.net.downloads import UrlPolicy
 from totask_ray.pipeline.annotator import WorkerSettings
 from totask_ray.pipeline.outcomes import DONE_STATUSES, from_columns, read_report
-from totask_ray.pipeline.run import PipelineSpec, run_pipeline
+from totask_ray.pipeline.run import PipelineSpec, free_cpus, run_pipeline, wait_for_cpus
 from totask_ray.platform.connect import connect
 from totask_ray.platform.errors import NotFoundError, PlatformError, PlatformFilterError
 from totask_ray.result import RunStatus, ToTaskResult
@@ -143,6 +143,7 @@ class Annotate(Step):
             workflow=ctx.params.on_success is not None,
         )
         critical = None
+        free_before = free_cpus()
         with GracefulStop(o.stop_timeout_s) as stop:
             try:
                 for batch in run_pipeline(pipeline_spec(ctx, stop.flag)):
@@ -158,6 +159,8 @@ class Annotate(Step):
                 stop.reason = stop.reason or "SIGINT"
             finally:
                 ctx.tracker.close()
+        if not stop.cut and not wait_for_cpus(free_before):
+            log.debug("the annotator actors had not all given their CPUs back yet")
         if stop.reason is not None:
             waited = time.monotonic() - (stop.signalled_at or time.monotonic())
             how = "before what was in flight had reported" if stop.cut else f"{waited:.1f} s after it"
