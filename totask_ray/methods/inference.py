@@ -429,6 +429,17 @@ class InferenceAnnotator(Annotator):
         )  # fmt: skip
         self._default = split_request(default, settings.params.model)
 
+    async def _ready(self) -> None:
+        first = self._client is None
+        await super()._ready()
+        if first:
+            # Initializing the handle starts its router finding the replicas while this first
+            # batch is still fetching and decoding, not when its call is made (the first call
+            # took 0.44-0.48 s with this, 0.64-0.68 without). Here, not in the constructor: an
+            # actor that never gets a batch never starts its stop watch, so it must never hold
+            # the router's long poll either (`release`).
+            self.handle = self.handle.options()
+
     def release(self) -> None:
         from totask_ray.serving.handles import let_go
 
