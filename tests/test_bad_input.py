@@ -558,6 +558,9 @@ class StubHandle:
 
         self.predict = type("Method", (), {"remote": staticmethod(remote)})()
 
+    def options(self, **_: Any) -> StubHandle:  # a real handle's options() returns a handle
+        return self
+
 
 def _png(colour: int) -> bytes:
     from PIL import Image
