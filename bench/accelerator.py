@@ -93,8 +93,9 @@ def main(args: Any, *, ray_started: bool = False) -> dict[str, Any]:
     n = args.tasks if args.tasks and args.bench == "accelerator" else (48 if args.smoke else 480)
     runs = 1 if args.smoke else args.runs
     asked = getattr(args, "replicas", None)
-    counts = (1,) if args.smoke else tuple(int(x) for x in asked.split(",")) if asked else REPLICAS
-    # smoke: one deploy, no SDK, no warm-up run
+    counts = tuple(int(x) for x in asked.split(",")) if asked else REPLICAS
+    if args.smoke:
+        counts = (1,)  # one deploy, no SDK, no warm-up run
     if ray_started:
         ray.shutdown()
     # As many logical CPUs as cores, as `ray start` gives a node: more would let the default plan

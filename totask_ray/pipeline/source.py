@@ -1,7 +1,8 @@
 """Task ids, streamed from the platform into a Ray Dataset.
 
 The driver reads only the first page (to learn `count`); the rest is read by Ray Data read tasks,
-each walking a short range of pages (200 ids by default), so neither the driver nor any worker holds the whole listing.
+each walking a short range of pages (1,000 ids at the run's default page size of 500), so neither
+the driver nor any worker holds the whole listing.
 Read tasks ask for a fraction of a CPU: a read that needs a whole CPU can starve behind Data actors
 and Serve replicas (the measured deadlock in shared/reference/ray-2.60-notes.md).
 

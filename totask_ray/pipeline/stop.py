@@ -73,11 +73,8 @@ class StopWatch:
         from ray.exceptions import RayActorError
 
         while not self.run_over:
-            try:
-                if not self.stopped:
-                    self.stopped = bool(await self.flag.is_set.remote())
-                else:  # stopped for good: only the end of the run is news now
-                    await self.flag.is_set.remote()
+            try:  # once stopped, stopped for good: the polls go on only to hear of the run's end
+                self.stopped = bool(await self.flag.is_set.remote()) or self.stopped
             except RayActorError:  # the flag is gone: removed at the run's end, or with its driver
                 self.run_over = True
                 if self._on_run_over is not None:
