@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 export RAY_USAGE_STATS_ENABLED := 0
 export RAY_DATA_DISABLE_PROGRESS_BARS := 1
 
-.PHONY: demo test lint format bench clean
+.PHONY: demo test test-fast lint format bench clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -20,6 +20,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -rs --durations=15
+
+# The inner loop: no `ray start` cluster, no Label Studio server, no benchmark smoke (`-m "not slow"`).
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -rs --durations=10 -m "not slow"
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -99,13 +99,25 @@ def _uses_the_server(item: pytest.Item) -> bool:
     return "label_studio" in getattr(item, "fixturenames", ())
 
 
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """A test that uses the Label Studio server, or its venv, is slow (it waits for the venv's
+    build): marked here, before `-m "not slow"` deselects, so no such test needs telling."""
+    for item in items:
+        if _uses_the_server(item) or item.get_closest_marker("ls_venv"):
+            item.add_marker(pytest.mark.slow)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_finish(session: pytest.Session) -> None:
     """On a fresh machine Label Studio's venv and migrated data template take minutes (211 s of
     one CI run, all of it before the first Label Studio test could start). Start that build in a
     background process now and run the tests that use the server last, so the build overlaps the
     rest of the suite; tests marked `ls_venv` (the bench smoke) keep their place. The build takes
     the same cross-process locks as the fixture, so a test that gets there first waits for it (or
-    builds itself, if the build failed) instead of racing it."""
+    builds itself, if the build failed) instead of racing it. Only the tests selected to run count:
+    `make test-fast` builds nothing."""
+    config, items = session.config, session.items
     if not any(_uses_the_server(i) or i.get_closest_marker("ls_venv") for i in items):
         return
     root = Path(__file__).resolve().parents[1]

@@ -4,18 +4,19 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import socket
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from totask_ray.platform.synapse.client import SynapseConfig
 
@@ -23,6 +24,9 @@ SPECS = [
     {"name": "image_1", "is_primary": True, "file_type": "image"},
     {"name": "annotation_data", "is_primary": False, "file_type": "json"},
 ]
+
+
+T = TypeVar("T")
 
 
 def config_for(platform: Any, **kw: Any) -> SynapseConfig:
@@ -114,21 +118,62 @@ def file_server(routes: dict[str, tuple[int, str, bytes, dict[str, str]]]) -> It
         server.server_close()
 
 
+def wait_until(condition: Callable[[], T], what: str, timeout: float, interval: float = 0.1) -> T:
+    """Poll `condition` until it returns something truthy, and return that; after `timeout`
+    seconds raise a TimeoutError that says what was waited for and what the condition last gave."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"waited {timeout:.0f} s for {what}; last seen: {value!r}")
+        time.sleep(interval)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
+def _ephemeral_floor() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+def quiet_port() -> int:
+    """A free loopback port for a server that another process binds later (a `ray start` head).
+
+    `free_port()` gets its port from the kernel's ephemeral range, the range that every process's
+    bind(0) and outgoing connection draws from: a Ray head binds a dozen ports of its own that way
+    at start, so a port picked there can be taken before the component it was given to binds it
+    (CI saw the job agent lose its HTTP port and `ray job submit` answer "No available agent" until
+    it gave up). This picks between Ray's worker ports (10002-19999) and the ephemeral range,
+    where only a port that someone named explicitly can collide.
+    """
+    floor = _ephemeral_floor()
+    rng = random.SystemRandom()
+    while True:  # the range holds thousands of ports; a taken one is rare, so this ends at once
+        port = rng.randrange(20000, max(floor, 20001))
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+
+
+def listening(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
 def wait_port(port: int, timeout: float = 60.0) -> None:
     """Until something listens on the loopback port (a `ray start` dashboard, say)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.5)
-    raise TimeoutError(f"nothing listens on {port}")
+    wait_until(lambda: listening(port), f"a server listening on 127.0.0.1:{port}", timeout, interval=0.2)
 
 
 BIN = Path(sys.executable).parent  # this venv's console scripts (totask-ray, ray)
@@ -148,19 +193,46 @@ def cli_env(platform: Any, **extra: str) -> dict[str, str]:
     return env
 
 
+AGENT_HTTP_FAILED = "Failed to start HTTP server"  # Ray's dashboard agent, when its HTTP port is taken
+
+
 @dataclass(frozen=True)
 class RayHead:
     gcs: str  # host:port for `--address` of a driver
     dashboard: str  # http URL for `ray job ...`
     port: int
+    agent_port: int  # the job agent's HTTP port: `ray job submit` goes through it
+    logs: Path  # the head's session logs
+
+    def log_tail(self, name: str, lines: int = 30) -> str:
+        path = self.logs / name
+        text = path.read_text(errors="replace") if path.exists() else f"({path} does not exist)\n"
+        return f"--- {name} (last {lines} lines) ---\n" + "\n".join(text.splitlines()[-lines:])
+
+    def diagnosis(self) -> str:
+        return "\n".join(self.log_tail(n) for n in ("dashboard_agent.log", "dashboard.log", "raylet.out"))
+
+
+def _agent_ready(head: RayHead, proc: subprocess.Popen) -> bool:
+    """The job agent serves HTTP, or an error that says why it never will."""
+    if proc.poll() is not None:
+        raise RuntimeError(f"`ray start --head` exited with {proc.returncode}\n{head.diagnosis()}")
+    agent_log = head.logs / "dashboard_agent.log"
+    if agent_log.exists() and AGENT_HTTP_FAILED in agent_log.read_text(errors="replace"):
+        raise RuntimeError(f"the job agent could not serve HTTP on {head.agent_port}\n{head.diagnosis()}")
+    return listening(head.agent_port)
 
 
 @contextmanager
-def ray_head(env: dict[str, str], name: str) -> Iterator[RayHead]:
-    """A `ray start --head` cluster of 2 CPUs on loopback ports of its own, stopped afterwards."""
-    gcs_port, dash_port, agent_http, agent_grpc, metrics = (free_port() for _ in range(5))
+def ray_head(env: dict[str, str], name: str, timeout: float = 120.0) -> Iterator[RayHead]:
+    """A `ray start --head` cluster of 2 CPUs on loopback ports of its own, stopped afterwards.
+
+    It is handed over once its job agent serves HTTP: until then `ray job submit` is refused with
+    "No available agent". The ports come from `quiet_port()`, so no Ray component takes another's.
+    """
+    gcs_port, dash_port, agent_http, agent_grpc, metrics = _distinct_ports(5)
     temp = Path("/tmp") / f"{name}{gcs_port}"  # a short path: unix socket names are limited
-    head = subprocess.Popen(
+    head_proc = subprocess.Popen(
         [str(BIN / "ray"), "start", "--head", "--block", f"--port={gcs_port}", "--num-cpus=2",
          "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash_port}",
          "--disable-usage-stats", f"--temp-dir={temp}",
@@ -169,26 +241,55 @@ def ray_head(env: dict[str, str], name: str) -> Iterator[RayHead]:
          f"--metrics-export-port={metrics}"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )  # fmt: skip
+    head = RayHead(
+        gcs=f"127.0.0.1:{gcs_port}",
+        dashboard=f"http://127.0.0.1:{dash_port}",
+        port=gcs_port,
+        agent_port=agent_http,
+        logs=temp / "session_latest" / "logs",
+    )
     try:
-        wait_port(dash_port)
-        yield RayHead(gcs=f"127.0.0.1:{gcs_port}", dashboard=f"http://127.0.0.1:{dash_port}", port=gcs_port)
-    finally:
-        head.terminate()
         try:
-            head.wait(timeout=30)
+            wait_until(
+                lambda: listening(dash_port) and _agent_ready(head, head_proc),
+                f"the head's dashboard (:{dash_port}) and job agent (:{agent_http}) to serve HTTP",
+                timeout,
+                interval=0.2,
+            )
+        except TimeoutError as exc:
+            raise TimeoutError(f"{exc}\n{head.diagnosis()}") from None
+        yield head
+    finally:
+        head_proc.terminate()
+        try:
+            head_proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
-            head.kill()
+            head_proc.kill()
         shutil.rmtree(temp, ignore_errors=True)
 
 
-def job_submit(args: list[str], env: dict[str, str], timeout: float = 120.0) -> subprocess.CompletedProcess:
-    """`ray job submit ARGS`, retried while the dashboard's job agent is still starting ("No
-    available agent": the submission is refused before a job exists, so retrying is safe)."""
+def _distinct_ports(n: int) -> list[int]:
+    ports: set[int] = set()
+    while len(ports) < n:  # two draws of one port are rare: this ends after n draws or so
+        ports.add(quiet_port())
+    return list(ports)
+
+
+def job_submit(
+    head: RayHead, args: list[str], env: dict[str, str], timeout: float = 60.0
+) -> subprocess.CompletedProcess:
+    """`ray job submit --address=HEAD ARGS`. A submission refused with "No available agent" (no job
+    exists yet, so it is safe to repeat) is repeated until `timeout` seconds have passed; then the
+    last answer is returned with the head's agent log appended, for the assertion to show."""
     deadline = time.monotonic() + timeout
     while True:
         proc = subprocess.run(
-            [str(BIN / "ray"), "job", "submit", *args], env=env, capture_output=True, text=True, timeout=300
-        )
-        if proc.returncode == 0 or "No available agent" not in proc.stderr or time.monotonic() > deadline:
+            [str(BIN / "ray"), "job", "submit", f"--address={head.dashboard}", *args],
+            env=env, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        if proc.returncode == 0 or "No available agent" not in proc.stderr:
             return proc
-        time.sleep(2)
+        if time.monotonic() > deadline:
+            proc.stderr += f"\n[still no job agent after {timeout:.0f} s]\n{head.diagnosis()}"
+            return proc
+        time.sleep(1)

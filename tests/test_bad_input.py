@@ -297,6 +297,7 @@ def bad_input_project(
         yield project, [*ids[:3], *ids[3 + len(cases) :]], cases, goods, routes
 
 
+@pytest.mark.slow
 def test_per_task_bad_input_fails_only_its_task(platform, ray_cluster, tmp_path):
     report = tmp_path / "report.jsonl"
     job_id = platform.store.create_job("to_task")

@@ -33,6 +33,7 @@ def gcs_address(ray_cluster):
     return ray_cluster.get_runtime_context().gcs_address
 
 
+@pytest.mark.slow
 def test_cli_exit_codes_and_the_token_appears_nowhere(platform, gcs_address, tmp_path):
     units = [good_unit(platform, i, "cli") for i in range(5)] + [
         {"files": {"image_1": {"path": "cli/img.png"}}}
@@ -100,7 +101,8 @@ def test_ray_job_submit_to_a_ray_start_cluster(platform, tmp_path):
     report = tmp_path / "job-report.jsonl"
     with ray_head(env, "rayjob") as head:
         submit = job_submit(
-            [f"--address={head.dashboard}", f"--working-dir={workdir}",
+            head,
+            [f"--working-dir={workdir}",
              "--", "python", "-m", "totask_ray", "run", "job.yaml", "--report", str(report)],
             env,
         )  # fmt: skip

@@ -24,6 +24,7 @@ TASKS = 400  # a write for one task in 50 would hit 8 of them
 FILE = {"name": "Dry_Run_Job", "method": "file", "target_specification_name": "annotation_data"}
 
 
+@pytest.mark.slow
 def test_dry_run_over_large_project_writes_nothing(platform, tmp_path):
     store = platform.store
     seeded = seed_files_demo(store, platform.media_dir, tasks=TASKS, seed=11)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from helpers import config_for, good_unit, make_project, read_report
+from helpers import config_for, good_unit, make_project, read_report, wait_until
 
 from totask_ray import run_to_task
 from totask_ray.result import RunStatus
@@ -133,6 +133,42 @@ def kill_processes(title_part: str) -> int:
     return killed
 
 
+def replica_pids(app: str) -> dict[str, int]:
+    """The live replicas of Serve app `app` as Ray's GCS knows them, actor id -> worker pid (a
+    process title can lag behind the actor it hosts; the actor table cannot)."""
+    from ray._private import state
+
+    return {
+        actor_id: info["Pid"]
+        for actor_id, info in state.actors().items()
+        if info["State"] == "ALIVE"
+        and info["ActorClassName"].startswith(f"ServeReplica:{app}:")
+        and info["Pid"]
+    }
+
+
+def kill_replicas(app: str) -> list[int]:
+    """SIGKILL every live replica of `app`; returns their pids once each is gone."""
+    pids = sorted(
+        wait_until(lambda: replica_pids(app), f"a live replica of Serve app {app}", timeout=60).values()
+    )
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+    wait_until(
+        lambda: not any(_alive(pid) for pid in pids),
+        f"the killed replica processes {pids} to exit",
+        timeout=30,
+    )
+    return pids
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
 def test_platform_answers_503_and_429_for_one_request_in_ten(platform, tmp_path):
     project, ids, expected = _project(platform, 300, "f503")
     platform.set_faults(
@@ -213,7 +249,9 @@ def test_data_actor_killed_mid_run(platform, tmp_path):
         )
     )
     wait_for_writes(platform, ids, 60)
-    assert kill_processes("MapBatches(FileAnnotator)") >= 1
+    wait_until(
+        lambda: kill_processes("MapBatches(FileAnnotator)"), "a Data actor process to kill", timeout=30
+    )
     thread.join(timeout=300)
     platform.clear_faults()
     assert "error" not in box, box.get("error")
@@ -262,9 +300,26 @@ def test_serve_replica_killed_mid_run(platform, tmp_path):
     thread, box = run_in_background(
         lambda: run_to_task(params, platform=config_for(platform), report=report, **run)
     )
-    wait_for_writes(platform, ids, 8, timeout=180)
-    assert kill_processes("ServeReplica:faces@1.0.0-kill") >= 1
-    thread.join(timeout=300)
+    app = "faces@1.0.0-kill"
+    try:
+        wait_for_writes(platform, ids, 8, timeout=180)
+        killed = kill_replicas(app)
+        thread.join(timeout=300)
+        assert not thread.is_alive(), "the run did not end within 300 s of the replica's kill"
+        _run_after_the_kill(platform, store, ids, params, report, tmp_path, box, run)
+        # the re-run above needed a replica: Serve replaced the killed ones with new processes
+        wait_until(
+            lambda: set(replica_pids(app).values()) - set(killed),
+            f"Serve to replace the killed replicas of {app} (pids {killed}) with a live one",
+            timeout=120,
+        )
+    finally:
+        from ray import serve
+
+        serve.delete(app)
+
+
+def _run_after_the_kill(platform, store, ids, params, report, tmp_path, box, run) -> None:
     assert "error" not in box, box.get("error")
     result = box["result"]
     outcomes = read_report(report)
@@ -289,6 +344,3 @@ def test_serve_replica_killed_mid_run(platform, tmp_path):
     )
     assert again.failed_count == 0
     assert all(store.get_task(t)["data"]["objects"] for t in ids)
-    from ray import serve
-
-    serve.delete("faces@1.0.0-kill")

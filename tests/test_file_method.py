@@ -21,6 +21,7 @@ pytestmark = pytest.mark.usefixtures("ray_cluster")
 FILE_PARAMS = {"name": "File_Job", "method": "file", "target_specification_name": "annotation_data"}
 
 
+@pytest.mark.slow
 def test_thousand_tasks_written_exactly_as_their_files(platform, tmp_path):
     seeded = seed_files_demo(platform.store, platform.media_dir, tasks=1000, seed=7)
     project = seeded["project"]

@@ -64,6 +64,7 @@ def _params(project: int, release: int, **extra) -> dict:
             "pre_processor_params": {"confidence_threshold": 0.5}, "batch_size": 8, **extra}  # fmt: skip
 
 
+@pytest.mark.slow
 def test_faces_per_task_outcomes(platform, images, tmp_path):
     garbage = write_media(platform, "inference/garbage.png", b"this is not an image")
     paths = [images["astronaut"], images["coffee"], garbage, "inference/missing.png", images["astronaut"]]
@@ -129,6 +130,7 @@ def _free_cpus_once_settled(ray, quiet_s: float = 1.0, limit_s: float = 15.0) ->
     return last
 
 
+@pytest.mark.slow
 def test_a_finished_run_gives_its_actors_cpus_back_at_once(platform, images, ray_cluster):
     """A notebook runs jobs one after another: the next one must find the cluster as the last one
     found it. An actor that called a Serve handle used to hold its CPUs for Ray's 5 s kill timeout
@@ -179,6 +181,7 @@ def test_capacity_shortfall_is_refused_at_dispatch(platform, images):
     assert platform.store.history_counts(task_ids=ids) == {}
 
 
+@pytest.mark.slow
 def test_an_app_that_fails_to_deploy_fails_fast_and_is_torn_down(platform, images):
     import time
 
@@ -229,6 +232,7 @@ def test_faces_match_ground_truth(platform):
     assert result.empty_count == sum(1 for f in truth.values() if not f)  # face-free: written, counted apart
 
 
+@pytest.mark.slow
 def test_ocr_reads_the_generated_text_exactly(platform):
     from ray import serve
 

@@ -230,6 +230,7 @@ def test_faces_demo_scored_through_the_platform(rp, deployed):
         assert not found["missed"] and not found["extra"], (task_id, truth, r.json())
 
 
+@pytest.mark.slow
 def test_an_sdk_shaped_release_deploys_through_the_platform(rp):
     """examples/synapse_preprocessor: its entrypoint is on actions.inference, a FastAPI-ingress class
     that takes no options (the platform's host is not pushed into its constructor) and fetches

@@ -37,7 +37,7 @@ SCRIPT_DIR = Path(__file__).resolve().parent / "sdk_conformance"
 SCRIPT = SCRIPT_DIR / "run_sdk_calls.py"
 
 # The first run builds the venv (about 80 s and 450 MB of pip installs); later runs reuse it.
-pytestmark = pytest.mark.timeout(1800)
+pytestmark = [pytest.mark.timeout(1800), pytest.mark.slow]  # the SDK's own venv (minutes to build)
 
 STATUSES = ("pending", "in_progress", "completed", "in_review")
 N_TASKS = 330  # four pages of the SDK's page_size=100

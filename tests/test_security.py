@@ -274,6 +274,7 @@ def test_embedded_platform_binds_loopback_and_guards_its_endpoints(platform):
 # -- the token appears nowhere after the failure scenarios -------------------------------------------
 
 
+@pytest.mark.slow
 def test_cli_over_the_bad_input_project_leaks_no_token(platform, ray_cluster, tmp_path):
     """`totask-ray run` over every per-task failure of tests/test_bad_input.py (plus bad params),
     with `localhost` on the allow-list: then grep everything the run left for the token."""

@@ -241,7 +241,8 @@ def test_ray_job_stop_on_a_submitted_job_then_resume(slow_platform, tmp_path):
         address = head.dashboard
         submit_id = f"totask_stop_{head.port}"
         sub = job_submit(
-            [f"--address={address}", f"--working-dir={workdir}", f"--submission-id={submit_id}", "--no-wait",
+            head,
+            [f"--working-dir={workdir}", f"--submission-id={submit_id}", "--no-wait",
              "--", "python", "-m", "totask_ray", "run", "job.yaml", "--report", str(first), "--job-id", str(job_id)],
             env,
         )  # fmt: skip

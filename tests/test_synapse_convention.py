@@ -136,6 +136,7 @@ def faces_release(platform, ray_cluster, serve_http_port):
         serve.delete(f"faces@{VERSION}")
 
 
+@pytest.mark.slow
 def test_faces_under_the_synapse_convention_end_to_end(platform, images, faces_release):
     store = platform.store
     paths = [images["astronaut"], images["coffee"], *[images["astronaut"]] * 4]

@@ -81,6 +81,7 @@ def _job(project: int, release: int, **extra) -> dict:
             "batch_size": 8, **extra}  # fmt: skip
 
 
+@pytest.mark.slow
 def test_the_sdk_template_runs_a_synapse_style_preprocessor_end_to_end(platform, images, synapse_release):
     from ray import serve
 
@@ -104,6 +105,7 @@ def test_the_sdk_template_runs_a_synapse_style_preprocessor_end_to_end(platform,
     assert sum(sizes) == len(ids) and max(sizes) > 1
 
 
+@pytest.mark.slow
 def test_an_sdk_style_plugin_sends_the_sdk_request_and_uses_its_context(platform, images, synapse_release):
     project, ids = _project(platform, [images["astronaut"]] * 2, classes=["face"])
     result = run_to_task(
@@ -181,6 +183,7 @@ def test_a_release_that_picks_its_model_needs_model(platform, images, synapse_re
     assert message.startswith("Pre-processor needs a model")
 
 
+@pytest.mark.slow
 def test_empty_result_fail_and_skip(platform, images):
     project, ids = _project(platform, [images["coffee"], images["astronaut"]], classes=["face"])
     release = _faces_release(platform)

@@ -80,6 +80,7 @@ def test_submit_and_assign_after_writing(platform, tmp_path):
     assert record["metrics_record"]["record"]["steps"]["workflow_action"] == {"success": 4, "failed": 0}
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("ray_cluster")
 def test_on_success_that_moves_tasks_out_of_the_filter_skips_none(platform):
     # Offset pages read while tasks leave the `status: pending` filter would skip some: the run
@@ -94,6 +95,7 @@ def test_on_success_that_moves_tasks_out_of_the_filter_skips_none(platform):
     assert set(platform.store.history_counts(task_ids=ids).values()) == {1}
 
 
+@pytest.mark.slow
 def test_rerunning_a_finished_job_writes_nothing_and_applies_nothing_twice(platform):
     """A hard-killed run leaves written tasks that no report holds: the re-run compares before it
     writes (`unchanged`) and applies on_success only where the task is not in its target state, so

@@ -154,6 +154,7 @@ def _settled(app_name: str, want: int, timeout_s: float = 20) -> int:
     return got
 
 
+@pytest.mark.slow
 def test_a_run_deploys_the_planned_count(backend):
     b, created = backend
     rel = release("sized")
@@ -171,6 +172,7 @@ def test_a_run_deploys_the_planned_count(backend):
         assert result.plan.replicas == 2
 
 
+@pytest.mark.slow
 def test_a_release_that_fixes_num_replicas_keeps_it(backend):
     b, created = backend
     rel = release("fixed", num_replicas=1)
@@ -180,6 +182,7 @@ def test_a_release_that_fixes_num_replicas_keeps_it(backend):
     assert _settled(rel.app_name, 1) == 1
 
 
+@pytest.mark.slow
 def test_without_sizing_the_release_count_or_one_is_deployed(backend):
     b, created = backend
     rel = release("unsized")

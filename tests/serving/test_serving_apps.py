@@ -183,6 +183,7 @@ def deployed(ray_cluster, serve_http_port):
             teardown(r, backend)
 
 
+@pytest.mark.slow
 def test_faces_through_a_handle(deployed):
     from ray import serve
 
@@ -254,6 +255,7 @@ def test_http_rejects_bad_requests(deployed, serve_http_port, image_server):
     assert resp.status_code == 400
 
 
+@pytest.mark.slow
 def test_proxy_listens_on_loopback_only(serve_http_port):
     psutil = pytest.importorskip("psutil")
     listeners = [

@@ -138,6 +138,7 @@ def test_reads_the_repo_cluster_yaml():
     assert assess({"GPU": 1.0}, 3, snap, list(types.values())).verdict is Verdict.NEVER_FITS
 
 
+@pytest.mark.slow
 def test_on_a_real_two_node_cluster():
     """Head (2 CPU, no GPU) + worker (2 CPU, 1 GPU): real raylets, logical resources."""
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "PYTHONPATH": str(ROOT)}

@@ -28,6 +28,7 @@ def write_config(tmp_path: Path, **rr) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_deploy_status_delete(runner, tmp_path):
     config = write_config(tmp_path, required_cpu_count=0.25, required_gpu_count=0)
     try:

@@ -285,6 +285,7 @@ def backend(ray_cluster):
         b.delete(name)
 
 
+@pytest.mark.slow
 def test_ray_dispatch_to_running_then_detect_without_redeploy(backend):
     rel = release("echo")
     backend.created.append(rel.app_name)
@@ -304,6 +305,7 @@ def test_ray_dispatch_to_running_then_detect_without_redeploy(backend):
     assert backend.status(rel.app_name) == []
 
 
+@pytest.mark.slow
 def test_ray_constructor_failure_fails_fast(backend):
     rel = release("broken", entrypoint=f"{__name__}:build_broken")
     backend.created.append(rel.app_name)
@@ -318,6 +320,7 @@ def test_ray_constructor_failure_fails_fast(backend):
     assert "constructor fails on purpose" in str(info.value.__cause__)
 
 
+@pytest.mark.slow
 def test_ray_timeout_when_replica_waits_for_a_busy_gpu(backend, ray_cluster):
     # The session cluster has one logical GPU: hold it, so a GPU replica fits the totals but not
     # what is free (verdict busy -> dispatch goes ahead) and can never start before the timeout.
@@ -380,6 +383,7 @@ class SdkStyleDeployment:
         return {"backend_url": self.backend_url, "greeting": self.greeting}
 
 
+@pytest.mark.slow
 def test_ray_deploys_an_sdk_release_with_the_entrypoint_on_inference(backend, monkeypatch):
     monkeypatch.setenv("SYNAPSE_PLUGIN_RUN_HOST", "https://backend.example")
     cfg = parse_release_config(
