@@ -91,6 +91,42 @@ def test_cli_exit_codes_and_the_token_appears_nowhere(platform, gcs_address, tmp
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("serve_http_port")
+def test_verbose_shows_rays_own_logs_on_an_inference_run(platform, gcs_address, tmp_path):
+    """`--verbose` is for seeing what Ray does. An inference run reaches Ray first in its prepare
+    step (to bring the pre-processor up), which once connected without it: the annotate step then
+    found Ray connected and its `--verbose` changed nothing."""
+    from ray import serve
+
+    from totask_ray.embedded.seeds import write_sample_images
+    from totask_ray.serving.config import load_release_config
+
+    image = write_sample_images(platform.media_dir)["astronaut"]["path"]
+    store = platform.store
+    dc = store.create_data_collection("verbose", [{"name": "image_1", "is_primary": True}])
+    project = store.create_project("verbose", dc)
+    store.create_tasks_bulk(
+        project, [{"data_unit": store.create_data_unit(dc, {"image_1": {"path": image}})}]
+    )
+    cfg = load_release_config("serve_apps/faces").model_dump(mode="json", exclude_none=True)
+    cfg["version"] = "1.0.0-verbose"
+    release = store.create_plugin_release("faces", cfg["version"], cfg)
+    job = _job_file(tmp_path, project=project, method="inference", pre_processor=release)
+    try:
+        proc = subprocess.run(
+            [str(BIN / "totask-ray"), "run", str(job), "--address", gcs_address, "--num-actors", "1", "--verbose"],
+            env=_env(platform), capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+    finally:
+        serve.delete("faces@1.0.0-verbose")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # ray.init logs its connection only when the run lets Ray configure its logging (`verbose_ray`)
+    assert "Connecting to existing Ray cluster" in proc.stderr, (
+        f"Ray's own logs are missing from a --verbose inference run: {proc.stderr[-2000:]}"
+    )
+
+
+@pytest.mark.slow
 def test_ray_job_submit_to_a_ray_start_cluster(platform, tmp_path):
     units = [good_unit(platform, i, "jobsubmit") for i in range(20)]
     project, ids = make_project(platform, units)

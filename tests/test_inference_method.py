@@ -7,6 +7,7 @@ Outcomes are read back from the platform.
 from __future__ import annotations
 
 import io
+import logging
 
 import numpy as np
 import pytest
@@ -156,6 +157,32 @@ def test_a_finished_run_gives_its_actors_cpus_back_at_once(platform, images, ray
     assert (result.failed_count, result.unchanged_count) == (0, len(ids))
     assert set(platform.store.history_counts(task_ids=ids).values()) == {1}
     assert back_after < 1.5, f"the annotators' CPUs came back {back_after:.2f} s after the run returned"
+
+
+@pytest.mark.slow
+def test_actor_cpus_reaches_the_replica_plan(platform, images, caplog):
+    """The replica plan leaves room for annotators of the size the run asks for: it once planned
+    beside half-CPU annotators whatever `actor_cpus` said, so replicas took the room the run's own
+    annotators then needed."""
+    from ray import serve
+
+    project, ids = _project(platform, [images["astronaut"]] * 2)
+    release = _release(platform, "1.0.0-cpus")
+    try:
+        with caplog.at_level(logging.INFO, logger="totask_ray"):
+            result = run_to_task(
+                _params(project, release), platform=config_for(platform), **{**FAST, "actor_cpus": 1}
+            )
+        plans = [
+            r.getMessage()
+            for r in caplog.records
+            if r.getMessage().startswith("pre-processor faces@1.0.0-cpus:")
+        ]
+        assert len(plans) == 1 and "decode actor" in plans[0], plans
+        assert " x 1 CPU fit beside them" in plans[0], f"the plan left room for other annotators: {plans[0]}"
+        assert result.success_count == len(ids)
+    finally:
+        serve.delete("faces@1.0.0-cpus")
 
 
 def test_release_that_does_not_exist(platform, images):

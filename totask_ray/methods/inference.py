@@ -60,6 +60,7 @@ class InferenceOptions:
     convention: str | None = None  # batched | synapse; None: as the release says
     # What each decode (Data) actor reserves: the replica plan leaves room for them (RunOptions.actor_cpus)
     decode_actor_cpus: float = 0.5
+    verbose_ray: bool = False  # Ray's own logs, if this step is the one that starts or joins Ray
 
 
 @dataclass
@@ -113,7 +114,7 @@ class InferenceMethod(AnnotationMethod):
                 f"Pre-processor needs a model: release {release_id} ({release.app_name}) picks its model by "
                 "`model`; set model to the model's id"
             )
-        ensure_ray(o.ray_address)
+        ensure_ray(o.ray_address, verbose=o.verbose_ray)
         spec = app_spec(release)
         from totask_ray.serving.resources import Resources
 

@@ -42,6 +42,8 @@ def method_for(params: ToTaskParams, options: RunOptions) -> AnnotationMethod:
                 serve_ready_timeout_s=options.serve_ready_timeout_s,
                 call_timeout_s=options.inference_call_timeout_s,
                 convention=options.inference_convention,
+                decode_actor_cpus=options.actor_cpus,
+                verbose_ray=options.verbose_ray,
             )
         )
     return FileMethod()
