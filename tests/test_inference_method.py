@@ -80,7 +80,7 @@ def test_faces_per_task_outcomes(platform, images, tmp_path):
     errors = {f.task_id: f.error for f in result.failures}
     # coffee: no face: an empty object list is written and counted apart (the Synapse SDK's rule)
     assert platform.store.get_task(ids[1])["data"] == {"objects": []}
-    assert "could not be decoded" in errors[ids[2]]
+    assert errors[ids[2]] == "the primary file is not an image: it cannot be decoded"
     assert "HTTP 404" in errors[ids[3]] and "signature" not in errors[ids[3]]
     for tid in (ids[0], ids[4]):
         data = platform.store.get_task(tid)["data"]

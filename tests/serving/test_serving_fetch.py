@@ -29,9 +29,7 @@ from totask_ray.net.downloads import DownloadError
 from totask_ray.serving.deployment import (
     FetchOptions,
     ImageFetcher,
-    ImageRequestError,
     client_error,
-    decode_image,
 )
 from totask_ray.serving.interface import InferenceParams
 from totask_ray.serving.resources import DeploymentArgs
@@ -322,11 +320,18 @@ def test_build_app_rejects_a_bad_allow_list_before_deploying():
 
 
 def test_decode_image_caps_pixels_and_names_the_problem():
+    from totask_ray.net.images import ImageDecodeError, decode_image, read_image_size
+
     assert decode_image(ASTRONAUT).shape == (512, 512, 3)
-    with pytest.raises(ImageRequestError, match="over the 100,000-pixel limit"):
+    assert read_image_size(ASTRONAUT) == (512, 512)
+    with pytest.raises(ImageDecodeError, match="is 512x512, over the 100,000-pixel limit") as info:
         decode_image(ASTRONAUT, max_pixels=100_000)
-    with pytest.raises(ImageRequestError, match="cannot be decoded"):
-        decode_image(b"GIF89a not really")
+    assert info.value.about("image_path") == "image_path is 512x512, over the 100,000-pixel limit"
+    for garbage in (b"GIF89a not really", b""):
+        with pytest.raises(ImageDecodeError, match=r"^is not an image: it cannot be decoded$"):
+            decode_image(garbage)
+        with pytest.raises(ImageDecodeError, match=r"^is not an image: it cannot be decoded$"):
+            read_image_size(garbage)
 
 
 def test_client_error_drops_queries_and_keeps_one_line():

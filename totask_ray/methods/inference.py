@@ -19,7 +19,6 @@ import base64
 import hashlib
 import hmac
 import importlib
-import io
 import json
 import logging
 from dataclasses import dataclass
@@ -34,6 +33,7 @@ from totask_ray.errors import CriticalError
 from totask_ray.methods.base import AnnotationMethod, PrepareInput
 from totask_ray.methods.labels import LabelMapError, LabelMapping
 from totask_ray.net.downloads import DownloadError
+from totask_ray.net.images import ImageDecodeError, decode_image
 from totask_ray.pipeline.annotator import Annotator, TaskFailed, WorkerSettings, safe_error
 from totask_ray.pipeline.outcomes import Outcome, Stage
 from totask_ray.pipeline.run import AnnotatorSpec
@@ -45,7 +45,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("totask_ray")
 
-MAX_IMAGE_PIXELS = 64_000_000
 EMPTY_RESULT = "empty inference result"
 
 
@@ -317,22 +316,6 @@ class _Ready:
     key: str
 
 
-def decode_image(body: bytes) -> np.ndarray:
-    """HxWx3 uint8 RGB, or `TaskFailed` saying why not."""
-    from PIL import Image, UnidentifiedImageError
-
-    Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
-    try:
-        with Image.open(io.BytesIO(body)) as img:
-            img.load()
-            # convert() copies even an RGB image: only a conversion that changes something pays it
-            return np.asarray(img if img.mode == "RGB" else img.convert("RGB"))
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
-        raise TaskFailed(
-            Stage.CONVERT, f"the primary image could not be decoded: {safe_error(exc)}"
-        ) from None
-
-
 def split_request(returned: Any, default_model: Any) -> tuple[dict[str, Any], Any]:
     """`setup_inference_params`'s answer as (the app's params, the model): either the params
     themselves, or the Synapse SDK's request `{"model", "method", "json": {"image_path", ...}}`."""
@@ -504,7 +487,10 @@ class InferenceAnnotator(Annotator):
             except DownloadError as exc:
                 raise TaskFailed(Stage.CONVERT, safe_error(exc)) from exc
             loop = asyncio.get_running_loop()
-            image = await loop.run_in_executor(self._threads, decode_image, body)
+            try:
+                image = await loop.run_in_executor(self._threads, decode_image, body)
+            except ImageDecodeError as exc:
+                raise TaskFailed(Stage.CONVERT, exc.about("the primary file")) from None
         return _Ready(task, primary.url, image, params, model, key)
 
     async def _call(self, make: Any, what: str, problem: Any = None) -> Any:

@@ -23,13 +23,13 @@ from urllib.parse import urljoin, urlsplit
 import httpx
 
 from totask_ray.net import wire as aio
+from totask_ray.net.images import MAX_IMAGE_BYTES
 from totask_ray.net.redact import redact_url
 from totask_ray.net.retry import RetryPolicy, describe_transport_error
 
 log = logging.getLogger("totask_ray")
 
 DEFAULT_MAX_JSON_BYTES = 10 * 1024 * 1024
-DEFAULT_MAX_IMAGE_BYTES = 50 * 1024 * 1024
 MAX_REDIRECTS = 5
 CHUNK_BYTES = 64 * 1024
 JSON_CONTENT_TYPES = (
@@ -306,7 +306,7 @@ class Downloader:
         body, _ = await self.fetch(url, max_bytes=max_bytes, content_types=JSON_CONTENT_TYPES)
         return parse_json_bytes(body, "annotation file")
 
-    async def fetch_image(self, url: str, *, max_bytes: int = DEFAULT_MAX_IMAGE_BYTES) -> bytes:
+    async def fetch_image(self, url: str, *, max_bytes: int = MAX_IMAGE_BYTES) -> bytes:
         body, _ = await self.fetch(url, max_bytes=max_bytes, content_types=IMAGE_CONTENT_PREFIXES)
         return body
 

@@ -14,10 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-import io
 import json
 import logging
-import re
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -28,14 +26,9 @@ import numpy as np
 
 from totask_ray.action import PluginContext, ToTask
 from totask_ray.annotation import AnnotationError, validate_task_data
-from totask_ray.net.downloads import (
-    DEFAULT_MAX_IMAGE_BYTES,
-    DEFAULT_MAX_JSON_BYTES,
-    Downloader,
-    DownloadError,
-    UrlPolicy,
-)
-from totask_ray.net.redact import redact_url
+from totask_ray.net import redact
+from totask_ray.net.downloads import DEFAULT_MAX_JSON_BYTES, Downloader, DownloadError, UrlPolicy
+from totask_ray.net.images import MAX_IMAGE_BYTES, ImageDecodeError, read_image_size
 from totask_ray.params import EmptyResultPolicy, ExistingDataPolicy, ToTaskParams
 from totask_ray.pipeline.outcomes import Outcome, Stage, Status, to_columns
 from totask_ray.pipeline.stop import StopWatch
@@ -43,9 +36,6 @@ from totask_ray.platform.base import AsyncPlatform
 from totask_ray.platform.connect import PlatformConfig, connect, connect_async
 from totask_ray.platform.errors import AuthenticationError, PlatformError
 from totask_ray.platform.models import DataUnit, Task
-
-MAX_ERROR_CHARS = 500
-_URL = re.compile(r"https?://[^\s'\"<>()\[\]{}]+", re.IGNORECASE)
 
 
 class TaskFailed(Exception):
@@ -69,21 +59,14 @@ class WorkerSettings:
     hook_threads: int = 8
     dry_run: bool = False
     max_json_bytes: int = DEFAULT_MAX_JSON_BYTES
-    max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES
+    max_image_bytes: int = MAX_IMAGE_BYTES
     download_timeout_s: float = 30.0
     stop_flag: Any = None  # the run's stop flag (`pipeline.stop`), a Ray actor handle; None: no stop
 
 
 def safe_error(exc: BaseException) -> str:
-    """An exception as one short line: type and message, URLs without their query strings."""
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    # wherever a URL appears (quoted by httpx, requests or a plugin), drop its query: signatures
-    text = _URL.sub(lambda m: redact_url(m.group(0)), text)
-    if isinstance(exc, PlatformError | DownloadError | AnnotationError | TaskFailed):
-        out = text
-    else:
-        out = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-    return out[:MAX_ERROR_CHARS]
+    """`net.redact.safe_error` for a task's outcome: errors worded for users are shown bare."""
+    return redact.safe_error(exc, bare=(PlatformError, DownloadError, AnnotationError, TaskFailed))
 
 
 class Annotator:
@@ -210,7 +193,10 @@ class Annotator:
         except DownloadError as exc:
             raise TaskFailed(Stage.CONVERT, f"could not read the image's size: {safe_error(exc)}") from exc
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._threads, read_image_size, body)
+        try:
+            return await loop.run_in_executor(self._threads, read_image_size, body)
+        except ImageDecodeError as exc:
+            raise TaskFailed(Stage.CONVERT, exc.about("the primary file")) from None
 
     async def validate_and_write(
         self, task: Task, data: Any, *, image_url: str | None = None, image: np.ndarray | None = None
@@ -292,17 +278,6 @@ class Annotator:
             values = wanted.split(",") if isinstance(wanted, str) else list(wanted)
             return task.status in values
         return False  # no status to tell: never advance a task this run did not write
-
-
-def read_image_size(body: bytes) -> tuple[int, int]:
-    """(width, height) from the image's header, without decoding its pixels."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(io.BytesIO(body)) as img:
-            return img.size
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
-        raise TaskFailed(Stage.CONVERT, f"the primary file is not an image ({type(exc).__name__})") from None
 
 
 def _node_id() -> str:

@@ -18,7 +18,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from totask_ray.action import ToTask
 from totask_ray.methods.base import AnnotationMethod
-from totask_ray.net.downloads import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_JSON_BYTES
+from totask_ray.net.downloads import DEFAULT_MAX_JSON_BYTES
+from totask_ray.net.images import MAX_IMAGE_BYTES
 from totask_ray.params import ToTaskParams
 from totask_ray.platform.base import Platform
 from totask_ray.platform.connect import PlatformConfig
@@ -71,9 +72,7 @@ class RunOptions(BaseModel):
     max_json_bytes: int = Field(
         default=DEFAULT_MAX_JSON_BYTES, gt=0, description="Largest annotation JSON to download."
     )
-    max_image_bytes: int = Field(
-        default=DEFAULT_MAX_IMAGE_BYTES, gt=0, description="Largest image to download."
-    )
+    max_image_bytes: int = Field(default=MAX_IMAGE_BYTES, gt=0, description="Largest image to download.")
     download_timeout_s: float = Field(default=30.0, gt=0, description="Timeout of one file download.")
     page_size: int = Field(default=500, ge=1, le=1000, description="Task ids per listing page.")
     verbose_ray: bool = Field(default=False, description="Show Ray's own logs and Ray Data's progress.")

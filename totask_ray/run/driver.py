@@ -20,7 +20,8 @@ from totask_ray.errors import CriticalError, RunStopped, ToTaskError
 from totask_ray.methods.base import AnnotationMethod
 from totask_ray.methods.file import FileMethod
 from totask_ray.methods.inference import InferenceMethod, InferenceOptions
-from totask_ray.net.downloads import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_JSON_BYTES
+from totask_ray.net.downloads import DEFAULT_MAX_JSON_BYTES
+from totask_ray.net.images import MAX_IMAGE_BYTES
 from totask_ray.params import Method, ToTaskParams
 from totask_ray.platform.connect import PlatformConfig, config_from_env, connect, for_job
 from totask_ray.platform.errors import PlatformError
@@ -69,7 +70,7 @@ def run_to_task(
     allowed_hosts: list[str] | None = None,
     allow_private_urls: bool = False,
     max_json_bytes: int = DEFAULT_MAX_JSON_BYTES,
-    max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
+    max_image_bytes: int = MAX_IMAGE_BYTES,
     download_timeout_s: float = 30.0,
     page_size: int = 500,
     verbose_ray: bool = False,

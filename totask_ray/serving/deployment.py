@@ -27,9 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-import io
 import json
-import re
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -42,8 +40,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from totask_ray.annotation import detections_to_task_data
+from totask_ray.net import images
 from totask_ray.net.downloads import Downloader, DownloadError, UrlPolicy
-from totask_ray.net.redact import redact_url
+from totask_ray.net.redact import safe_error
 from totask_ray.serving.interface import (
     Detection,
     InferenceParams,
@@ -57,22 +56,13 @@ from totask_ray.serving.interface import (
 
 __all__ = [
     "DEPLOYMENT",
-    "MAX_IMAGE_BYTES",
-    "MAX_IMAGE_PIXELS",
     "FetchOptions",
     "ImageFetcher",
     "ImageRequestError",
     "PreProcessorDeployment",
     "build_application",
     "client_error",
-    "decode_image",
 ]
-
-MAX_IMAGE_BYTES = 32 * 1024 * 1024
-# A small file can decode to a huge bitmap (a decompression bomb): cap the pixels, not just the bytes.
-MAX_IMAGE_PIXELS = 64_000_000
-MAX_ERROR_CHARS = 500
-_URL = re.compile(r"[a-z][a-z0-9+.-]*://[^\s'\"<>()\[\]{}]+", re.IGNORECASE)
 
 
 class ImageRequestError(ValueError):
@@ -88,7 +78,7 @@ class FetchOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    max_image_bytes: int = Field(MAX_IMAGE_BYTES, ge=1)
+    max_image_bytes: int = Field(images.MAX_IMAGE_BYTES, ge=1)
     download_timeout_s: float = Field(30.0, gt=0, allow_inf_nan=False)
     allowed_hosts: tuple[str, ...] = ()
     allow_private_urls: bool = False
@@ -116,24 +106,6 @@ class FetchOptions(BaseModel):
         return UrlPolicy.for_platform(None, self.allowed_hosts, allow_private=self.allow_private_urls)
 
 
-def decode_image(body: bytes, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
-    """HxWx3 uint8 RGB, or :class:`ImageRequestError` saying why not (never PIL's own traceback)."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        img = Image.open(io.BytesIO(body))
-    except (UnidentifiedImageError, Image.DecompressionBombError, OSError):
-        raise ImageRequestError("image_path is not an image: it cannot be decoded") from None
-    with img:
-        width, height = img.size
-        if width * height > max_pixels:
-            raise ImageRequestError(f"the image is {width}x{height}, over the {max_pixels:,}-pixel limit")
-        try:
-            return np.asarray(img.convert("RGB"))
-        except (OSError, ValueError) as exc:
-            raise ImageRequestError(f"the image cannot be decoded ({_first_line(exc)})") from None
-
-
 class ImageFetcher:
     """``image_path`` -> decoded image, under the project's URL policy; usable without Ray."""
 
@@ -152,15 +124,13 @@ class ImageFetcher:
             )
         body = await self._downloader.fetch_image(url, max_bytes=self.options.max_image_bytes)
         # Decoding a large image takes long enough to stall every other request on this loop.
-        return await asyncio.to_thread(decode_image, body)
+        try:
+            return await asyncio.to_thread(images.decode_image, body)
+        except images.ImageDecodeError as exc:
+            raise ImageRequestError(exc.about("image_path")) from None
 
     async def aclose(self) -> None:
         await self._downloader.aclose()
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def client_error(exc: BaseException) -> str:
@@ -169,16 +139,14 @@ def client_error(exc: BaseException) -> str:
     What an HTTP caller sees must not hand back a signed URL's signature (it is a credential), nor
     a traceback or pydantic's multi-line report.
     """
+    text = None
     if isinstance(exc, ValidationError):
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "(params)"
         text = f"invalid param {where!r}: {first['msg']}"
     elif isinstance(exc, json.JSONDecodeError):
         text = f'the request body is not JSON ({exc.msg}); send {{"image_path": url, ...params}}'
-    else:
-        text = _first_line(exc)
-    text = _URL.sub(lambda m: redact_url(m.group(0)), text)
-    return f"{type(exc).__name__}: {text}"[:MAX_ERROR_CHARS]
+    return safe_error(exc, text=text)
 
 
 def _status_for(exc: BaseException) -> int:
