@@ -20,13 +20,13 @@ for _var in (
 ):
     os.environ.pop(_var, None)
 
-import socket
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 import pytest
+from helpers import free_port
 
 # Logical resources: 4 CPUs on a 2-core box so Data actors and a Serve replica fit together, and one
 # logical GPU so GPU-needing deployments can be scheduled and gated without hardware.
@@ -66,12 +66,6 @@ def platform(tmp_path_factory):
         yield lp
     finally:
         lp.stop()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")

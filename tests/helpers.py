@@ -68,6 +68,39 @@ def make_project(platform: Any, units: list[Mapping[str, Any]], *, specs: list[d
     return project, store.create_tasks_bulk(project, rows)
 
 
+def png(image: Any) -> bytes:
+    """PNG bytes of an HxWx3 uint8 array."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def faces_config(version: str, **changes: Any) -> dict[str, Any]:
+    """The faces pre-processor's release config (serve_apps/faces) at `version`, with `changes` set by
+    dotted path ("actions.inference.required_resources.required_gpu_count": 4)."""
+    from totask_ray.serving.config import load_release_config
+
+    cfg = load_release_config(str(Path(__file__).resolve().parents[1] / "serve_apps" / "faces"))
+    out = cfg.model_dump(mode="json", exclude_none=True)
+    out["version"] = version
+    for path, value in changes.items():
+        node = out
+        *parents, leaf = path.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return out
+
+
+def faces_release(platform: Any, version: str = "1.0.0", **changes: Any) -> int:
+    """A plugin release of the faces pre-processor on the platform (its app: faces@VERSION)."""
+    return platform.store.create_plugin_release("faces", version, faces_config(version, **changes))
+
+
 def good_unit(platform: Any, i: int, prefix: str = "t") -> dict[str, Any]:
     ann = {"objects": [{"id": f"o{i}", "class_id": 1, "type": "bbox",
                         "coordinates": {"x": i, "y": 1, "width": 5, "height": 5}, "properties": {"label": "x"}}]}  # fmt: skip

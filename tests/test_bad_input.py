@@ -17,7 +17,6 @@ No message may contain the token, a signed URL's query (signature/expires) or a 
 from __future__ import annotations
 
 import asyncio
-import io
 import json
 import socket
 from collections.abc import Iterator
@@ -28,7 +27,7 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
-from helpers import config_for, file_server, good_unit, make_project, read_report, write_media
+from helpers import config_for, file_server, good_unit, make_project, png, read_report, write_media
 
 from totask_ray import ToTaskError, run_to_task
 from totask_ray.params import ParamsError, ToTaskParams
@@ -564,11 +563,7 @@ class StubHandle:
 
 
 def _png(colour: int) -> bytes:
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(np.full((60, 80, 3), colour, np.uint8)).save(buf, format="PNG")
-    return buf.getvalue()
+    return png(np.full((60, 80, 3), colour, np.uint8))
 
 
 # colour -> (the model's detections for that image, words of the task's error; "" = written)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import BIN, cli_env, good_unit, job_submit, make_project, ray_head, read_report
+from helpers import BIN, cli_env, faces_release, good_unit, job_submit, make_project, ray_head, read_report
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -99,7 +99,6 @@ def test_verbose_shows_rays_own_logs_on_an_inference_run(platform, gcs_address, 
     from ray import serve
 
     from totask_ray.embedded.seeds import write_sample_images
-    from totask_ray.serving.config import load_release_config
 
     image = write_sample_images(platform.media_dir)["astronaut"]["path"]
     store = platform.store
@@ -108,9 +107,7 @@ def test_verbose_shows_rays_own_logs_on_an_inference_run(platform, gcs_address, 
     store.create_tasks_bulk(
         project, [{"data_unit": store.create_data_unit(dc, {"image_1": {"path": image}})}]
     )
-    cfg = load_release_config("serve_apps/faces").model_dump(mode="json", exclude_none=True)
-    cfg["version"] = "1.0.0-verbose"
-    release = store.create_plugin_release("faces", cfg["version"], cfg)
+    release = faces_release(platform, "1.0.0-verbose")
     job = _job_file(tmp_path, project=project, method="inference", pre_processor=release)
     try:
         proc = subprocess.run(

@@ -10,7 +10,6 @@ errors before its handlers run or delays answers.
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import signal
@@ -19,9 +18,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import psutil
 import pytest
-from helpers import config_for, good_unit, make_project, read_report, wait_until
+from helpers import config_for, faces_release, good_unit, make_project, png, read_report, wait_until
 
 from totask_ray import run_to_task
 from totask_ray.result import RunStatus
@@ -265,16 +265,12 @@ def _small_face_png() -> bytes:
     from PIL import Image
     from skimage import data
 
-    buf = io.BytesIO()
-    Image.fromarray(data.astronaut()).resize((256, 256)).save(buf, format="PNG")
-    return buf.getvalue()
+    return png(np.asarray(Image.fromarray(data.astronaut()).resize((256, 256))))
 
 
 @pytest.mark.usefixtures("serve_http_port")
 def test_serve_replica_killed_mid_run(platform, tmp_path):
     from helpers import write_media
-
-    from totask_ray.serving.config import load_release_config
 
     image = write_media(platform, "freplica/face.png", _small_face_png())
     store = platform.store
@@ -285,9 +281,7 @@ def test_serve_replica_killed_mid_run(platform, tmp_path):
         for _ in range(80)
     ]
     ids = store.create_tasks_bulk(project, rows)
-    cfg = load_release_config("serve_apps/faces").model_dump(mode="json", exclude_none=True)
-    cfg["version"] = "1.0.0-kill"
-    release = store.create_plugin_release("faces", cfg["version"], cfg)
+    release = faces_release(platform, "1.0.0-kill")
     params = {
         "name": "Replica_Kill",
         "project": project,

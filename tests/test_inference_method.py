@@ -6,41 +6,18 @@ Outcomes are read back from the platform.
 
 from __future__ import annotations
 
-import io
 import logging
 
-import numpy as np
 import pytest
-from helpers import config_for, write_media
+from helpers import config_for, faces_release, write_media
 
 from totask_ray import ToTask, ToTaskError, run_to_task
 from totask_ray.embedded.seeds import write_sample_images
 from totask_ray.result import RunStatus
-from totask_ray.serving.config import load_release_config
 
 pytestmark = pytest.mark.usefixtures("ray_cluster", "serve_http_port")
 
 FAST = {"serve_poll_interval_s": 0.5, "serve_ready_timeout_s": 120, "progress_bar": False, "num_actors": 1}
-
-
-def _release(platform, version: str = "1.0.0", **changes) -> int:
-    cfg = load_release_config("serve_apps/faces").model_dump(mode="json", exclude_none=True)
-    cfg["version"] = version
-    for path, value in changes.items():
-        node = cfg
-        *parents, leaf = path.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
-    return platform.store.create_plugin_release("faces", version, cfg)
-
-
-def _png(array: np.ndarray) -> bytes:
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(array).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +47,7 @@ def test_faces_per_task_outcomes(platform, images, tmp_path):
     garbage = write_media(platform, "inference/garbage.png", b"this is not an image")
     paths = [images["astronaut"], images["coffee"], garbage, "inference/missing.png", images["astronaut"]]
     project, ids = _project(platform, paths)
-    release = _release(platform)
+    release = faces_release(platform)
     result = run_to_task(
         _params(project, release), platform=config_for(platform), report=tmp_path / "r.jsonl", **FAST
     )
@@ -109,7 +86,10 @@ class PerTaskParams(ToTask):
 def test_setup_inference_params_override_reaches_the_app(platform, images):
     project, ids = _project(platform, [images["astronaut"]] * 6)
     result = run_to_task(
-        _params(project, _release(platform)), platform=config_for(platform), action_cls=PerTaskParams, **FAST
+        _params(project, faces_release(platform)),
+        platform=config_for(platform),
+        action_cls=PerTaskParams,
+        **FAST,
     )
     even = [t for t in ids if t % 2 == 0]
     assert (result.failed_count, result.success_count, result.empty_count) == (0, len(ids), len(even))
@@ -141,7 +121,7 @@ def test_a_finished_run_gives_its_actors_cpus_back_at_once(platform, images, ray
     ray = ray_cluster
     project, ids = _project(platform, [images["astronaut"], images["coffee"]] * 4)
     # overwrite: the second run goes through the model too, and finds its results already there
-    params = _params(project, _release(platform), existing_data="overwrite")
+    params = _params(project, faces_release(platform), existing_data="overwrite")
     options = {**FAST, "num_actors": 2}
     run_to_task(params, platform=config_for(platform), **options)
     # settled for longer than Ray's 5 s kill timeout: every actor of the first run is gone
@@ -167,7 +147,7 @@ def test_actor_cpus_reaches_the_replica_plan(platform, images, caplog):
     from ray import serve
 
     project, ids = _project(platform, [images["astronaut"]] * 2)
-    release = _release(platform, "1.0.0-cpus")
+    release = faces_release(platform, "1.0.0-cpus")
     try:
         with caplog.at_level(logging.INFO, logger="totask_ray"):
             result = run_to_task(
@@ -197,7 +177,7 @@ def test_capacity_shortfall_is_refused_at_dispatch(platform, images):
     from ray import serve
 
     project, ids = _project(platform, [images["astronaut"]])
-    release = _release(
+    release = faces_release(
         platform, "9.0.0-gpu", **{"actions.inference.required_resources.required_gpu_count": 4}
     )
     with pytest.raises(ToTaskError) as info:
@@ -215,7 +195,7 @@ def test_an_app_that_fails_to_deploy_fails_fast_and_is_torn_down(platform, image
     from ray import serve
 
     project, ids = _project(platform, [images["astronaut"]])
-    release = _release(platform, "9.0.0-broken", **{"actions.deployment.options": {"no_such_option": 1}})
+    release = faces_release(platform, "9.0.0-broken", **{"actions.deployment.options": {"no_such_option": 1}})
     t0 = time.monotonic()
     with pytest.raises(ToTaskError) as info:
         run_to_task(

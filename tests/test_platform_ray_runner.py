@@ -11,7 +11,6 @@ same name can make a dispatch look already done.
 
 from __future__ import annotations
 
-import socket
 import statistics
 import time
 from collections.abc import Iterator
@@ -21,6 +20,7 @@ from typing import Any
 import httpx
 import pytest
 import yaml
+from helpers import free_port
 
 from totask_ray.embedded.ray_runner import ENV_RAY_ADDRESS, ENV_SERVE_PORT
 from totask_ray.embedded.seeds import match_faces, release_config, seed_faces_demo, write_sample_images
@@ -40,19 +40,13 @@ REPO = Path(__file__).resolve().parents[1]
 FACE_CENTRE = (223, 113)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def serve_port(ray_cluster) -> int:
     """Serve's proxy on loopback (as tests/serving/conftest.py does); the port actually in use."""
     from ray import serve
     from ray.serve.context import _get_global_client
 
-    serve.start(http_options={"host": "127.0.0.1", "port": _free_port()})
+    serve.start(http_options={"host": "127.0.0.1", "port": free_port()})
     config = _get_global_client().http_config
     assert config.host in ("127.0.0.1", "localhost")
     return int(config.port)

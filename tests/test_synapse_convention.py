@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import yaml
 from helpers import config_for
+from helpers import faces_release as create_faces_release
 from starlette.requests import Request
 
 from totask_ray import run_to_task
@@ -124,12 +125,11 @@ def images(platform):
 
 @pytest.fixture
 def faces_release(platform, ray_cluster, serve_http_port):
-    cfg = load_release_config("serve_apps/faces").model_dump(mode="json", exclude_none=True)
-    cfg["version"] = VERSION
     # The app fetches each image itself, from the platform's signed media URLs on loopback: its
     # fetch refuses loopback unless the host is allow-listed.
-    cfg["actions"]["deployment"]["options"] = {"allowed_hosts": ["127.0.0.1"]}
-    yield platform.store.create_plugin_release("faces", VERSION, cfg)
+    yield create_faces_release(
+        platform, VERSION, **{"actions.deployment.options": {"allowed_hosts": ["127.0.0.1"]}}
+    )
     from ray import serve
 
     if f"faces@{VERSION}" in serve.status().applications:

@@ -17,7 +17,9 @@ from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+import numpy as np
 import pytest
+from helpers import png
 
 from totask_ray import ToTask, run_to_task
 from totask_ray.errors import ToTaskError
@@ -74,11 +76,7 @@ def media() -> Iterator[tuple[str, type[_Media]]]:
 
 
 def _png(width: int, height: int) -> bytes:
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.new("RGB", (width, height), (90, 120, 150)).save(buf, format="PNG")
-    return buf.getvalue()
+    return png(np.full((height, width, 3), (90, 120, 150), np.uint8))
 
 
 def _objects(i: int) -> dict[str, Any]:

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import io
 import socket
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
+from helpers import png
 from PIL import Image, ImageDraw, ImageFont
 from skimage import data
 
@@ -29,12 +29,6 @@ def text_image(lines: list[str] = WORDS) -> np.ndarray:
     for i, line in enumerate(lines):
         draw.text((20, 30 + 100 * i), line, fill="black", font=font)
     return np.asarray(img)
-
-
-def png(image: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(image).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def face_centre_ok(bbox: list[float]) -> bool:

@@ -10,7 +10,6 @@ message says why and never repeats a signed URL's query. Nothing here reaches be
 from __future__ import annotations
 
 import asyncio
-import io
 import socket
 import threading
 import time
@@ -22,7 +21,7 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
-from PIL import Image
+from helpers import png
 from skimage import data
 
 from totask_ray.net.downloads import DownloadError
@@ -39,12 +38,6 @@ APP = "faces-fetch-test"
 ROUTE = "/faces-fetch-test"
 MAX_BYTES = 1024 * 1024
 SIG = "expires=9999999999&sig=SECRET-SIGNATURE-0123"
-
-
-def png(image: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(image).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 ASTRONAUT = png(data.astronaut())  # ~415 KiB: under MAX_BYTES
