@@ -11,15 +11,13 @@ import hashlib
 import hmac
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import quote
 
 from starlette.requests import Request
 
+from .faults import Faults
 from .store import Store
-
-if TYPE_CHECKING:
-    from .gate import Faults
 
 __all__ = ["PlatformState", "media_signature", "platform_of"]
 

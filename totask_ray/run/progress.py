@@ -10,13 +10,10 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, Any, Protocol
 
 from totask_ray.pipeline.outcomes import Outcome, Status
 from totask_ray.result import Metrics, TaskFailure
-
-if TYPE_CHECKING:
-    from totask_ray.run.jobs import JobSink
 
 log = logging.getLogger("totask_ray")
 
@@ -83,6 +80,34 @@ class IdSet:
                         yield self._base + i * 8 + bit
 
 
+class EventSink(Protocol):
+    """Where the tracker sends per-task events and progress: the job record (`run/jobs.JobSink`),
+    which imports this module for the step's name, so the tracker names only what it calls."""
+
+    def task_event(
+        self,
+        task_id: int,
+        status: str,
+        index: int,
+        total: int,
+        *,
+        error: str | None = None,
+        note: str | None = None,
+        finished_at: float = 0.0,
+    ) -> None: ...
+
+    def progress(
+        self,
+        done: int,
+        total: int,
+        metrics: Metrics,
+        workflow: dict[str, int] | None = None,
+        elapsed_s: float | None = None,
+    ) -> None: ...
+
+    def close_logs(self) -> None: ...
+
+
 class RunTracker:
     """Counts, progress lines, a progress bar, failure lines, the report file and job records."""
 
@@ -91,7 +116,7 @@ class RunTracker:
         total: int,
         *,
         report: IO[str] | None = None,
-        job_sink: JobSink | None = None,
+        job_sink: EventSink | None = None,
         show_bar: bool | None = None,
         log_every_s: float = 10.0,
         job_every_s: float = 2.0,

@@ -16,7 +16,7 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from ..gate import FaultConfig, Faults
+from ..faults import FaultConfig, Faults
 from ..rest import ApiError, found, invalid, is_int, json_body, object_body, unknown_keys
 from ..state import platform_of
 from ..store import Store
