@@ -7,9 +7,10 @@ them as they are produced without holding more than one batch.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass, field, fields
 from enum import StrEnum
+from operator import attrgetter
 from typing import Any
 
 import numpy as np
@@ -72,42 +73,42 @@ class Outcome:
         return json.dumps(d, separators=(",", ":"))
 
 
+# How each field travels in a batch column, in the order of Outcome's fields (every field but
+# `extra`, which only the report carries): numpy dtype, and what turns a cell back into the value.
+_COLUMNS: dict[str, tuple[Any, Callable[[Any], Any]]] = {
+    "task_id": (np.int64, int),
+    "status": (object, Status),
+    "stage": (object, Stage),
+    "error": (object, lambda v: v or ""),
+    "critical": (bool, bool),
+    "written": (bool, bool),
+    "workflow_error": (object, lambda v: v or ""),
+    "workflow_applied": (bool, bool),
+    "objects": (np.int32, int),
+    "duration_ms": (np.float32, float),
+    "finished_at": (np.float64, float),
+    "node": (object, lambda v: v or ""),
+    "would_write": (object, lambda v: v or ""),
+}
+assert list(_COLUMNS) == [f.name for f in fields(Outcome)][:-1], "Outcome's fields and their columns differ"
+
+
 def to_columns(outcomes: list[Outcome]) -> dict[str, np.ndarray]:
-    return {
-        "task_id": np.array([o.task_id for o in outcomes], dtype=np.int64),
-        "status": np.array([o.status.value for o in outcomes], dtype=object),
-        "stage": np.array([o.stage.value for o in outcomes], dtype=object),
-        "error": np.array([o.error for o in outcomes], dtype=object),
-        "critical": np.array([o.critical for o in outcomes], dtype=bool),
-        "written": np.array([o.written for o in outcomes], dtype=bool),
-        "workflow_error": np.array([o.workflow_error for o in outcomes], dtype=object),
-        "workflow_applied": np.array([o.workflow_applied for o in outcomes], dtype=bool),
-        "objects": np.array([o.objects for o in outcomes], dtype=np.int32),
-        "duration_ms": np.array([o.duration_ms for o in outcomes], dtype=np.float32),
-        "finished_at": np.array([o.finished_at for o in outcomes], dtype=np.float64),
-        "node": np.array([o.node for o in outcomes], dtype=object),
-        "would_write": np.array([o.would_write for o in outcomes], dtype=object),
-    }
+    columns = {}
+    for name, (dtype, _) in _COLUMNS.items():
+        values = list(map(attrgetter(name), outcomes))
+        if name in ("status", "stage"):
+            values = [v.value for v in values]
+        columns[name] = np.array(values, dtype=dtype)
+    return columns
 
 
 def from_columns(batch: dict[str, Any]) -> Iterator[Outcome]:
-    n = len(batch["task_id"])
-    for i in range(n):
-        yield Outcome(
-            task_id=int(batch["task_id"][i]),
-            status=Status(str(batch["status"][i])),
-            stage=Stage(str(batch["stage"][i])),
-            error=str(batch["error"][i] or ""),
-            critical=bool(batch["critical"][i]),
-            written=bool(batch["written"][i]),
-            workflow_error=str(batch["workflow_error"][i] or ""),
-            workflow_applied=bool(batch["workflow_applied"][i]),
-            objects=int(batch["objects"][i]),
-            duration_ms=float(batch["duration_ms"][i]),
-            finished_at=float(batch["finished_at"][i]),
-            node=str(batch["node"][i] or ""),
-            would_write=str(batch["would_write"][i] or ""),
-        )
+    # Column by column (tolist() gives Python values at C speed), then one positional constructor call
+    # per row: the driver does this for every task of the run.
+    columns = [map(back, batch[name].tolist()) for name, (_, back) in _COLUMNS.items()]
+    for values in zip(*columns, strict=True):
+        yield Outcome(*values)
 
 
 def read_report(path: str) -> Iterable[dict[str, Any]]:
