@@ -181,7 +181,7 @@ class Annotator:
     async def image_size(self, url: str | None, image: np.ndarray | None = None) -> tuple[int, int] | None:
         """The primary image's (width, height) where the platform stores coordinates relative to it
         (Label Studio's percentages); None where it stores pixels (Synapse), at no cost."""
-        if not getattr(self._client, "needs_image_size", False):
+        if not self._client.needs_image_size:
             return None
         if image is not None:
             return int(image.shape[1]), int(image.shape[0])

@@ -5,11 +5,11 @@ get one from `totask_ray.platform.connect`, the one place that picks the concret
 platform (Label Studio: `platform/label_studio`) is one more client that implements the same
 methods. Nothing outside `platform/` builds a URL.
 
-Two things differ by platform and are asked, not assumed: an async client that stores coordinates
-relative to the image sets `needs_image_size` (the annotator then passes `image_size` to
-`annotate_task`), and `media_headers(url)` gives the credentials a file on the platform's own
-origin needs (none for Synapse's signed URLs). A blocking client without a task workflow sets
-`supports_workflow = False`, and a job with `on_success` is refused before anything runs.
+What differs by platform is declared on the client, never guessed: `needs_image_size` (an async
+client that stores coordinates relative to the image; the annotator then passes `image_size` to
+`annotate_task`), `supports_workflow` (a blocking client without a task workflow; a job with
+`on_success` is refused before anything runs), and `media_headers(url)`, the credentials a file on
+the platform's own origin needs (none for Synapse's signed URLs).
 """
 
 from __future__ import annotations
@@ -34,6 +34,8 @@ class TaskIdPage:
 class Platform(Protocol):
     """Blocking calls: the driver's steps, the id source's reads, pre-processor releases, job records."""
 
+    supports_workflow: bool  # task status, assignee and submit (`on_success`)
+
     def get_project(self, project_id: int) -> Project: ...
     def get_data_collection(self, collection_id: int) -> DataCollection: ...
     def count_tasks(self, project_id: int, filters: Mapping[str, Any]) -> int: ...
@@ -57,6 +59,8 @@ class Platform(Protocol):
 @runtime_checkable
 class AsyncPlatform(Protocol):
     """Per-task calls the annotators make, many at a time on one event loop."""
+
+    needs_image_size: bool  # `annotate_task` needs the primary image's (width, height)
 
     async def get_task(self, task_id: int) -> Task: ...
     async def get_data_unit(self, data_unit_id: int) -> DataUnit: ...

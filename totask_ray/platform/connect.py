@@ -1,14 +1,17 @@
-"""The one place that turns platform settings into a client.
+"""The one place that turns platform settings into a client: one registry line per platform.
 
 Everything above `platform/` holds a `PlatformConfig` (picklable, so Ray workers get a copy) and
-asks here for a client; adding a platform means a new config type and a new branch here.
+asks here for a client. Adding a platform is a folder under `platform/` (its config with
+`from_env` and `for_job`, a blocking and an async client that declare their capabilities) and one
+`PlatformKind` line below.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
-from typing import TypeAlias
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, TypeAlias
 
 from totask_ray.platform.base import AsyncPlatform, Platform
 from totask_ray.platform.errors import PlatformError
@@ -17,34 +20,54 @@ from totask_ray.platform.label_studio.config import ENV_KEY, ENV_URL, LabelStudi
 from totask_ray.platform.synapse.client import AsyncSynapseClient, SynapseClient, SynapseConfig
 
 PlatformConfig: TypeAlias = SynapseConfig | LabelStudioConfig
-PLATFORMS = ("synapse", "label-studio")
+
+
+@dataclass(frozen=True)
+class PlatformKind:
+    name: str  # what `--platform` takes
+    config: type[Any]  # its settings: a pydantic model with `from_env(env, **overrides)` and `for_job`
+    blocking: Callable[[Any], Platform]
+    async_: Callable[[Any], AsyncPlatform]
+    named_by_env: Callable[[Mapping[str, str]], bool]  # the environment's variables point at it
+
+
+KINDS: tuple[PlatformKind, ...] = (
+    PlatformKind(
+        "label-studio", LabelStudioConfig, LabelStudioClient, AsyncLabelStudioClient,
+        named_by_env=lambda env: bool(env.get(ENV_URL) and env.get(ENV_KEY) and not env.get("SYNAPSE_HOST")),
+    ),
+    PlatformKind("synapse", SynapseConfig, SynapseClient, AsyncSynapseClient, named_by_env=lambda env: True),
+)  # fmt: skip
+PLATFORMS = tuple(k.name for k in reversed(KINDS))  # synapse first: the default
+
+
+def _kind(config: PlatformConfig) -> PlatformKind:
+    for kind in KINDS:
+        if isinstance(config, kind.config):
+            return kind
+    raise PlatformError(f"No client for platform settings of type {type(config).__name__}")
 
 
 def connect(config: PlatformConfig) -> Platform:
     """A blocking client (the driver, the id source's read tasks)."""
-    if isinstance(config, LabelStudioConfig):
-        return LabelStudioClient(config)
-    return SynapseClient(config)
+    return _kind(config).blocking(config)
 
 
 def connect_async(config: PlatformConfig) -> AsyncPlatform:
     """An async client for one annotator actor; its session is made on the loop that first uses it."""
-    if isinstance(config, LabelStudioConfig):
-        return AsyncLabelStudioClient(config)
-    return AsyncSynapseClient(config)
+    return _kind(config).async_(config)
 
 
 def for_job(config: PlatformConfig, job_name: str, project: int | None = None) -> PlatformConfig:
     """The config a run uses (Label Studio: `model_version` defaults to the job's name)."""
-    return config.for_job(job_name, project) if isinstance(config, LabelStudioConfig) else config
+    return config.for_job(job_name, project)
 
 
 def platform_from_env(env: Mapping[str, str] | None = None) -> str:
-    """`label-studio` when LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY are set and SYNAPSE_HOST is not."""
+    """The first platform the environment names: `label-studio` when LABEL_STUDIO_URL and
+    LABEL_STUDIO_API_KEY are set and SYNAPSE_HOST is not, else `synapse`."""
     env = os.environ if env is None else env
-    if env.get(ENV_URL) and env.get(ENV_KEY) and not env.get("SYNAPSE_HOST"):
-        return "label-studio"
-    return "synapse"
+    return next(k.name for k in KINDS if k.named_by_env(env))
 
 
 def config_from_env(
@@ -53,8 +76,7 @@ def config_from_env(
     """The platform named by `platform` (or by the environment), from its own variables: the
     SYNAPSE_* ones the Synapse SDK reads, or LABEL_STUDIO_URL / LABEL_STUDIO_API_KEY."""
     name = platform or platform_from_env(env)
-    if name == "label-studio":
-        return LabelStudioConfig.from_env(env, **overrides)
-    if name == "synapse":
-        return SynapseConfig.from_env(env, **overrides)
+    for kind in KINDS:
+        if kind.name == name:
+            return kind.config.from_env(env, **overrides)
     raise PlatformError(f"Unknown platform {name!r}: use one of {', '.join(PLATFORMS)}")

@@ -62,7 +62,7 @@ class Initialize(Step):
             ) from None
         finally:
             probe.close()
-        if ctx.params.on_success is not None and not getattr(ctx.client, "supports_workflow", True):
+        if ctx.params.on_success is not None and not ctx.client.supports_workflow:
             raise CriticalError(
                 "on_success cannot be applied: this platform has no task workflow (status, assignee, "
                 "submit); leave on_success out of the job"

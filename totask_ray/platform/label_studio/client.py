@@ -285,7 +285,7 @@ class _Endpoints:
 class LabelStudioClient(_Endpoints, BlockingHttp):
     """Blocking client: the driver's steps, the id source's reads, a notebook."""
 
-    supports_workflow = False
+    supports_workflow = False  # no task status, assignee or submit
 
     def __init__(self, config: LabelStudioConfig, *, transport: httpx.BaseTransport | None = None):
         self._init_http(config, transport)

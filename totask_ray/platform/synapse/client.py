@@ -97,6 +97,10 @@ class SynapseConfig(BaseModel):
             err = exc.errors(include_url=False, include_input=False)[0]
             raise PlatformError(f"Bad platform setting {err['loc'][0]}: {err['msg']}") from None
 
+    def for_job(self, job_name: str, project: int | None = None) -> SynapseConfig:
+        """The config a run uses: a Synapse run needs nothing of the job's (the SDK's behaviour)."""
+        return self
+
     def headers(self) -> dict[str, str]:
         h = {"Accept": "application/json"}
         if self.access_token is not None:
@@ -274,6 +278,8 @@ class _Endpoints:
 class SynapseClient(_Endpoints, BlockingHttp):
     """Blocking client, for the driver and for people at a terminal or in a notebook."""
 
+    supports_workflow = True
+
     def __init__(self, config: SynapseConfig, *, transport: httpx.BaseTransport | None = None):
         self._init_http(config, transport)
 
@@ -299,6 +305,8 @@ class AsyncSynapseClient(_Endpoints, AsyncHttp):
     bounded the workers). An httpx `transport` may be given instead: tests inject platform faults
     through it.
     """
+
+    needs_image_size = False  # coordinates are pixels
 
     def __init__(self, config: SynapseConfig, *, transport: httpx.AsyncBaseTransport | None = None):
         self._init_http(config, transport)
