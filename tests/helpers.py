@@ -160,7 +160,7 @@ def wait_until(condition: Callable[[], T], what: str, timeout: float, interval: 
         if value:
             return value
         if time.monotonic() > deadline:
-            raise TimeoutError(f"waited {timeout:.0f} s for {what}; last seen: {value!r}")
+            raise TimeoutError(f"waited {timeout:g} s for {what}; last seen: {value!r}")
         time.sleep(interval)
 
 
