@@ -27,9 +27,8 @@ CONCURRENCY = 32  # the annotator's default (`concurrency`); the bare client get
 
 def _annotator(bp: c.BenchPlatform) -> Any:
     from totask_ray.methods.file import FileAnnotator
-    from totask_ray.net.downloads import UrlPolicy
     from totask_ray.params import ToTaskParams
-    from totask_ray.pipeline.annotator import WorkerSettings
+    from totask_ray.pipeline.spec import RunOptions, RunSpec
 
     params = ToTaskParams.model_validate(
         {
@@ -40,11 +39,9 @@ def _annotator(bp: c.BenchPlatform) -> Any:
             "task_filters": {},
         }
     )
-    cfg = bp.config()
-    settings = WorkerSettings(
-        platform=cfg, params=params, url_policy=UrlPolicy.for_platform(cfg.host), concurrency=CONCURRENCY
+    return FileAnnotator(
+        RunSpec(params=params, options=RunOptions(concurrency=CONCURRENCY), platform=bp.config())
     )
-    return FileAnnotator(settings)
 
 
 async def _ours(bp: c.BenchPlatform, ids: list[int], block: int) -> int:

@@ -437,8 +437,7 @@ def test_malformed_task_answers_fail_only_their_task(platform, monkeypatch):
     """The real FileAnnotator, its platform client on a fake transport (the embedded server cannot
     answer these shapes); downloads are real, from a loopback file server."""
     from totask_ray.methods.file import FileAnnotator
-    from totask_ray.net.downloads import UrlPolicy
-    from totask_ray.pipeline.annotator import WorkerSettings
+    from totask_ray.pipeline.spec import RunOptions, RunSpec
 
     monkeypatch.setattr("totask_ray.pipeline.annotator._node_id", lambda: "")  # no Ray in this test
     written: dict[int, Any] = {}
@@ -457,17 +456,18 @@ def test_malformed_task_answers_fail_only_their_task(platform, monkeypatch):
             text = json.dumps(body).replace("IMG", f"{other}/img.png").replace("ANN", f"{other}/ann.json")
             return _answer(json.loads(text))
 
-        settings = WorkerSettings(
-            platform=config_for(platform, retries=0),
+        # the file server is on the platform's host (loopback): the platform's URL policy allows it
+        spec = RunSpec(
             params=ToTaskParams.parse({**FILE_PARAMS, "project": 1}),
-            url_policy=UrlPolicy.for_platform(other),
+            options=RunOptions(),
+            platform=config_for(platform, retries=0),
         )
 
         async def run() -> list:
-            annotator = FileAnnotator(settings)
+            annotator = FileAnnotator(spec)
             await annotator._ready()
             await annotator._client.aclose()
-            annotator._client = AsyncSynapseClient(settings.platform, transport=httpx.MockTransport(handler))
+            annotator._client = AsyncSynapseClient(spec.platform, transport=httpx.MockTransport(handler))
             try:
                 return await annotator.run_batch(list(TASK_ANSWERS))
             finally:
@@ -589,8 +589,7 @@ def test_bad_model_output_fails_only_its_task_through_the_inference_worker(platf
     import ray.serve
 
     from totask_ray.methods.inference import InferenceAnnotator
-    from totask_ray.net.downloads import UrlPolicy
-    from totask_ray.pipeline.annotator import WorkerSettings
+    from totask_ray.pipeline.spec import RunOptions, RunSpec
 
     monkeypatch.setattr("totask_ray.pipeline.annotator._node_id", lambda: "")  # no Ray in this test
     store = platform.store
@@ -599,8 +598,9 @@ def test_bad_model_output_fails_only_its_task_through_the_inference_worker(platf
     paths = {c: write_media(platform, f"badmodel/{c}.png", _png(c)) for c in MODEL_ANSWERS}
     rows = [{"data_unit": store.create_data_unit(dc, {"image_1": {"path": p}})} for p in paths.values()]
     ids = dict(zip(MODEL_ANSWERS, store.create_tasks_bulk(project, rows), strict=True))
-    settings = WorkerSettings(
+    spec = RunSpec(
         platform=config_for(platform, retries=0),
+        options=RunOptions(inference_call_timeout_s=5),
         params=ToTaskParams.parse(
             {
                 "name": "Bad_Model",
@@ -610,12 +610,11 @@ def test_bad_model_output_fails_only_its_task_through_the_inference_worker(platf
                 "pre_processor_params": {"confidence_threshold": 0.5},
             }
         ),
-        url_policy=UrlPolicy.for_platform(platform.url),
     )
 
     async def run(handle: StubHandle, task_ids: list[int]) -> dict[int, Any]:
         monkeypatch.setattr(ray.serve, "get_app_handle", lambda name: handle)
-        annotator = InferenceAnnotator(settings, "stub", {}, call_timeout_s=5)
+        annotator = InferenceAnnotator(spec, "stub", {})
         await annotator._ready()
         try:
             return {o.task_id: o for o in await annotator.run_batch(task_ids)}

@@ -21,7 +21,7 @@ _EXPORTS = {
     "ToTaskError": "totask_ray.errors",
     "RunStopped": "totask_ray.errors",
     "run_to_task": "totask_ray.run.driver",
-    "RunOptions": "totask_ray.run.context",
+    "RunOptions": "totask_ray.pipeline.spec",
     "ParamsError": "totask_ray.params",
     "ToTaskParams": "totask_ray.params",
     "ToTaskResult": "totask_ray.result",

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import Any
 
 from totask_ray.params import ToTaskParams
-from totask_ray.pipeline.annotator import WorkerSettings
 from totask_ray.pipeline.run import AnnotatorSpec
+from totask_ray.pipeline.spec import RunSpec
 from totask_ray.platform.base import Platform
 from totask_ray.platform.models import DataCollection, Project
 
@@ -38,8 +39,9 @@ class AnnotationMethod(ABC):
         """Check (and acquire) what the method needs before any task is read."""
 
     @abstractmethod
-    def annotator(self, settings: WorkerSettings) -> AnnotatorSpec:
-        """The actor class the pipeline runs, with its constructor arguments."""
+    def annotator(self, spec: RunSpec, stop_flag: Any = None) -> AnnotatorSpec:
+        """The actor class the pipeline runs, with its constructor arguments (the run's spec and
+        stop flag, and what `prepare` found)."""
 
     def rollback(self) -> None:  # noqa: B027 - optional: most methods acquire nothing
         """Release what `prepare` acquired. Default: nothing."""

@@ -14,9 +14,10 @@ from typing import Any
 from totask_ray.errors import CriticalError
 from totask_ray.methods.base import AnnotationMethod, PrepareInput
 from totask_ray.net.downloads import DownloadError
-from totask_ray.pipeline.annotator import Annotator, TaskFailed, WorkerSettings, safe_error
+from totask_ray.pipeline.annotator import Annotator, TaskFailed, safe_error
 from totask_ray.pipeline.outcomes import Outcome, Stage
 from totask_ray.pipeline.run import AnnotatorSpec
+from totask_ray.pipeline.spec import RunSpec
 
 
 class FileMethod(AnnotationMethod):
@@ -32,8 +33,8 @@ class FileMethod(AnnotationMethod):
                 f"data collection (it has {known})"
             )
 
-    def annotator(self, settings: WorkerSettings) -> AnnotatorSpec:
-        return AnnotatorSpec(FileAnnotator, {"settings": settings})
+    def annotator(self, spec: RunSpec, stop_flag: Any = None) -> AnnotatorSpec:
+        return AnnotatorSpec(FileAnnotator, {"spec": spec, "stop_flag": stop_flag})
 
 
 class FileAnnotator(Annotator):
@@ -41,12 +42,12 @@ class FileAnnotator(Annotator):
 
     empty_message = "the annotation file holds no data"
 
-    def __init__(self, settings: WorkerSettings):
-        super().__init__(settings)
-        spec = settings.params.target_specification_name
-        assert spec, "the file method needs target_specification_name"
-        self.spec: str = spec
-        custom = settings.action_cls.overrides("convert_data_from_file")
+    def __init__(self, spec: RunSpec, stop_flag: Any = None):
+        super().__init__(spec, stop_flag)
+        target = spec.params.target_specification_name
+        assert target, "the file method needs target_specification_name"
+        self.target: str = target
+        custom = spec.action_cls.overrides("convert_data_from_file")
         self._convert: Callable[..., Awaitable[Any]] = (
             self._call_user_hook if custom else self._download_default
         )
@@ -61,11 +62,11 @@ class FileAnnotator(Annotator):
         primary = unit.primary_file()
         if primary is None:
             raise TaskFailed(Stage.LOCATE, "the data unit has no primary file with a URL")
-        target = unit.files.get(self.spec)
+        target = unit.files.get(self.target)
         if target is None:
-            raise TaskFailed(Stage.LOCATE, f"the data unit has no file under specification '{self.spec}'")
+            raise TaskFailed(Stage.LOCATE, f"the data unit has no file under specification '{self.target}'")
         if not target.url:
-            raise TaskFailed(Stage.LOCATE, f"file '{self.spec}' has no URL")
+            raise TaskFailed(Stage.LOCATE, f"file '{self.target}' has no URL")
         try:
             data = await self._convert(primary.url, primary.name, target.url, target.name, task.model_dump())
         except DownloadError as exc:
@@ -80,7 +81,7 @@ class FileAnnotator(Annotator):
         self, primary_url: str, primary_name: Any, data_url: str, data_name: Any, task_data: Any
     ) -> Any:
         assert self._downloader is not None
-        return await self._downloader.fetch_json(data_url, max_bytes=self.settings.max_json_bytes)
+        return await self._downloader.fetch_json(data_url, max_bytes=self.options.max_json_bytes)
 
     async def _call_user_hook(self, *args: Any) -> Any:
         return await self.call_hook(self.action.convert_data_from_file, *args)

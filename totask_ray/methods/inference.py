@@ -34,9 +34,10 @@ from totask_ray.methods.base import AnnotationMethod, PrepareInput
 from totask_ray.methods.labels import LabelMapError, LabelMapping
 from totask_ray.net.downloads import DownloadError
 from totask_ray.net.images import ImageDecodeError, decode_image
-from totask_ray.pipeline.annotator import Annotator, TaskFailed, WorkerSettings, safe_error
+from totask_ray.pipeline.annotator import Annotator, TaskFailed, safe_error
 from totask_ray.pipeline.outcomes import Outcome, Stage
 from totask_ray.pipeline.run import AnnotatorSpec
+from totask_ray.pipeline.spec import RunSpec
 from totask_ray.platform.errors import NotFoundError
 from totask_ray.platform.models import Task
 
@@ -46,20 +47,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("totask_ray")
 
 EMPTY_RESULT = "empty inference result"
-
-
-@dataclass(frozen=True)
-class InferenceOptions:
-    """How the inference method reaches Ray Serve (from the run's options)."""
-
-    ray_address: str | None = None
-    serve_poll_interval_s: float = 10.0
-    serve_ready_timeout_s: float = 180.0
-    call_timeout_s: float = 120.0
-    convention: str | None = None  # batched | synapse; None: as the release says
-    # What each decode (Data) actor reserves: the replica plan leaves room for them (RunOptions.actor_cpus)
-    decode_actor_cpus: float = 0.5
-    verbose_ray: bool = False  # Ray's own logs, if this step is the one that starts or joins Ray
 
 
 @dataclass
@@ -82,8 +69,8 @@ class InferenceMethod(AnnotationMethod):
 
     name = "inference"
 
-    def __init__(self, options: InferenceOptions | None = None) -> None:
-        self.options = options or InferenceOptions()
+    def __init__(self, spec: RunSpec) -> None:
+        self.options = spec.options
         self.plan: InferencePlan | None = None
         self._backend: Any = None
         self._dispatched: str | None = None
@@ -107,7 +94,7 @@ class InferenceMethod(AnnotationMethod):
             raise CriticalError(f"Pre-processor not active: its release config is invalid: {exc}") from None
         release = PreProcessorRelease.from_config(config, id=raw.id)
         o = self.options
-        convention = o.convention or release.convention
+        convention = o.inference_convention or release.convention
         if release.requires_model and job.params.model is None:
             raise CriticalError(
                 f"Pre-processor needs a model: release {release_id} ({release.app_name}) picks its model by "
@@ -133,7 +120,7 @@ class InferenceMethod(AnnotationMethod):
         try:
             result = ensure_running(
                 release, backend, poll_interval_s=o.serve_poll_interval_s, timeout_s=o.serve_ready_timeout_s,
-                size_replicas=True, decode_cpus=o.decode_actor_cpus,
+                size_replicas=True, decode_cpus=o.actor_cpus,
             )  # fmt: skip
         except CapacityError as exc:  # refused before dispatch: nothing to undo
             raise CriticalError(f"Pre-processor not active: {exc}") from exc
@@ -161,15 +148,15 @@ class InferenceMethod(AnnotationMethod):
             self._backend.delete(self._dispatched)
             self._dispatched = None
 
-    def annotator(self, settings: WorkerSettings) -> AnnotatorSpec:
+    def annotator(self, spec: RunSpec, stop_flag: Any = None) -> AnnotatorSpec:
         assert self.plan is not None, "prepare() runs before annotator()"
         return AnnotatorSpec(
             InferenceAnnotator,
             {
-                "settings": settings,
+                "spec": spec,
+                "stop_flag": stop_flag,
                 "app_name": self.plan.app_name,
                 "pre_processor_config": self.plan.config,
-                "call_timeout_s": self.options.call_timeout_s,
                 "convention": self.plan.convention,
                 "route": self.plan.route,
                 "body_model": self.plan.body_model,
@@ -375,10 +362,10 @@ class InferenceAnnotator(Annotator):
 
     def __init__(
         self,
-        settings: WorkerSettings,
+        spec: RunSpec,
         app_name: str,
         pre_processor_config: dict[str, Any],
-        call_timeout_s: float = 120.0,
+        stop_flag: Any = None,
         convention: str = "batched",
         route: str | None = None,
         body_model: str | None = None,
@@ -386,12 +373,12 @@ class InferenceAnnotator(Annotator):
         release: dict[str, Any] | None = None,
         app_params: dict[str, Any] | None = None,
     ):
-        super().__init__(settings)
+        super().__init__(spec, stop_flag)
         from ray import serve
 
         self.app_name = app_name
         self.pre_processor_config = pre_processor_config
-        self.call_timeout_s = call_timeout_s
+        self.call_timeout_s = spec.options.inference_call_timeout_s
         self.convention = convention
         self.labels = labels
         self.handle = serve.get_app_handle(app_name)
@@ -399,19 +386,17 @@ class InferenceAnnotator(Annotator):
         self._body_model = _import(body_model) if body_model else None
         self._model_ids: dict[str, str] = {}
         self.action.context.inference = release
-        self.empty_policy = settings.params.empty_result
+        self.empty_policy = spec.params.empty_result
         # the job's pre_processor_params as checked at prepare (aliases resolved, unknown keys out)
-        self.app_params = (
-            dict(settings.params.pre_processor_params) if app_params is None else dict(app_params)
-        )
-        self._custom_params = settings.action_cls.overrides("setup_inference_params")
+        self.app_params = dict(spec.params.pre_processor_params) if app_params is None else dict(app_params)
+        self._custom_params = spec.action_cls.overrides("setup_inference_params")
         # Without an override every task gets the same params: compute them once, with the base hook.
         default = ToTask.setup_inference_params(
-            self.action, "", None, {}, model_id=settings.params.model,
+            self.action, "", None, {}, model_id=spec.params.model,
             pre_processor_params=dict(self.app_params),
             pre_processor_config=pre_processor_config, task_data=None,
         )  # fmt: skip
-        self._default = split_request(default, settings.params.model)
+        self._default = split_request(default, spec.params.model)
 
     async def _ready(self) -> None:
         first = self._client is None
@@ -481,9 +466,7 @@ class InferenceAnnotator(Annotator):
         if self.convention != "synapse":
             assert self._downloader is not None
             try:
-                body = await self._downloader.fetch_image(
-                    primary.url, max_bytes=self.settings.max_image_bytes
-                )
+                body = await self._downloader.fetch_image(primary.url, max_bytes=self.options.max_image_bytes)
             except DownloadError as exc:
                 raise TaskFailed(Stage.CONVERT, safe_error(exc)) from exc
             loop = asyncio.get_running_loop()
@@ -535,7 +518,7 @@ class InferenceAnnotator(Annotator):
     def _model_id(self, model: Any) -> str:
         key = str(model)
         if key not in self._model_ids:
-            self._model_ids[key] = multiplexed_model_id(model, self.settings.platform)
+            self._model_ids[key] = multiplexed_model_id(model, self.spec.platform)
         return self._model_ids[key]
 
     async def _infer_group(self, group: list[_Ready]) -> list[tuple[_Ready, Any]]:

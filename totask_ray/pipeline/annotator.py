@@ -19,21 +19,21 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from totask_ray.action import PluginContext, ToTask
+from totask_ray.action import PluginContext
 from totask_ray.annotation import AnnotationError, validate_task_data
 from totask_ray.net import redact
-from totask_ray.net.downloads import DEFAULT_MAX_JSON_BYTES, Downloader, DownloadError, UrlPolicy
-from totask_ray.net.images import MAX_IMAGE_BYTES, ImageDecodeError, read_image_size
-from totask_ray.params import EmptyResultPolicy, ExistingDataPolicy, ToTaskParams
+from totask_ray.net.downloads import Downloader, DownloadError
+from totask_ray.net.images import ImageDecodeError, read_image_size
+from totask_ray.params import EmptyResultPolicy, ExistingDataPolicy
 from totask_ray.pipeline.outcomes import Outcome, Stage, Status, to_columns
+from totask_ray.pipeline.spec import RunSpec
 from totask_ray.pipeline.stop import StopWatch
 from totask_ray.platform.base import AsyncPlatform
-from totask_ray.platform.connect import PlatformConfig, connect, connect_async
+from totask_ray.platform.connect import connect, connect_async
 from totask_ray.platform.errors import AuthenticationError, PlatformError
 from totask_ray.platform.models import DataUnit, Task
 
@@ -47,23 +47,6 @@ class TaskFailed(Exception):
         self.critical = critical
 
 
-@dataclass(frozen=True)
-class WorkerSettings:
-    """Everything an actor needs, shipped once to each actor (picklable; secrets stay SecretStr)."""
-
-    platform: PlatformConfig
-    params: ToTaskParams
-    action_cls: type[ToTask] = ToTask
-    url_policy: UrlPolicy = field(default_factory=UrlPolicy)
-    concurrency: int = 32
-    hook_threads: int = 8
-    dry_run: bool = False
-    max_json_bytes: int = DEFAULT_MAX_JSON_BYTES
-    max_image_bytes: int = MAX_IMAGE_BYTES
-    download_timeout_s: float = 30.0
-    stop_flag: Any = None  # the run's stop flag (`pipeline.stop`), a Ray actor handle; None: no stop
-
-
 def safe_error(exc: BaseException) -> str:
     """`net.redact.safe_error` for a task's outcome: errors worded for users are shown bare."""
     return redact.safe_error(exc, bare=(PlatformError, DownloadError, AnnotationError, TaskFailed))
@@ -72,21 +55,21 @@ def safe_error(exc: BaseException) -> str:
 class Annotator:
     """What both annotators share: clients, the hook instance, per-task isolation, the write."""
 
-    def __init__(self, settings: WorkerSettings):
-        self.settings = settings
-        self.params = settings.params
-        self.action = settings.action_cls(settings.params)
-        self.action.url_policy = settings.url_policy
-        self.action.max_json_bytes = settings.max_json_bytes
-        self.action.context = PluginContext(
-            settings.params, client_factory=lambda: connect(settings.platform)
-        )
-        self._threads = ThreadPoolExecutor(max_workers=settings.hook_threads, thread_name_prefix="hook")
+    def __init__(self, spec: RunSpec, stop_flag: Any = None):
+        """`stop_flag`: the run's stop flag (`pipeline.stop`), a Ray actor handle; None: no stop."""
+        self.spec = spec
+        self.options = spec.options
+        self.params = spec.params
+        self.action = spec.action_cls(spec.params)
+        self.action.url_policy = spec.url_policy
+        self.action.max_json_bytes = spec.options.max_json_bytes
+        self.action.context = PluginContext(spec.params, client_factory=lambda: connect(spec.platform))
+        self._threads = ThreadPoolExecutor(max_workers=spec.options.hook_threads, thread_name_prefix="hook")
         self._client: AsyncPlatform | None = None
         self._downloader: Downloader | None = None
         self._sem: asyncio.Semaphore | None = None
         self.node = _node_id()
-        self._stop = StopWatch(settings.stop_flag, on_run_over=self.release)
+        self._stop = StopWatch(stop_flag, on_run_over=self.release)
         # Ray Data kills its actors without a close hook, so pooled sessions are never closed;
         # the OS reclaims the sockets, and asyncio's "Unclosed client session" noise is dropped.
         logging.getLogger("asyncio").addFilter(lambda r: not r.getMessage().startswith("Unclosed"))
@@ -94,13 +77,13 @@ class Annotator:
     async def _ready(self) -> None:
         # aiohttp sessions belong to the loop that made them: create them on Ray Data's loop.
         if self._client is None:
-            s = self.settings
-            self._client = connect_async(s.platform)
+            o = self.options
+            self._client = connect_async(self.spec.platform)
             # the platform's own files may need its token (Label Studio's uploads); only its own
             self._downloader = Downloader(
-                s.url_policy, timeout_s=s.download_timeout_s, headers=self._client.media_headers
+                self.spec.url_policy, timeout_s=o.download_timeout_s, headers=self._client.media_headers
             )
-            self._sem = asyncio.Semaphore(s.concurrency)
+            self._sem = asyncio.Semaphore(o.concurrency)
             self._stop.start()
 
     async def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -189,7 +172,7 @@ class Annotator:
             raise TaskFailed(Stage.LOCATE, "the task has no primary image to take the coordinates' size from")
         assert self._downloader is not None
         try:
-            body = await self._downloader.fetch_image(url, max_bytes=self.settings.max_image_bytes)
+            body = await self._downloader.fetch_image(url, max_bytes=self.options.max_image_bytes)
         except DownloadError as exc:
             raise TaskFailed(Stage.CONVERT, f"could not read the image's size: {safe_error(exc)}") from exc
         loop = asyncio.get_running_loop()
@@ -223,10 +206,10 @@ class Annotator:
             # Already there (an earlier run wrote it and was stopped before reporting it): writing
             # again would be a second write of the same data, and a second workflow action.
             outcome = Outcome(task.id, Status.UNCHANGED, Stage.DONE, objects=n_objects)
-            if not self.settings.dry_run:
+            if not self.options.dry_run:
                 await self.apply_workflow(outcome, task)
             return outcome
-        if self.settings.dry_run:
+        if self.options.dry_run:
             return Outcome(task.id, done, Stage.DONE, objects=n_objects, would_write=json.dumps(data))
         size = await self.image_size(image_url, image)
         try:

@@ -21,8 +21,8 @@ import numpy as np
 from totask_ray.errors import CriticalError
 from totask_ray.params import OnSuccess
 from totask_ray.pipeline.source import READ_TASK_CPUS, TaskIdSource, id_block, task_dataset
+from totask_ray.pipeline.spec import RunSpec
 from totask_ray.platform.base import Platform
-from totask_ray.platform.connect import PlatformConfig
 
 log = logging.getLogger("totask_ray")
 
@@ -39,22 +39,13 @@ class AnnotatorSpec:
 
 @dataclass
 class PipelineSpec:
-    """Everything the pipeline needs to know of a run, and nothing about its method."""
+    """What the pipeline takes of a run: its spec, the annotator its method built, and what the steps
+    before it found (the count, a resume's done ids). Nothing about the method."""
 
+    run: RunSpec
     annotator: AnnotatorSpec
-    platform: PlatformConfig
-    project: int
-    task_filters: Mapping[str, Any]
     total: int
-    batch_size: int
-    on_success: OnSuccess | None = None
     exclude: np.ndarray | None = None
-    page_size: int = 500
-    num_actors: int | None = None
-    actor_cpus: float = 0.5
-    no_progress_timeout_s: float = 300.0
-    verbose: bool = False
-    plugin_cls: type | None = None
     stop_flag: Any = None  # `pipeline.stop`: set, the reads stop listing and the actors stop starting tasks
     lister: Platform | None = field(default=None, repr=False)  # for a snapshot of the ids (see below)
 
@@ -129,7 +120,10 @@ def snapshot_dataset(spec: PipelineSpec, source: TaskIdSource) -> Any:
 
     assert spec.lister is not None, "a snapshot of the ids needs a platform client to list them"
     ids = np.fromiter(
-        spec.lister.iter_task_ids(spec.project, spec.task_filters, page_size=spec.page_size), dtype=np.int64
+        spec.lister.iter_task_ids(
+            spec.run.params.project, spec.run.params.task_filters, page_size=spec.run.options.page_size
+        ),
+        dtype=np.int64,
     )
     log.info("on_success changes a filtered field: listed %d task id(s) before writing", len(ids))
     return ray.data.from_arrow(id_block(ids.tolist(), source.exclude))
@@ -158,29 +152,30 @@ def configure_data_context(no_progress_timeout_s: float, verbose: bool) -> None:
 
 def run_pipeline(spec: PipelineSpec) -> Iterator[dict[str, Any]]:
     """Yield outcome batches (numpy columns) as the annotators produce them."""
-    configure_data_context(spec.no_progress_timeout_s, spec.verbose)
-    ship_plugin(spec.plugin_cls)
-    actors = plan_actors(spec.num_actors, spec.actor_cpus)
+    p, o = spec.run.params, spec.run.options
+    configure_data_context(o.no_progress_timeout_s, o.verbose_ray)
+    ship_plugin(spec.run.action_cls)
+    actors = plan_actors(o.num_actors, o.actor_cpus)
     source = TaskIdSource(
-        spec.platform,
-        spec.project,
-        spec.task_filters,
+        spec.run.platform,
+        p.project,
+        p.task_filters,
         spec.total,
-        page_size=spec.page_size,
+        page_size=o.page_size,
         exclude=spec.exclude,
         stop_flag=spec.stop_flag,
     )
-    moving = listing_moves_under_us(spec.on_success, spec.task_filters)
+    moving = listing_moves_under_us(p.on_success, p.task_filters)
     dataset = snapshot_dataset(spec, source) if moving else task_dataset(source)
     annotator = spec.annotator
     log.info("annotating %d task(s) with %d %s actor(s)", spec.total, actors, annotator.cls.__name__)
     ds = dataset.map_batches(
         annotator.cls,
         fn_constructor_kwargs=annotator.kwargs,
-        batch_size=spec.batch_size,
+        batch_size=p.batch_size,
         batch_format="numpy",
-        compute=actor_pool(actors, fixed=spec.num_actors is not None),
-        num_cpus=spec.actor_cpus,
+        compute=actor_pool(actors, fixed=o.num_actors is not None),
+        num_cpus=o.actor_cpus,
     )
     try:
         yield from ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=1)

@@ -1,26 +1,19 @@
-"""How a run goes (`RunOptions`) and what its steps share while it goes (`RunContext`).
-
-`ToTaskParams` says what to do and is the Synapse action's contract; `RunOptions` says how to run it
-here (a report, a job record, resume, sizing, URL policy, timeouts), so that neither leaks into the
-other and the params stay exactly the Synapse names.
-"""
+"""What a run's steps share while it goes (`RunContext`): its spec (`pipeline/spec.py`), its
+platform client and method, and what each step leaves for the next."""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import IO, TYPE_CHECKING, Literal
+from typing import IO, TYPE_CHECKING
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
 
 from totask_ray.action import ToTask
 from totask_ray.methods.base import AnnotationMethod
-from totask_ray.net.downloads import DEFAULT_MAX_JSON_BYTES
-from totask_ray.net.images import MAX_IMAGE_BYTES
 from totask_ray.params import ToTaskParams
+from totask_ray.pipeline.spec import RunOptions, RunSpec
 from totask_ray.platform.base import Platform
 from totask_ray.platform.connect import PlatformConfig
 from totask_ray.platform.models import DataCollection, Project
@@ -30,79 +23,11 @@ if TYPE_CHECKING:
     from totask_ray.run.progress import RunTracker
 
 
-class RunOptions(BaseModel):
-    """How to run (not what to do: that is `ToTaskParams`). Each field is a keyword of `run_to_task`."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    report: Path | None = Field(default=None, description="Write one JSON line per task outcome here.")
-    job_id: int | None = Field(
-        default=None, description="The platform's job record to report status, progress and result to."
-    )
-    create_job: bool = Field(default=False, description="Create a job record on the platform for this run.")
-    dry_run: bool = Field(
-        default=False, description="Do everything except writing; the report shows what would be written."
-    )
-    resume: Path | None = Field(
-        default=None, description="Skip the tasks that succeeded (or were skipped) in this earlier report."
-    )
-    ray_address: str | None = Field(
-        default=None, description="Ray cluster to use (default: RAY_ADDRESS, else a fresh local one)."
-    )
-    num_actors: int | None = Field(
-        default=None, ge=1, description="Annotator actors (default: as many as the free CPUs hold, up to 16)."
-    )
-    actor_cpus: float = Field(default=0.5, gt=0, description="CPUs each annotator actor reserves.")
-    concurrency: int = Field(default=32, ge=1, le=1024, description="Tasks in flight per annotator actor.")
-    hook_threads: int = Field(
-        default=8, ge=1, description="Threads per actor for plugin hooks that are plain functions."
-    )
-    progress_bar: bool | None = Field(
-        default=None, description="Show a progress bar (default: when stderr is a terminal or notebook)."
-    )
-    no_progress_timeout_s: float = Field(
-        default=300.0, gt=0, description="Fail the run when no task finishes for this long."
-    )
-    allowed_hosts: list[str] = Field(
-        default_factory=list, description="Private hosts file URLs may point at besides the platform's own."
-    )
-    allow_private_urls: bool = Field(
-        default=False, description="Allow file URLs on any private or loopback address (trusted networks)."
-    )
-    max_json_bytes: int = Field(
-        default=DEFAULT_MAX_JSON_BYTES, gt=0, description="Largest annotation JSON to download."
-    )
-    max_image_bytes: int = Field(default=MAX_IMAGE_BYTES, gt=0, description="Largest image to download.")
-    download_timeout_s: float = Field(default=30.0, gt=0, description="Timeout of one file download.")
-    page_size: int = Field(default=500, ge=1, le=1000, description="Task ids per listing page.")
-    verbose_ray: bool = Field(default=False, description="Show Ray's own logs and Ray Data's progress.")
-    stop_timeout_s: float = Field(
-        default=30.0, gt=0, description="On SIGINT/SIGTERM, how long the tasks in flight may take to finish."
-    )
-    serve_poll_interval_s: float = Field(
-        default=10.0, gt=0, description="inference: how often to poll a pre-processor that is starting."
-    )
-    serve_ready_timeout_s: float = Field(
-        default=180.0, gt=0, description="inference: how long a pre-processor may take to become ready."
-    )
-    inference_call_timeout_s: float = Field(
-        default=120.0, gt=0, description="inference: how long one batch call to the pre-processor may take."
-    )
-    inference_convention: Literal["batched", "synapse"] | None = Field(
-        default=None,
-        description="inference: how to call the pre-processor (batched predict, or one Synapse request per "
-        "task); default: as its release says.",
-    )
-
-
 @dataclass
 class RunContext:
     """What the steps share: filled in as the run goes, read by the later steps and the result."""
 
-    params: ToTaskParams
-    options: RunOptions
-    config: PlatformConfig
-    action_cls: type[ToTask]
+    spec: RunSpec
     client: Platform
     method: AnnotationMethod
     project: Project | None = None
@@ -114,3 +39,20 @@ class RunContext:
     report_file: IO[str] | None = None
     cleanups: list[Callable[[], None]] = field(default_factory=list)
     started: float = field(default_factory=time.monotonic)
+
+    # what the steps read of the spec, by the names they had before there was one
+    @property
+    def params(self) -> ToTaskParams:
+        return self.spec.params
+
+    @property
+    def options(self) -> RunOptions:
+        return self.spec.options
+
+    @property
+    def config(self) -> PlatformConfig:
+        return self.spec.platform
+
+    @property
+    def action_cls(self) -> type[ToTask]:
+        return self.spec.action_cls

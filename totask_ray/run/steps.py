@@ -20,8 +20,6 @@ import numpy as np
 from totask_ray.cluster import ensure_ray
 from totask_ray.errors import CriticalError, RunStopped
 from totask_ray.methods.base import PrepareInput
-from totask_ray.net.downloads import UrlPolicy
-from totask_ray.pipeline.annotator import WorkerSettings
 from totask_ray.pipeline.outcomes import DONE_STATUSES, from_columns, read_report
 from totask_ray.pipeline.run import PipelineSpec, free_cpus, run_pipeline, wait_for_cpus
 from totask_ray.platform.connect import connect
@@ -173,23 +171,6 @@ def steps() -> list[Step]:
     return [Initialize(), Prepare(), FetchTasks(), Annotate()]
 
 
-def worker_settings(ctx: RunContext, stop_flag: Any = None) -> WorkerSettings:
-    o = ctx.options
-    return WorkerSettings(
-        platform=ctx.config,
-        params=ctx.params,
-        action_cls=ctx.action_cls,
-        url_policy=UrlPolicy.for_platform(ctx.config.host, o.allowed_hosts, o.allow_private_urls),
-        concurrency=o.concurrency,
-        hook_threads=o.hook_threads,
-        dry_run=o.dry_run,
-        max_json_bytes=o.max_json_bytes,
-        max_image_bytes=o.max_image_bytes,
-        download_timeout_s=o.download_timeout_s,
-        stop_flag=stop_flag,
-    )
-
-
 def open_report(path: Path, carry_from: Path | None = None) -> Any:
     """The report, open for appending; a resumed run's report starts with what the earlier one
     finished (success, skipped, unchanged), so resuming from the latest report is always right.
@@ -212,24 +193,13 @@ def open_report(path: Path, carry_from: Path | None = None) -> Any:
 
 
 def pipeline_spec(ctx: RunContext, stop_flag: Any = None) -> PipelineSpec:
-    o, p = ctx.options, ctx.params
     return PipelineSpec(
-        annotator=ctx.method.annotator(worker_settings(ctx, stop_flag)),
-        platform=ctx.config,
-        project=p.project,
-        task_filters=p.task_filters,
+        run=ctx.spec,
+        annotator=ctx.method.annotator(ctx.spec, stop_flag),
         total=ctx.total,
-        batch_size=p.batch_size,
-        on_success=p.on_success,
         exclude=ctx.exclude,
-        page_size=o.page_size,
-        num_actors=o.num_actors,
-        actor_cpus=o.actor_cpus,
-        no_progress_timeout_s=o.no_progress_timeout_s,
-        verbose=o.verbose_ray,
-        plugin_cls=ctx.action_cls,
-        lister=ctx.client,
         stop_flag=stop_flag,
+        lister=ctx.client,
     )
 
 

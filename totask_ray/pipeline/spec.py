@@ -1,0 +1,117 @@
+"""One run, one spec: what to do (`ToTaskParams`), how (`RunOptions`), where (the platform's
+config) and with which plugin (`action_cls`).
+
+`run_to_task` builds the spec once and hands that same object to the method, the pipeline and
+every annotator actor (frozen and picklable: Ray ships it to each actor once), so an option is
+read where it acts, under its one name, and none is copied field by field into another holder.
+`ToTaskParams` stays exactly the Synapse action's contract; `RunOptions` says how to run it here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from totask_ray.action import ToTask
+from totask_ray.net.downloads import DEFAULT_MAX_JSON_BYTES, UrlPolicy
+from totask_ray.net.images import MAX_IMAGE_BYTES
+from totask_ray.params import ToTaskParams
+from totask_ray.platform.connect import PlatformConfig
+
+
+class RunOptions(BaseModel):
+    """How to run (not what to do: that is `ToTaskParams`). Each field is a keyword of `run_to_task`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    report: Path | None = Field(default=None, description="Write one JSON line per task outcome here.")
+    job_id: int | None = Field(
+        default=None, description="The platform's job record to report status, progress and result to."
+    )
+    create_job: bool = Field(default=False, description="Create a job record on the platform for this run.")
+    dry_run: bool = Field(
+        default=False, description="Do everything except writing; the report shows what would be written."
+    )
+    resume: Path | None = Field(
+        default=None, description="Skip the tasks that succeeded (or were skipped) in this earlier report."
+    )
+    ray_address: str | None = Field(
+        default=None, description="Ray cluster to use (default: RAY_ADDRESS, else a fresh local one)."
+    )
+    num_actors: int | None = Field(
+        default=None, ge=1, description="Annotator actors (default: as many as the free CPUs hold, up to 16)."
+    )
+    actor_cpus: float = Field(default=0.5, gt=0, description="CPUs each annotator actor reserves.")
+    concurrency: int = Field(default=32, ge=1, le=1024, description="Tasks in flight per annotator actor.")
+    hook_threads: int = Field(
+        default=8, ge=1, description="Threads per actor for plugin hooks that are plain functions."
+    )
+    progress_bar: bool | None = Field(
+        default=None, description="Show a progress bar (default: when stderr is a terminal or notebook)."
+    )
+    no_progress_timeout_s: float = Field(
+        default=300.0, gt=0, description="Fail the run when no task finishes for this long."
+    )
+    allowed_hosts: list[str] = Field(
+        default_factory=list, description="Private hosts file URLs may point at besides the platform's own."
+    )
+    allow_private_urls: bool = Field(
+        default=False, description="Allow file URLs on any private or loopback address (trusted networks)."
+    )
+    max_json_bytes: int = Field(
+        default=DEFAULT_MAX_JSON_BYTES, gt=0, description="Largest annotation JSON to download."
+    )
+    max_image_bytes: int = Field(default=MAX_IMAGE_BYTES, gt=0, description="Largest image to download.")
+    download_timeout_s: float = Field(default=30.0, gt=0, description="Timeout of one file download.")
+    page_size: int = Field(default=500, ge=1, le=1000, description="Task ids per listing page.")
+    verbose_ray: bool = Field(default=False, description="Show Ray's own logs and Ray Data's progress.")
+    stop_timeout_s: float = Field(
+        default=30.0, gt=0, description="On SIGINT/SIGTERM, how long the tasks in flight may take to finish."
+    )
+    serve_poll_interval_s: float = Field(
+        default=10.0, gt=0, description="inference: how often to poll a pre-processor that is starting."
+    )
+    serve_ready_timeout_s: float = Field(
+        default=180.0, gt=0, description="inference: how long a pre-processor may take to become ready."
+    )
+    inference_call_timeout_s: float = Field(
+        default=120.0, gt=0, description="inference: how long one batch call to the pre-processor may take."
+    )
+    inference_convention: Literal["batched", "synapse"] | None = Field(
+        default=None,
+        description="inference: how to call the pre-processor (batched predict, or one Synapse request per "
+        "task); default: as its release says.",
+    )
+
+    @field_validator("allowed_hosts", mode="before")
+    @classmethod
+    def _none_is_empty(cls, value: object) -> object:
+        return [] if value is None else value
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """Everything a run was asked: the params, the options, the platform and the plugin class."""
+
+    params: ToTaskParams
+    options: RunOptions
+    platform: PlatformConfig
+    action_cls: type[ToTask] = ToTask
+
+    @property
+    def url_policy(self) -> UrlPolicy:
+        """The hosts file URLs may point at: the platform's own and the ones the options allow."""
+        o = self.options
+        return UrlPolicy.for_platform(self.platform.host, o.allowed_hosts, o.allow_private_urls)
+
+
+def documented_options() -> str:
+    """The options as `run_to_task`'s docstring lists them: one line per field, from its description."""
+    lines = []
+    for name, field in RunOptions.model_fields.items():
+        default = field.get_default(call_default_factory=True)
+        lines.append(f"      {name} (default {default!r}): {field.description}")
+    return "\n".join(lines)
