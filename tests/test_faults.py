@@ -14,7 +14,6 @@ import json
 import os
 import signal
 import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -107,12 +106,12 @@ def run_in_background(fn: Callable[[], object]) -> tuple[threading.Thread, dict]
 
 
 def wait_for_writes(platform, ids: list[int], at_least: int, timeout: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if len(platform.store.history_counts(task_ids=ids)) >= at_least:
-            return
-        time.sleep(0.05)
-    raise TimeoutError(f"fewer than {at_least} tasks were written in {timeout} s")
+    wait_until(
+        lambda: len(platform.store.history_counts(task_ids=ids)) >= at_least,
+        f"at least {at_least} of the {len(ids)} tasks to be written",
+        timeout,
+        interval=0.05,
+    )
 
 
 def kill_processes(title_part: str) -> int:

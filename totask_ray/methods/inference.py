@@ -378,7 +378,6 @@ class InferenceAnnotator(Annotator):
 
         self.app_name = app_name
         self.pre_processor_config = pre_processor_config
-        self.call_timeout_s = spec.options.inference_call_timeout_s
         self.convention = convention
         self.labels = labels
         self.handle = serve.get_app_handle(app_name)
@@ -483,14 +482,16 @@ class InferenceAnnotator(Annotator):
         for attempt in (1, 2):
             response = make()
             try:
-                answer = await asyncio.wait_for(response, timeout=self.call_timeout_s)
+                answer = await asyncio.wait_for(response, timeout=self.options.inference_call_timeout_s)
                 wrong = problem(answer) if problem is not None else None
                 if wrong is None:
                     return answer
                 last_error = wrong
             except TimeoutError:
                 response.cancel()
-                last_error = f"the pre-processor did not answer within {self.call_timeout_s:g} s"
+                last_error = (
+                    f"the pre-processor did not answer within {self.options.inference_call_timeout_s:g} s"
+                )
             except Exception as exc:
                 last_error = f"the pre-processor failed: {safe_error(exc)}"
             log.debug("%s attempt %d failed: %s", what, attempt, last_error)

@@ -58,11 +58,6 @@ def connect_async(config: PlatformConfig) -> AsyncPlatform:
     return _kind(config).async_(config)
 
 
-def for_job(config: PlatformConfig, job_name: str, project: int | None = None) -> PlatformConfig:
-    """The config a run uses (Label Studio: `model_version` defaults to the job's name)."""
-    return config.for_job(job_name, project)
-
-
 def platform_from_env(env: Mapping[str, str] | None = None) -> str:
     """The first platform the environment names: `label-studio` when LABEL_STUDIO_URL and
     LABEL_STUDIO_API_KEY are set and SYNAPSE_HOST is not, else `synapse`."""

@@ -10,12 +10,9 @@ from typing import IO, TYPE_CHECKING
 
 import numpy as np
 
-from totask_ray.action import ToTask
 from totask_ray.methods.base import AnnotationMethod
-from totask_ray.params import ToTaskParams
-from totask_ray.pipeline.spec import RunOptions, RunSpec
+from totask_ray.pipeline.spec import RunSpec
 from totask_ray.platform.base import Platform
-from totask_ray.platform.connect import PlatformConfig
 from totask_ray.platform.models import DataCollection, Project
 
 if TYPE_CHECKING:
@@ -39,20 +36,3 @@ class RunContext:
     report_file: IO[str] | None = None
     cleanups: list[Callable[[], None]] = field(default_factory=list)
     started: float = field(default_factory=time.monotonic)
-
-    # what the steps read of the spec, by the names they had before there was one
-    @property
-    def params(self) -> ToTaskParams:
-        return self.spec.params
-
-    @property
-    def options(self) -> RunOptions:
-        return self.spec.options
-
-    @property
-    def config(self) -> PlatformConfig:
-        return self.spec.platform
-
-    @property
-    def action_cls(self) -> type[ToTask]:
-        return self.spec.action_cls

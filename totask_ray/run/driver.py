@@ -21,7 +21,7 @@ from totask_ray.methods.file import FileMethod
 from totask_ray.methods.inference import InferenceMethod
 from totask_ray.params import Method, ToTaskParams
 from totask_ray.pipeline.spec import RunOptions, RunSpec, documented_options
-from totask_ray.platform.connect import PlatformConfig, config_from_env, connect, for_job
+from totask_ray.platform.connect import PlatformConfig, config_from_env, connect
 from totask_ray.platform.errors import PlatformError
 from totask_ray.result import RunStatus, ToTaskResult
 from totask_ray.run.context import RunContext
@@ -68,7 +68,8 @@ def run_to_task(
     except ValueError as exc:
         errors = exc.errors(include_url=False, include_input=False) if hasattr(exc, "errors") else []
         raise ParamsError([(".".join(str(p) for p in e["loc"]), e["msg"]) for e in errors]) from None
-    config = for_job(platform or config_from_env(), params.name, params.project)
+    # the config a run uses (Label Studio: `model_version` defaults to the job's name)
+    config = (platform or config_from_env()).for_job(params.name, params.project)
     spec = RunSpec(params=params, options=opts, platform=config, action_cls=action_cls)
     client = connect(config)
     ctx = RunContext(spec=spec, client=client, method=method_for(spec))

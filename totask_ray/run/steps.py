@@ -48,10 +48,10 @@ class Initialize(Step):
     name = "initialize"
 
     def run(self, ctx: RunContext) -> None:
-        pid = ctx.params.project
+        pid = ctx.spec.params.project
         # The run's first call: a platform that is not there (or a refused token) is a setting to fix,
         # not a blip, so it is retried twice at most and the run fails in seconds, before any Ray.
-        probe = connect(ctx.config.model_copy(update={"retries": min(ctx.config.retries, 2)}))
+        probe = connect(ctx.spec.platform.model_copy(update={"retries": min(ctx.spec.platform.retries, 2)}))
         try:
             ctx.project = probe.get_project(pid)
         except NotFoundError:
@@ -60,7 +60,7 @@ class Initialize(Step):
             ) from None
         finally:
             probe.close()
-        if ctx.params.on_success is not None and not ctx.client.supports_workflow:
+        if ctx.spec.params.on_success is not None and not ctx.client.supports_workflow:
             raise CriticalError(
                 "on_success cannot be applied: this platform has no task workflow (status, assignee, "
                 "submit); leave on_success out of the job"
@@ -85,7 +85,7 @@ class Prepare(Step):
 
     def run(self, ctx: RunContext) -> None:
         assert ctx.project is not None and ctx.collection is not None
-        ctx.method.prepare(PrepareInput(ctx.params, ctx.client, ctx.project, ctx.collection))
+        ctx.method.prepare(PrepareInput(ctx.spec.params, ctx.client, ctx.project, ctx.collection))
 
     def rollback(self, ctx: RunContext) -> None:
         ctx.method.rollback()
@@ -97,7 +97,7 @@ class FetchTasks(Step):
     name = "fetch_tasks"
 
     def run(self, ctx: RunContext) -> None:
-        p = ctx.params
+        p = ctx.spec.params
         try:
             ctx.total = ctx.client.count_tasks(p.project, p.task_filters)
         except PlatformFilterError as exc:
@@ -110,10 +110,12 @@ class FetchTasks(Step):
             raise CriticalError(
                 "No tasks found matching filters: check task_filters and that the tasks exist"
             )
-        if ctx.options.resume is not None:
-            ctx.exclude = done_in_report(ctx.options.resume)
+        if ctx.spec.options.resume is not None:
+            ctx.exclude = done_in_report(ctx.spec.options.resume)
             log.info(
-                "resuming: %d task(s) already done in %s are skipped", len(ctx.exclude), ctx.options.resume
+                "resuming: %d task(s) already done in %s are skipped",
+                len(ctx.exclude),
+                ctx.spec.options.resume,
             )
 
 
@@ -127,7 +129,7 @@ class Annotate(Step):
     name = STEP
 
     def run(self, ctx: RunContext) -> None:
-        o = ctx.options
+        o = ctx.spec.options
         ensure_ray(o.ray_address, verbose=o.verbose_ray)
         total = ctx.total - (len(ctx.exclude) if ctx.exclude is not None else 0)
         if o.report is not None:
@@ -138,7 +140,7 @@ class Annotate(Step):
             report=ctx.report_file,
             job_sink=ctx.job,
             show_bar=o.progress_bar,
-            workflow=ctx.params.on_success is not None,
+            workflow=ctx.spec.params.on_success is not None,
         )
         critical = None
         free_before = free_cpus()
