@@ -34,7 +34,8 @@ from totask_ray.params import ParamsError, ToTaskParams
 from totask_ray.platform.errors import PlatformResponseError
 from totask_ray.platform.synapse.client import AsyncSynapseClient, SynapseClient
 from totask_ray.result import RunStatus
-from totask_ray.serving.interface import PreProcessorOutputError, validate_output
+from totask_ray.serving.interface import PreProcessorOutputError
+from totask_ray.serving.validation import validate_output
 
 FILE_PARAMS = {"name": "Bad_Input_Job", "method": "file", "target_specification_name": "annotation_data"}
 MAX_JSON_BYTES = 4096  # the cap for the per-task run; the "oversized" file is 10x over it

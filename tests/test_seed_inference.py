@@ -27,7 +27,7 @@ from totask_ray.embedded.seeds import (
 )
 from totask_ray.embedded.store import Store
 from totask_ray.serving.config import parse_release_config
-from totask_ray.serving.interface import InferenceParams
+from totask_ray.serving.params import InferenceParams
 
 FACE_SEEDS = range(5)
 FACE_TASKS = 24

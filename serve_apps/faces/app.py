@@ -20,16 +20,11 @@ from pydantic import Field
 from ray import serve
 
 from totask_ray.serving.deployment import build_application
-from totask_ray.serving.interface import (
-    CommonParams,
-    Detection,
-    InferenceParams,
-    PreProcessorSpec,
-    app_options,
-    apply_params,
-    clip_box,
-    validate_images,
-)
+from totask_ray.serving.interface import Detection, PreProcessorSpec
+from totask_ray.serving.params import CommonParams, InferenceParams
+from totask_ray.serving.params_check import app_options
+from totask_ray.serving.postprocess import apply_params, clip_box
+from totask_ray.serving.validation import validate_images
 
 CONFIG_PATH = Path(__file__).with_name("config.yaml")
 CASCADE = "haarcascade_frontalface_default.xml"

@@ -15,8 +15,10 @@ from skimage import data
 from serve_apps.faces.app import HaarFaceDetector
 from serve_apps.ocr.app import RapidOCRReader, bundled_model_paths
 from totask_ray.serving.config import PreProcessorRelease, load_release_config
-from totask_ray.serving.interface import InferenceParams, PreProcessor, validate_output
+from totask_ray.serving.interface import PreProcessor
 from totask_ray.serving.lifecycle import RayServeBackend, ensure_running, teardown
+from totask_ray.serving.params import InferenceParams
+from totask_ray.serving.validation import validate_output
 
 ROOT = Path(__file__).resolve().parents[2]
 WORDS = ["HELLO RAY SERVE", "totask 2025"]

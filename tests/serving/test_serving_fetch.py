@@ -30,7 +30,7 @@ from totask_ray.serving.deployment import (
     ImageFetcher,
     client_error,
 )
-from totask_ray.serving.interface import InferenceParams
+from totask_ray.serving.params import InferenceParams
 from totask_ray.serving.resources import DeploymentArgs
 
 APPS = Path(__file__).resolve().parents[2] / "serve_apps"

@@ -10,15 +10,14 @@ from pydantic import ValidationError
 
 from totask_ray.serving.interface import (
     Detection,
-    InferenceParams,
     PreProcessor,
     PreProcessorInputError,
     PreProcessorOutputError,
     PreProcessorSpec,
-    apply_params,
-    validate_images,
-    validate_output,
 )
+from totask_ray.serving.params import InferenceParams
+from totask_ray.serving.postprocess import apply_params
+from totask_ray.serving.validation import validate_images, validate_output
 
 IMG = np.zeros((100, 200, 3), np.uint8)  # height 100, width 200
 

@@ -14,18 +14,10 @@ from serve_apps.faces.app import FaceParams
 from serve_apps.ocr.app import SPEC as OCR
 from serve_apps.ocr.app import OCRParams
 from totask_ray.serving.deployment import PreProcessorDeployment
-from totask_ray.serving.interface import (
-    CommonParams,
-    Detection,
-    InferenceParams,
-    ParamsRefused,
-    PreProcessorSpec,
-    app_options,
-    apply_params,
-    check_params,
-    iou,
-    nms,
-)
+from totask_ray.serving.interface import Detection, PreProcessorSpec
+from totask_ray.serving.params import CommonParams, InferenceParams
+from totask_ray.serving.params_check import ParamsRefused, app_options, check_params
+from totask_ray.serving.postprocess import apply_params, iou, nms
 
 GUIDE_PARAMS = {  # the user guide's own example, verbatim
     "confidence_threshold": 0.8,

@@ -43,16 +43,11 @@ from totask_ray.annotation import detections_to_task_data
 from totask_ray.net import images
 from totask_ray.net.downloads import Downloader, DownloadError, UrlPolicy
 from totask_ray.net.redact import safe_error
-from totask_ray.serving.interface import (
-    Detection,
-    InferenceParams,
-    PreProcessor,
-    PreProcessorOutputError,
-    check_device,
-    detections_to_dicts,
-    validate_images,
-    validate_output,
-)
+from totask_ray.serving.interface import Detection, PreProcessor, PreProcessorOutputError
+from totask_ray.serving.params import InferenceParams
+from totask_ray.serving.params_check import check_device
+from totask_ray.serving.postprocess import detections_to_dicts
+from totask_ray.serving.validation import validate_images, validate_output
 
 __all__ = [
     "DEPLOYMENT",
