@@ -5,7 +5,9 @@ Shared by `totask-ray run` and `totask-ray demo`, below both, so neither imports
 
 from __future__ import annotations
 
-from totask_ray.result import ToTaskResult
+from operator import attrgetter
+
+from totask_ray.result import COUNT_COLUMNS, ToTaskResult
 
 
 def print_result(result: ToTaskResult) -> None:
@@ -14,21 +16,10 @@ def print_result(result: ToTaskResult) -> None:
 
     console = Console(stderr=False)
     table = Table(title=f"ToTask {result.status.value}", show_header=True)
-    for col in (
-        "total",
-        "success",
-        "of which empty",
-        "failed",
-        "stand_by",
-        "skipped",
-        "unchanged",
-        "elapsed s",
-    ):
+    for col, _ in COUNT_COLUMNS:
         table.add_column(col, justify="right")
-    m = result.metrics
-    table.add_row(str(m.total), str(result.success_count), str(result.empty_count), str(result.failed_count),
-                  str(m.stand_by), str(result.skipped_count), str(result.unchanged_count),
-                  f"{result.elapsed_s:.1f}")  # fmt: skip
+    table.add_column("elapsed s", justify="right")
+    table.add_row(*(str(attrgetter(attr)(result)) for _, attr in COUNT_COLUMNS), f"{result.elapsed_s:.1f}")
     console.print(table)
     console.print(result.message)
     if result.failures:

@@ -37,7 +37,11 @@ class Metrics(BaseModel):
 
 
 class ToTaskResult(BaseModel):
-    """What a run returns, with the Synapse action's field names."""
+    """What a run returns, with the Synapse action's field names.
+
+    The `*_count` fields are filled from the per-status table (`pipeline/outcomes.COUNTS`), which names
+    them; a person reads them in the columns of `COUNT_COLUMNS`.
+    """
 
     status: RunStatus
     message: str
@@ -65,3 +69,15 @@ class ToTaskResult(BaseModel):
         if self.status is RunStatus.FAILED:
             return EXIT_FAILED
         return EXIT_PARTIAL if self.failed_count else EXIT_OK
+
+
+# The counts table a person reads (`console.print_result`), in its order: column, result attribute.
+COUNT_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("total", "metrics.total"),
+    ("success", "success_count"),
+    ("of which empty", "empty_count"),
+    ("failed", "failed_count"),
+    ("stand_by", "metrics.stand_by"),
+    ("skipped", "skipped_count"),
+    ("unchanged", "unchanged_count"),
+)

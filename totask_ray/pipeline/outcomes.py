@@ -7,13 +7,16 @@ them as they are produced without holding more than one batch.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable, Iterator
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from enum import StrEnum
 from operator import attrgetter
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
+
+from totask_ray.result import Metrics, ToTaskResult
 
 
 class Status(StrEnum):
@@ -25,8 +28,67 @@ class Status(StrEnum):
     STOPPED = "stopped"  # not started: the run was stopped first (never reported, left for a resume)
 
 
+@dataclass(frozen=True)
+class Counts:
+    """What a task that ended with a status counts as, wherever a run counts tasks: the tracker's
+    metrics, progress and events (`run/progress.py`), the result and its message (`run/steps.py`)."""
+
+    # The `Metrics` fields it adds to; the first ("success" or "failed", the SDK's categories) is also
+    # the status of its task event. Empty: never started, so neither counted nor reported (stand_by).
+    metrics: tuple[str, ...]
+    result: tuple[str, ...] = ()  # the `ToTaskResult` count fields it adds to
+    done: bool = False  # the task holds what this job would write: a resume does not do it again
+    workflow: bool = False  # the on_success action followed it: its outcome is counted
+    note: str | None = None  # its task event's note, what a bare "success" hides ({error}: the outcome's)
+    summary: str | None = None  # the result message's phrase after the succeeded / failed counts ({n})
+
+    @property
+    def event(self) -> str:
+        """The SDK's category, "success" or "failed": the status of its task event."""
+        return self.metrics[0]
+
+
+# Every status, in Status's order (the order of their phrases in the result's message).
+COUNTS: dict[Status, Counts] = {
+    Status.SUCCESS: Counts(("success",), ("success_count",), done=True, workflow=True),
+    Status.FAILED: Counts(("failed",), ("failed_count",)),
+    # Skipped and unchanged tasks were processed and needed nothing: successes of the step.
+    Status.SKIPPED: Counts(
+        ("success",), ("skipped_count",), done=True, note="skipped: {error}", summary="{n} skipped"
+    ),
+    Status.UNCHANGED: Counts(
+        ("success",),
+        ("unchanged_count",),
+        done=True,
+        workflow=True,
+        note="unchanged: the task already held exactly this data, nothing was written",
+        summary="{n} already held this data (not written again)",
+    ),
+    Status.EMPTY: Counts(
+        ("success", "empty"),
+        ("success_count", "empty_count"),
+        done=True,
+        workflow=True,
+        note="empty: written with no object",
+    ),
+    Status.STOPPED: Counts(()),
+}
+assert list(COUNTS) == list(Status), "every status says what it counts as, in Status's order"
+assert {n for c in COUNTS.values() for n in c.metrics} <= set(Metrics.model_fields)
+assert {n for c in COUNTS.values() for n in c.result} <= set(ToTaskResult.model_fields)
+
 # What a resume does not do again: the task holds what this job would write.
-DONE_STATUSES = frozenset({Status.SUCCESS, Status.SKIPPED, Status.UNCHANGED, Status.EMPTY})
+DONE_STATUSES = frozenset(s for s, c in COUNTS.items() if c.done)
+
+
+def totals(counts: Mapping[Status, int], of: Literal["metrics", "result"]) -> Counter[str]:
+    """What per-status counts add up to in each of the fields their `Counts.<of>` name ("metrics"
+    or "result"); a field no status reached is 0."""
+    out: Counter[str] = Counter()
+    for status, n in counts.items():
+        for name in getattr(COUNTS[status], of):
+            out[name] += n
+    return out
 
 
 class Stage(StrEnum):

@@ -10,22 +10,16 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from collections import Counter
 from typing import IO, Any, Protocol
 
-from totask_ray.pipeline.outcomes import Outcome, Status
+from totask_ray.pipeline.outcomes import COUNTS, Outcome, Status, totals
 from totask_ray.result import Metrics, TaskFailure
 
 log = logging.getLogger("totask_ray")
 
 STEP = "annotate_task_data"
 MAX_FAILURES_KEPT = 10_000
-
-# The SDK's task events know only "success" and "failed"; these say what a bare "success" hides.
-EVENT_NOTES = {
-    Status.SKIPPED: "skipped: {error}",
-    Status.UNCHANGED: "unchanged: the task already held exactly this data, nothing was written",
-    Status.EMPTY: "empty: written with no object",
-}
 
 
 def _interactive() -> bool:
@@ -123,11 +117,7 @@ class RunTracker:
         workflow: bool = False,
     ):
         self.total = total
-        self.success = 0
-        self.failed = 0
-        self.skipped = 0
-        self.unchanged = 0
-        self.empty = 0  # of `success`: written with no object
+        self.counts: Counter[Status] = Counter()  # per status; what each counts as: `COUNTS`
         self.workflow = workflow
         self.workflow_applied = 0
         self.workflow_failed = 0
@@ -157,40 +147,30 @@ class RunTracker:
 
     @property
     def done(self) -> int:
-        return self.success + self.failed + self.skipped + self.unchanged
+        return self.counts.total()
 
     def metrics(self) -> Metrics:
-        # `skipped` and `unchanged` tasks were processed and needed nothing: successes of the step.
         return Metrics(
             total=max(self.total, self.done),
-            success=self.success + self.skipped + self.unchanged,
-            failed=self.failed,
             stand_by=max(0, self.total - self.done),
-            empty=self.empty,
+            **totals(self.counts, "metrics"),
         )
 
     def record(self, o: Outcome) -> None:
-        if o.status is Status.STOPPED:
+        counts = COUNTS[o.status]
+        if not counts.metrics:
             return  # never started: stand_by, left for a resume, not in the report
         if not self._seen.add(o.task_id):
             self.duplicates += 1
             return
-        if o.status in (Status.SUCCESS, Status.EMPTY, Status.UNCHANGED):
-            if o.status is Status.UNCHANGED:
-                self.unchanged += 1
-            else:
-                self.success += 1  # an empty result was written: a success, also counted apart
-                if o.status is Status.EMPTY:
-                    self.empty += 1
+        self.counts[o.status] += 1
+        if counts.workflow:
             if o.workflow_error:
                 self.workflow_failed += 1
                 log.warning("[Task %d] Workflow action failed: %s", o.task_id, o.workflow_error)
             elif self.workflow and o.workflow_applied:
                 self.workflow_applied += 1
-        elif o.status is Status.SKIPPED:
-            self.skipped += 1
-        else:
-            self.failed += 1
+        if counts.event == "failed":
             log.warning("[Task %d] Failed: %s", o.task_id, o.error)
             if len(self.failures) < MAX_FAILURES_KEPT:
                 self.failures.append(TaskFailure(task_id=o.task_id, error=o.error))
@@ -207,11 +187,12 @@ class RunTracker:
     def _log_event(self, o: Outcome) -> None:
         """The task's `annotate_task_data` event, numbered in the order outcomes came in, as the SDK does."""
         assert self._job is not None
-        failed = o.status is Status.FAILED
-        note = EVENT_NOTES.get(o.status)
+        counts = COUNTS[o.status]
+        failed = counts.event == "failed"
+        note = counts.note
         self._job.task_event(
             o.task_id,
-            "failed" if failed else "success",
+            counts.event,
             self.done,
             max(self.total, self.done),
             error=(o.error or "failed") if failed else None,

@@ -20,7 +20,7 @@ import numpy as np
 from totask_ray.cluster import ensure_ray
 from totask_ray.errors import CriticalError, RunStopped
 from totask_ray.methods.base import PrepareInput
-from totask_ray.pipeline.outcomes import DONE_STATUSES, from_columns, read_report
+from totask_ray.pipeline.outcomes import COUNTS, DONE_STATUSES, from_columns, read_report, totals
 from totask_ray.pipeline.run import PipelineSpec, free_cpus, run_pipeline, wait_for_cpus
 from totask_ray.platform.connect import connect
 from totask_ray.platform.errors import NotFoundError, PlatformError, PlatformFilterError
@@ -218,18 +218,14 @@ def result(ctx: RunContext, status: RunStatus | None = None, message: str | None
     if t is None:
         return ToTaskResult(status=status or RunStatus.FAILED, message=message or "", total_tasks=ctx.total)
     metrics = t.metrics()
+    n = totals(t.counts, "result")
     if status is None:
-        status = (
-            RunStatus.FAILED
-            if t.failed and not (t.success or t.skipped or t.unchanged)
-            else RunStatus.SUCCEEDED
-        )
-    empty = f" ({t.empty} with no object)" if t.empty else ""
-    counts = f"{t.success} succeeded{empty}, {t.failed} failed"
-    if t.skipped:
-        counts += f", {t.skipped} skipped"
-    if t.unchanged:
-        counts += f", {t.unchanged} already held this data (not written again)"
+        status = RunStatus.FAILED if metrics.failed and not metrics.success else RunStatus.SUCCEEDED
+    empty = f" ({n['empty_count']} with no object)" if n["empty_count"] else ""
+    counts = f"{n['success_count']} succeeded{empty}, {n['failed_count']} failed"
+    for s, c in COUNTS.items():
+        if c.summary is not None and t.counts[s]:
+            counts += ", " + c.summary.format(n=t.counts[s])
     if metrics.stand_by:
         counts += f", {metrics.stand_by} not processed"
     if t.workflow:
@@ -237,18 +233,14 @@ def result(ctx: RunContext, status: RunStatus | None = None, message: str | None
     if t.failures_dropped:
         counts += f"; the first {len(t.failures)} failures are listed, all are in the report"
     if message is None:
-        message = f"Annotated {t.success} of {metrics.total} tasks: {counts}"
+        message = f"Annotated {n['success_count']} of {metrics.total} tasks: {counts}"
     else:
         message = f"{message} ({counts})"
     return ToTaskResult(
         status=status,
         message=message,
         total_tasks=metrics.total,
-        success_count=t.success,
-        failed_count=t.failed,
-        skipped_count=t.skipped,
-        unchanged_count=t.unchanged,
-        empty_count=t.empty,
+        **n,
         workflow_applied_count=t.workflow_applied,
         workflow_failed_count=t.workflow_failed,
         failures=list(t.failures),
