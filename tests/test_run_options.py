@@ -36,3 +36,39 @@ def test_options_are_frozen_so_a_run_cannot_change_them_under_its_actors():
     options = RunOptions(num_actors=2)
     with pytest.raises(ValueError):
         options.num_actors = 3  # type: ignore[misc]
+
+
+def _run_command():
+    import typer
+
+    from totask_ray.cli import app
+
+    return typer.main.get_command(app).commands["run"]  # type: ignore[attr-defined]
+
+
+def test_the_cli_takes_each_flagged_option_with_its_description_as_help():
+    params = {opt: p for p in _run_command().params for opt in p.opts}
+    flagged = {n: f for n, f in RunOptions.model_fields.items() if (f.json_schema_extra or {}).get("cli")}  # type: ignore[union-attr]
+    assert {"dry_run", "resume", "job_id", "verbose_ray", "stop_timeout_s"} <= set(flagged)
+    for name, field in flagged.items():
+        flag = f"--{field.json_schema_extra['cli']}"  # type: ignore[index]
+        assert flag in params, f"RunOptions.{name} names {flag}, which `totask-ray run` does not take"
+        assert params[flag].help == field.description, f"{flag}'s help is not RunOptions.{name}'s description"
+    from totask_ray.platform.connect import KINDS
+
+    for kind in KINDS:
+        for option in kind.options:
+            assert f"--{option.flag}" in params, f"{kind.name}'s --{option.flag} is missing from `run`"
+
+
+def test_a_flag_of_another_platform_is_refused_not_ignored(tmp_path):
+    from typer.testing import CliRunner
+
+    from totask_ray.cli import app
+
+    job = tmp_path / "job.json"
+    job.write_text('{"name": "Flags", "project": 1, "target_specification_name": "annotation_data"}')
+    args = ["run", str(job), "--platform", "label-studio", "--host", "http://127.0.0.1:9", "--token", "k"]
+    got = CliRunner().invoke(app, [*args, "--tenant", "acme"])
+    assert got.exit_code == 1, got.output
+    assert "--tenant is a Synapse option; this run is on Label Studio (--platform label-studio)" in got.output

@@ -86,8 +86,9 @@ def test_filter_encoding():
 
 def test_annotate_and_history(client, platform, project):
     _, ids = project
-    client.annotate_task(ids[1], {"objects": []})
-    client.annotate_task(ids[1], {"k": 1}, schema="any")
+    task = client.get_task(ids[1])
+    client.annotate_task(task, {"objects": []})
+    client.annotate_task(task, {"k": 1}, schema="any")
     hist = platform.store.history(ids[1])
     assert [h["data"] for h in hist[-2:]] == [{"objects": []}, {"k": 1}]
     assert hist[-1]["schema"] == "any"

@@ -16,6 +16,7 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 # httpx logs every request URL at INFO; file URLs are signed (a credential), so keep it at WARNING.
 logging.getLogger("httpx").setLevel(logging.WARNING)
 
+# What users touch: what a caller runs and catches, and what a plugin author implements.
 _EXPORTS = {
     "ToTask": "totask_ray.action",
     "ToTaskError": "totask_ray.errors",
@@ -27,6 +28,12 @@ _EXPORTS = {
     "ToTaskResult": "totask_ray.result",
     "SynapseConfig": "totask_ray.platform.synapse",
     "LabelStudioConfig": "totask_ray.platform.label_studio",
+    "PlatformError": "totask_ray.platform.errors",
+    "Detection": "totask_ray.serving.interface",
+    "PreProcessor": "totask_ray.serving.interface",
+    "PreProcessorSpec": "totask_ray.serving.interface",
+    "CommonParams": "totask_ray.serving.interface",
+    "InferenceParams": "totask_ray.serving.interface",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -7,15 +7,17 @@ a critical error, or every task failed). Messages go to stderr without tokens or
 from __future__ import annotations
 
 import importlib
+import inspect
 import logging
 import os
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
 from totask_ray.embedded.cli import platform_app
+from totask_ray.platform.cli_options import CliOption
 from totask_ray.result import EXIT_FAILED, EXIT_STOPPED
 from totask_ray.serving.cli import serve_app
 
@@ -59,84 +61,76 @@ def load_action_class(spec: str | None) -> type:
     return cls
 
 
-@app.command()
+def _run_options() -> list[inspect.Parameter]:
+    """`run`'s options, each from where it is declared: every platform's `CliOption`s (a flag two
+    platforms share is one option) and every `RunOptions` field with a `cli` flag, its description
+    the help. Their parameter names are `platform:<flag>` / the field's name, made identifiers."""
+    from totask_ray.pipeline.spec import RunOptions
+    from totask_ray.platform.connect import KINDS
+
+    params: list[inspect.Parameter] = []
+    by_flag: dict[str, list[tuple[str, CliOption]]] = {}
+    for kind in KINDS:
+        for option in kind.options:
+            by_flag.setdefault(option.flag, []).append((kind.title, option))
+    for flag, owners in by_flag.items():
+        first = owners[0][1]
+        if len(owners) > 1:
+            envs = " or ".join(f"${o.env}" for _, o in owners if o.env)
+            text = f"{first.help} (default: {envs})." if envs else f"{first.help}."
+        else:
+            env = f" (default: ${first.env})" if first.env else ""
+            text = f"{owners[0][0]}: {first.help}{env}."
+        kind_of = list[str] | None if first.multiple else str | None
+        params.append(_option(_PLATFORM + flag.replace("-", "_"), kind_of, None, flag, text))
+    for name, field in RunOptions.model_fields.items():
+        flag = (
+            (field.json_schema_extra or {}).get("cli") if isinstance(field.json_schema_extra, dict) else None
+        )
+        if flag is None:
+            continue
+        default = field.get_default(call_default_factory=True)
+        annotation = field.annotation
+        if default == []:  # a repeatable option: typer takes None for "not given"
+            annotation, default = annotation | None, None
+        params.append(_option(name, annotation, default, str(flag), field.description or ""))
+    return params
+
+
+_PLATFORM = "platform_"
+
+
+def _option(name: str, annotation: Any, default: Any, flag: str, text: str) -> inspect.Parameter:
+    return inspect.Parameter(
+        name,
+        inspect.Parameter.KEYWORD_ONLY,
+        default=default,
+        annotation=Annotated[annotation, typer.Option(f"--{flag}", help=text)],
+    )
+
+
 def run(
-    job: Annotated[Path, typer.Argument(help="Job parameters, YAML or JSON (Synapse ToTask names).")],
-    platform: Annotated[
-        str | None,
-        typer.Option(
-            help="synapse or label-studio (default: label-studio when $LABEL_STUDIO_URL and "
-            "$LABEL_STUDIO_API_KEY are set and $SYNAPSE_HOST is not, else synapse)."
-        ),
-    ] = None,
-    host: Annotated[
-        str | None, typer.Option(help="Platform URL (default: $SYNAPSE_HOST or $LABEL_STUDIO_URL).")
-    ] = None,
-    token: Annotated[
-        str | None,
-        typer.Option(help="Access token (prefer $SYNAPSE_ACCESS_TOKEN or $LABEL_STUDIO_API_KEY)."),
-    ] = None,
-    model_version: Annotated[
-        str | None,
-        typer.Option(help="Label Studio: the predictions' model_version (default: the job's name)."),
-    ] = None,
-    write: Annotated[
-        str, typer.Option(help="Label Studio: write predictions (default) or annotations.")
-    ] = "predictions",
-    release: Annotated[
-        list[str] | None,
-        typer.Option(help="Label Studio: a pre-processor release, ID=path/to/config.yaml (repeatable)."),
-    ] = None,
-    tenant: Annotated[str | None, typer.Option(help="Tenant (default: $SYNAPSE_PLUGIN_RUN_TENANT).")] = None,
-    address: Annotated[
-        str | None, typer.Option(help="Ray cluster address (default: $RAY_ADDRESS, else local).")
-    ] = None,
-    report: Annotated[Path | None, typer.Option(help="Write one JSON line per task outcome here.")] = None,
-    job_id: Annotated[
-        int | None, typer.Option(help="Platform job id to report progress and result to.")
-    ] = None,
-    plugin: Annotated[
-        str | None, typer.Option(help="Your ToTask subclass, e.g. plugin.to_task:ToTask.")
-    ] = None,
-    dry_run: Annotated[
-        bool, typer.Option(help="Do everything except writing; the report shows what would be written.")
-    ] = False,
-    resume: Annotated[
-        Path | None, typer.Option(help="Skip tasks that succeeded in this earlier report.")
-    ] = None,
-    num_actors: Annotated[int | None, typer.Option(help="Annotator actors (default: one per CPU).")] = None,
-    concurrency: Annotated[int, typer.Option(help="Tasks in flight per actor.")] = 32,
-    allow_host: Annotated[
-        list[str] | None, typer.Option(help="Extra host allowed for file URLs (repeatable).")
-    ] = None,
-    stop_timeout: Annotated[
-        float, typer.Option(help="On Ctrl-C/SIGTERM, seconds the tasks in flight may take to finish.")
-    ] = 30.0,
-    verbose: Annotated[bool, typer.Option(help="Debug logs and Ray Data's own progress.")] = False,
+    job: Path,
+    platform: str | None = None,
+    plugin: str | None = None,
+    **options: Any,
 ) -> None:
     """Run the ToTask action described by JOB on a Ray cluster."""
+    verbose = bool(options.get("verbose_ray"))
     _setup_logging(verbose)
     from totask_ray.cluster import shutdown_if_started
     from totask_ray.console import print_result
     from totask_ray.errors import RunStopped, ToTaskError
     from totask_ray.params import ParamsError, ToTaskParams
-    from totask_ray.platform.connect import config_from_env, platform_from_env
+    from totask_ray.platform.connect import config_from_cli
     from totask_ray.platform.errors import PlatformError
-    from totask_ray.platform.label_studio.config import WriteAs, load_release_files
     from totask_ray.run.driver import run_to_task
 
+    given = {k[len(_PLATFORM) :].replace("_", "-"): v for k, v in options.items() if k.startswith(_PLATFORM)}
+    run_options = {k: v for k, v in options.items() if not k.startswith(_PLATFORM)}
     try:
         params = ToTaskParams.from_file(job)
-        name = platform or platform_from_env()
-        if name == "label-studio":
-            if write not in tuple(WriteAs):
-                raise PlatformError(f"--write takes predictions or annotations, not {write!r}")
-            config = config_from_env(
-                name, host=host, api_key=token, model_version=model_version, write=write,
-                releases=load_release_files(release or []),
-            )  # fmt: skip
-        else:
-            config = config_from_env(name, host=host, access_token=token, tenant=tenant)
+        config = config_from_cli(platform, given)
     except (ParamsError, PlatformError) as exc:
         typer.echo(str(exc), err=True)
         raise typer.Exit(EXIT_FAILED) from None
@@ -144,13 +138,12 @@ def run(
     # Ray is reached only once the platform has answered (the run's first step): a wrong address or
     # a refused token fails in a second, not after a local cluster was started for nothing.
     try:
-        result = run_to_task(
-            params, platform=config, action_cls=action_cls, report=report, job_id=job_id, dry_run=dry_run,
-            resume=resume, num_actors=num_actors, concurrency=concurrency, allowed_hosts=allow_host or [],
-            verbose_ray=verbose, stop_timeout_s=stop_timeout, ray_address=address,
-        )  # fmt: skip
+        result = run_to_task(params, platform=config, action_cls=action_cls, **run_options)
     except ToTaskError as exc:
         typer.echo(f"ToTask failed: {exc}", err=True)
+        raise typer.Exit(EXIT_FAILED) from None
+    except ParamsError as exc:
+        typer.echo(str(exc), err=True)
         raise typer.Exit(EXIT_FAILED) from None
     except RunStopped as exc:
         if exc.result is not None:
@@ -160,6 +153,33 @@ def run(
         shutdown_if_started()
     print_result(result)
     raise typer.Exit(result.exit_code)
+
+
+def _platform_help() -> str:
+    from totask_ray.platform.connect import PLATFORMS
+
+    return (
+        f"{' or '.join(PLATFORMS)} (default: label-studio when $LABEL_STUDIO_URL and "
+        "$LABEL_STUDIO_API_KEY are set and $SYNAPSE_HOST is not, else synapse)."
+    )
+
+
+run.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+    [
+        inspect.Parameter(
+            "job",
+            inspect.Parameter.POSITIONAL_OR_KEYWORD,
+            annotation=Annotated[
+                Path, typer.Argument(help="Job parameters, YAML or JSON (Synapse ToTask names).")
+            ],
+        ),
+        _option("platform", str | None, None, "platform", _platform_help()),
+        _option("plugin", str | None, None, "plugin", "Your ToTask subclass, e.g. plugin.to_task:ToTask."),
+        *_run_options(),
+    ]
+)
+run.__annotations__ = {p.name: p.annotation for p in run.__signature__.parameters.values()}  # type: ignore[attr-defined]
+app.command()(run)
 
 
 @app.command()

@@ -345,14 +345,19 @@ def test_the_access_token_is_renewed_before_it_expires_and_after_a_401(label_stu
             await client.get_task(ids[0])
             first = client._core.headers["Authorization"]
             assert first.startswith("Bearer ") and ls.personal_token not in first
-            client._expires = time.time() + 5  # inside the renewal margin: the next call renews first
+            client._auth._expires = time.time() + 5  # inside the renewal margin: the next call renews first
             await client.get_task(ids[0])
             second = client._core.headers["Authorization"]
             assert second != first
             client._core.set_headers({**client._core.headers, "Authorization": "Bearer revoked"})
-            client._expires = time.time() + 3600  # looks fresh, but the server refuses it: renewed once
-            assert (await client.get_task(ids[0])).id == ids[0]
+            client._auth._expires = time.time() + 3600  # looks fresh, but the server refuses it: renewed once
+            trades = []
+            use = client._auth.use
+            client._auth.use = lambda access: (trades.append(access), use(access))  # counts the trades
+            got = await asyncio.gather(*(client.get_task(ids[0]) for _ in range(8)))
+            assert {t.id for t in got} == {ids[0]}
             assert client._core.headers["Authorization"] not in (first, second, "Bearer revoked")
+            assert len(trades) == 1, f"8 calls refused at once traded the token {len(trades)} times, not once"
         finally:
             await client.aclose()
 

@@ -1,1 +1,1 @@
-"""The methods, side by side: `file.py` and `inference.py`, each a prepare step and an annotator."""
+"""The methods, side by side: `file.py` and `inference/`, each a prepare step and an annotator."""

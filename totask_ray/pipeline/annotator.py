@@ -32,7 +32,7 @@ from totask_ray.params import EmptyResultPolicy, ExistingDataPolicy
 from totask_ray.pipeline.outcomes import Outcome, Stage, Status, to_columns
 from totask_ray.pipeline.spec import RunSpec
 from totask_ray.pipeline.stop import StopWatch
-from totask_ray.platform.base import AsyncPlatform
+from totask_ray.platform.base import AsyncPlatform, task_workflow
 from totask_ray.platform.connect import connect, connect_async
 from totask_ray.platform.errors import AuthenticationError, PlatformError
 from totask_ray.platform.models import DataUnit, Task
@@ -213,7 +213,7 @@ class Annotator:
             return Outcome(task.id, done, Stage.DONE, objects=n_objects, would_write=json.dumps(data))
         size = await self.image_size(image_url, image)
         try:
-            await self._client.annotate_task(task.id, data, schema, image_size=size)
+            await self._client.annotate_task(task, data, schema, image_size=size)
         except AuthenticationError as exc:
             raise TaskFailed(Stage.WRITE, safe_error(exc), critical=True) from exc
         except PlatformError as exc:
@@ -243,10 +243,11 @@ class Annotator:
         # where the job's status filter found it (an earlier run wrote it but never got to submit).
         submit = action.submit and (outcome.written or self._still_selected(task))
         try:
+            workflow = task_workflow(self._client)
             if changes:
-                await self._client.update_task(outcome.task_id, changes)
+                await workflow.update_task(outcome.task_id, changes)
             if submit:
-                await self._client.submit_task(outcome.task_id)
+                await workflow.submit_task(outcome.task_id)
         except PlatformError as exc:
             outcome.workflow_error = safe_error(exc)
         else:

@@ -22,30 +22,56 @@ from totask_ray.params import ToTaskParams
 from totask_ray.platform.connect import PlatformConfig
 
 
+def _cli(flag: str) -> dict[str, str]:
+    return {"cli": flag}
+
+
 class RunOptions(BaseModel):
-    """How to run (not what to do: that is `ToTaskParams`). Each field is a keyword of `run_to_task`."""
+    """How to run (not what to do: that is `ToTaskParams`). Each field is a keyword of `run_to_task`;
+    its description is its documentation, and a field with a `cli` flag is a `totask-ray run` option."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    report: Path | None = Field(default=None, description="Write one JSON line per task outcome here.")
+    report: Path | None = Field(
+        json_schema_extra=_cli("report"),
+        default=None,
+        description="Write one JSON line per task outcome here.",
+    )
     job_id: int | None = Field(
-        default=None, description="The platform's job record to report status, progress and result to."
+        json_schema_extra=_cli("job-id"),
+        default=None,
+        description="The platform's job record to report status, progress and result to.",
     )
     create_job: bool = Field(default=False, description="Create a job record on the platform for this run.")
     dry_run: bool = Field(
-        default=False, description="Do everything except writing; the report shows what would be written."
+        json_schema_extra=_cli("dry-run"),
+        default=False,
+        description="Do everything except writing; the report shows what would be written.",
     )
     resume: Path | None = Field(
-        default=None, description="Skip the tasks that succeeded (or were skipped) in this earlier report."
+        json_schema_extra=_cli("resume"),
+        default=None,
+        description="Skip the tasks that succeeded (or were skipped) in this earlier report.",
     )
     ray_address: str | None = Field(
-        default=None, description="Ray cluster to use (default: RAY_ADDRESS, else a fresh local one)."
+        json_schema_extra=_cli("address"),
+        default=None,
+        description="Ray cluster to use (default: RAY_ADDRESS, else a fresh local one).",
     )
     num_actors: int | None = Field(
-        default=None, ge=1, description="Annotator actors (default: as many as the free CPUs hold, up to 16)."
+        json_schema_extra=_cli("num-actors"),
+        default=None,
+        ge=1,
+        description="Annotator actors (default: as many as the free CPUs hold, up to 16).",
     )
     actor_cpus: float = Field(default=0.5, gt=0, description="CPUs each annotator actor reserves.")
-    concurrency: int = Field(default=32, ge=1, le=1024, description="Tasks in flight per annotator actor.")
+    concurrency: int = Field(
+        json_schema_extra=_cli("concurrency"),
+        default=32,
+        ge=1,
+        le=1024,
+        description="Tasks in flight per annotator actor.",
+    )
     hook_threads: int = Field(
         default=8, ge=1, description="Threads per actor for plugin hooks that are plain functions."
     )
@@ -56,7 +82,9 @@ class RunOptions(BaseModel):
         default=300.0, gt=0, description="Fail the run when no task finishes for this long."
     )
     allowed_hosts: list[str] = Field(
-        default_factory=list, description="Private hosts file URLs may point at besides the platform's own."
+        json_schema_extra=_cli("allow-host"),
+        default_factory=list,
+        description="Private hosts file URLs may point at besides the platform's own.",
     )
     allow_private_urls: bool = Field(
         default=False, description="Allow file URLs on any private or loopback address (trusted networks)."
@@ -67,9 +95,16 @@ class RunOptions(BaseModel):
     max_image_bytes: int = Field(default=MAX_IMAGE_BYTES, gt=0, description="Largest image to download.")
     download_timeout_s: float = Field(default=30.0, gt=0, description="Timeout of one file download.")
     page_size: int = Field(default=500, ge=1, le=1000, description="Task ids per listing page.")
-    verbose_ray: bool = Field(default=False, description="Show Ray's own logs and Ray Data's progress.")
+    verbose_ray: bool = Field(
+        json_schema_extra=_cli("verbose"),
+        default=False,
+        description="Show Ray's own logs and Ray Data's progress.",
+    )
     stop_timeout_s: float = Field(
-        default=30.0, gt=0, description="On SIGINT/SIGTERM, how long the tasks in flight may take to finish."
+        json_schema_extra=_cli("stop-timeout"),
+        default=30.0,
+        gt=0,
+        description="On SIGINT/SIGTERM, how long the tasks in flight may take to finish.",
     )
     serve_poll_interval_s: float = Field(
         default=10.0, gt=0, description="inference: how often to poll a pre-processor that is starting."

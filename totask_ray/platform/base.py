@@ -1,15 +1,23 @@
-"""What the run and the annotators need of a labeling platform, in the platform's own words.
+"""What a run needs of a labeling platform, in small protocols, in the platform's own words.
 
 The driver, the id source and the annotators speak to a platform only through these protocols, and
-get one from `totask_ray.platform.connect`, the one place that picks the concrete client. Another
-platform (Label Studio: `platform/label_studio`) is one more client that implements the same
-methods. Nothing outside `platform/` builds a URL.
+get one from `totask_ray.platform.connect`, the one place that picks the concrete client. Every
+platform implements `Platform` (the blocking reads a run needs) and `AsyncPlatform` (the per-task
+reads and writes of an annotator). What only some platforms have is a protocol of its own, which a
+client implements or leaves out; nothing is stubbed to raise:
+- `JobRecords`: a job record the run reports status, progress and logs to (Synapse);
+- `Agents`: agents that deploy pre-processors onto their own Ray cluster (Synapse);
+- `TaskWorkflow`: a task's status, assignee and stage (`on_success`; Synapse's async client).
+`job_records(client)` and `agents(client)` hand a client over as the protocol, or refuse with a
+message that names the platform and says what to leave out.
 
-What differs by platform is declared on the client, never guessed: `needs_image_size` (an async
-client that stores coordinates relative to the image; the annotator then passes `image_size` to
-`annotate_task`), `supports_workflow` (a blocking client without a task workflow; a job with
-`on_success` is refused before anything runs), and `media_headers(url)`, the credentials a file on
-the platform's own origin needs (none for Synapse's signed URLs).
+What differs by platform within a protocol is declared on the client, never guessed: `name` (how
+messages call it), `needs_image_size` (an async client that stores coordinates relative to the
+image; the annotator then passes `image_size` to `annotate_task`), `supports_workflow` (whether the
+async client is a `TaskWorkflow`; a job with `on_success` is refused before anything runs), and
+`media_headers(url)`, the credentials a file on the platform's own origin needs (none for Synapse's
+signed URLs). A write takes the `Task` the annotator holds, so a client needs no side table to find
+what it read earlier (Label Studio's project).
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
+from totask_ray.platform.errors import PlatformError
 from totask_ray.platform.models import Agent, DataCollection, DataUnit, Job, PluginRelease, Project, Task
 
 
@@ -32,9 +41,10 @@ class TaskIdPage:
 
 @runtime_checkable
 class Platform(Protocol):
-    """Blocking calls: the driver's steps, the id source's reads, pre-processor releases, job records."""
+    """Blocking reads every run makes: the driver's steps, the id source, pre-processor releases."""
 
-    supports_workflow: bool  # task status, assignee and submit (`on_success`)
+    name: str  # how a message names the platform ("Synapse", "Label Studio")
+    supports_workflow: bool  # its async client is a `TaskWorkflow` (`on_success`)
 
     def get_project(self, project_id: int) -> Project: ...
     def get_data_collection(self, collection_id: int) -> DataCollection: ...
@@ -46,14 +56,26 @@ class Platform(Protocol):
         self, project_id: int, filters: Mapping[str, Any], page_size: int | None = None
     ) -> Iterator[int]: ...
     def get_plugin_release(self, release_id: int) -> PluginRelease: ...
-    def list_serve_applications(self, plugin_code: str, agent: int | None = None) -> list[dict[str, Any]]: ...
-    def run_plugin(self, code: str, body: dict[str, Any]) -> Any: ...
-    def get_agent(self, agent_id: int) -> Agent | None: ...
+    def close(self) -> None: ...
+
+
+@runtime_checkable
+class JobRecords(Protocol):
+    """The platform's job record: a run reports its status, progress, result and logs there."""
+
     def create_job(self, body: dict[str, Any]) -> Job: ...
     def get_job(self, job_id: int) -> Job: ...
     def update_job(self, job_id: int, changes: dict[str, Any]) -> dict[str, Any]: ...
     def post_logs(self, events: list[dict[str, Any]]) -> Any: ...
-    def close(self) -> None: ...
+
+
+@runtime_checkable
+class Agents(Protocol):
+    """Agents that deploy a pre-processor onto their own Ray cluster (`serving.lifecycle`)."""
+
+    def get_agent(self, agent_id: int) -> Agent | None: ...
+    def list_serve_applications(self, plugin_code: str, agent: int | None = None) -> Any: ...
+    def run_plugin(self, code: str, body: dict[str, Any]) -> Any: ...
 
 
 @runtime_checkable
@@ -66,13 +88,44 @@ class AsyncPlatform(Protocol):
     async def get_data_unit(self, data_unit_id: int) -> DataUnit: ...
     async def annotate_task(
         self,
-        task_id: int,
+        task: Task,
         data: dict[str, Any],
         schema: str | None = None,
         *,
         image_size: tuple[int, int] | None = None,
     ) -> dict[str, Any]: ...
     async def media_headers(self, url: str) -> dict[str, str]: ...
+    async def aclose(self) -> None: ...
+
+
+@runtime_checkable
+class TaskWorkflow(Protocol):
+    """A task's workflow: status and assignee changes, and submitting it to the next stage."""
+
     async def update_task(self, task_id: int, changes: dict[str, Any]) -> dict[str, Any]: ...
     async def submit_task(self, task_id: int) -> dict[str, Any]: ...
-    async def aclose(self) -> None: ...
+
+
+def job_records(client: Platform) -> JobRecords:
+    """The client as a `JobRecords`, or a refusal that says what to leave out."""
+    if isinstance(client, JobRecords):
+        return client
+    raise PlatformError(
+        f"{client.name} keeps no job records: leave out job_id / create_job (--job-id) on this platform"
+    )
+
+
+def agents(client: Platform) -> Agents:
+    """The client as `Agents`, or a refusal that says what to leave out."""
+    if isinstance(client, Agents):
+        return client
+    raise PlatformError(
+        f"{client.name} has no agents: leave out `agent`; the pre-processor runs on this run's Ray cluster"
+    )
+
+
+def task_workflow(client: AsyncPlatform) -> TaskWorkflow:
+    """The async client as a `TaskWorkflow` (prepare refused `on_success` where it is not one)."""
+    if isinstance(client, TaskWorkflow):
+        return client
+    raise PlatformError("this platform has no task workflow: leave out on_success")

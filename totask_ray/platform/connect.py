@@ -2,8 +2,8 @@
 
 Everything above `platform/` holds a `PlatformConfig` (picklable, so Ray workers get a copy) and
 asks here for a client. Adding a platform is a folder under `platform/` (its config with
-`from_env` and `for_job`, a blocking and an async client that declare their capabilities) and one
-`PlatformKind` line below.
+`from_env` and `for_job`, a blocking and an async client that declare their capabilities, the CLI
+options it takes) and one `PlatformKind` line below.
 """
 
 from __future__ import annotations
@@ -14,9 +14,12 @@ from dataclasses import dataclass
 from typing import Any, TypeAlias
 
 from totask_ray.platform.base import AsyncPlatform, Platform
+from totask_ray.platform.cli_options import CliOption
 from totask_ray.platform.errors import PlatformError
 from totask_ray.platform.label_studio.client import AsyncLabelStudioClient, LabelStudioClient
+from totask_ray.platform.label_studio.config import CLI_OPTIONS as LS_OPTIONS
 from totask_ray.platform.label_studio.config import ENV_KEY, ENV_URL, LabelStudioConfig
+from totask_ray.platform.synapse.client import CLI_OPTIONS as SYNAPSE_OPTIONS
 from totask_ray.platform.synapse.client import AsyncSynapseClient, SynapseClient, SynapseConfig
 
 PlatformConfig: TypeAlias = SynapseConfig | LabelStudioConfig
@@ -29,14 +32,24 @@ class PlatformKind:
     blocking: Callable[[Any], Platform]
     async_: Callable[[Any], AsyncPlatform]
     named_by_env: Callable[[Mapping[str, str]], bool]  # the environment's variables point at it
+    options: tuple[CliOption, ...]  # what `totask-ray run` takes for it
+
+    @property
+    def title(self) -> str:
+        """How messages name it: the client class declares it (`Platform.name`)."""
+        return str(getattr(self.blocking, "name", self.name))
 
 
 KINDS: tuple[PlatformKind, ...] = (
     PlatformKind(
         "label-studio", LabelStudioConfig, LabelStudioClient, AsyncLabelStudioClient,
         named_by_env=lambda env: bool(env.get(ENV_URL) and env.get(ENV_KEY) and not env.get("SYNAPSE_HOST")),
+        options=LS_OPTIONS,
     ),
-    PlatformKind("synapse", SynapseConfig, SynapseClient, AsyncSynapseClient, named_by_env=lambda env: True),
+    PlatformKind(
+        "synapse", SynapseConfig, SynapseClient, AsyncSynapseClient,
+        named_by_env=lambda env: True, options=SYNAPSE_OPTIONS,
+    ),
 )  # fmt: skip
 PLATFORMS = tuple(k.name for k in reversed(KINDS))  # synapse first: the default
 
@@ -75,3 +88,26 @@ def config_from_env(
         if kind.name == name:
             return kind.config.from_env(env, **overrides)
     raise PlatformError(f"Unknown platform {name!r}: use one of {', '.join(PLATFORMS)}")
+
+
+def config_from_cli(
+    platform: str | None, given: Mapping[str, Any], env: Mapping[str, str] | None = None
+) -> PlatformConfig:
+    """The platform's config from the CLI's platform flags (`given`: flag -> value, None when left
+    out) over its variables. A flag of another platform is refused, not ignored."""
+    name = platform or platform_from_env(env)
+    kind = next((k for k in KINDS if k.name == name), None)
+    if kind is None:
+        raise PlatformError(f"Unknown platform {name!r}: use one of {', '.join(PLATFORMS)}")
+    overrides: dict[str, Any] = {}
+    for flag, value in given.items():
+        if value is None or value == []:
+            continue
+        option = next((o for o in kind.options if o.flag == flag), None)
+        if option is None:
+            owners = " / ".join(k.title for k in KINDS if any(o.flag == flag for o in k.options))
+            raise PlatformError(
+                f"--{flag} is a {owners} option; this run is on {kind.title} (--platform {name})"
+            )
+        overrides[option.setting] = option.parse(value) if option.parse else value
+    return config_from_env(name, env, **overrides)

@@ -22,37 +22,74 @@ import re
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Generic, Protocol, TypeVar
+from typing import Any, ClassVar, Generic, TypeVar
 from urllib.parse import urlencode, urlsplit
 
 import httpx
-from pydantic import ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from totask_ray.net import wire as aio
 from totask_ray.net.redact import redact_url
 from totask_ray.net.retry import RetryPolicy, describe_transport_error
-from totask_ray.platform.errors import PlatformConnectionError, PlatformResponseError, http_error
+from totask_ray.platform.errors import (
+    PlatformConnectionError,
+    PlatformError,
+    PlatformResponseError,
+    http_error,
+)
 
 T = TypeVar("T")
 
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
 
 
-class HttpSettings(Protocol):
-    """What the core reads of a platform's config (SynapseConfig, LabelStudioConfig)."""
+class HttpSettings(BaseModel):
+    """What every platform's settings hold for the request core: where, how long, how often.
+
+    Each platform's config (`SynapseConfig`, `LabelStudioConfig`) subclasses it and adds its own
+    credentials (`headers()`, `secrets()`); a field it needs with another default is declared again
+    there. Frozen and picklable, so Ray workers get a copy; secrets stay `SecretStr`.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    # what a message shows as an example address, and the variable that gives it
+    EXAMPLE_HOST: ClassVar[str] = "https://api.example.com"
+    ENV_HOST: ClassVar[str] = "SYNAPSE_HOST"
 
     host: str
-    retries: int
-    backoff_s: float
-    max_backoff_s: float
-    max_retry_after_s: float
-    read_timeout_s: float
-    connect_timeout_s: float
-    max_connections: int
+    connect_timeout_s: float = Field(default=5.0, gt=0)
+    read_timeout_s: float = Field(default=15.0, gt=0)
+    retries: int = Field(default=5, ge=0, le=20)
+    backoff_s: float = Field(default=0.5, ge=0)
+    max_backoff_s: float = Field(default=30.0, gt=0)
+    max_retry_after_s: float = Field(default=60.0, gt=0)
+    page_size: int = Field(default=100, ge=1, le=1000)
+    max_connections: int = Field(default=100, ge=1)
 
-    def headers(self) -> dict[str, str]: ...
-    def secrets(self) -> list[str]: ...
-    def timeout(self) -> httpx.Timeout: ...
+    @field_validator("host")
+    @classmethod
+    def _host(cls, v: str) -> str:
+        parts = urlsplit(v.strip())
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"must be an http(s) URL such as {cls.EXAMPLE_HOST} (set {cls.ENV_HOST})")
+        return v.strip().rstrip("/")
+
+    def headers(self) -> dict[str, str]:
+        return {"Accept": "application/json"}
+
+    def secrets(self) -> list[str]:
+        return []
+
+    def timeout(self) -> httpx.Timeout:
+        return httpx.Timeout(self.read_timeout_s, connect=self.connect_timeout_s)
+
+
+def settings_error(exc: ValidationError, what: str) -> PlatformError:
+    """A refused setting, said as `Bad <what> setting <field>: <why>` (no value: it may be a token)."""
+    err = exc.errors(include_url=False, include_input=False)[0]
+    where = ".".join(str(p) for p in err["loc"])
+    return PlatformError(f"Bad {what} setting {where}: {err['msg']}")
 
 
 @dataclass(frozen=True)

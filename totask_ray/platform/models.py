@@ -119,6 +119,8 @@ class Task(_Loose):
     data_unit: DataUnit | int | None = None
     status: str | None = None
     assignee: int | None = None
+    # the project the task is in, where the platform says (Label Studio: a write goes to the project)
+    project: int | None = None
     # The platform says this job's result is already there (Label Studio: a prediction of this
     # model_version), and why; the run skips the task, so a re-run writes nothing twice.
     already_done: str | None = None

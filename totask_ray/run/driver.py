@@ -21,6 +21,7 @@ from totask_ray.methods.file import FileMethod
 from totask_ray.methods.inference import InferenceMethod
 from totask_ray.params import Method, ToTaskParams
 from totask_ray.pipeline.spec import RunOptions, RunSpec, documented_options
+from totask_ray.platform.base import job_records
 from totask_ray.platform.connect import PlatformConfig, config_from_env, connect
 from totask_ray.platform.errors import PlatformError
 from totask_ray.result import RunStatus, ToTaskResult
@@ -77,12 +78,13 @@ def run_to_task(
     current: Step | None = None
     try:
         if opts.job_id is not None:
-            ctx.job = JobSink(client, opts.job_id, params.method)
+            ctx.job = JobSink(job_records(client), opts.job_id, params.method)
         elif opts.create_job:
-            job = client.create_job(
+            records = job_records(client)
+            job = records.create_job(
                 {"action": ToTask.action_name, "params": params.to_synapse(), "agent": params.agent}
             )
-            ctx.job = JobSink(client, job.id, params.method)
+            ctx.job = JobSink(records, job.id, params.method)
         if ctx.job is not None:
             ctx.job.start()
         for step in steps():

@@ -21,7 +21,7 @@ from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
 from totask_ray.params import Method
-from totask_ray.platform.base import Platform
+from totask_ray.platform.base import JobRecords
 from totask_ray.platform.errors import PlatformError
 from totask_ray.result import Metrics, RunStatus, ToTaskResult
 from totask_ray.run.progress import STEP
@@ -177,7 +177,7 @@ class LogBatcher:
 class JobSink:
     """The platform's job record and logs for this run; a failure to write them never stops the run."""
 
-    def __init__(self, client: Platform, job_id: int, method: Method | str = Method.FILE):
+    def __init__(self, client: JobRecords, job_id: int, method: Method | str = Method.FILE):
         self.client = client
         self.job_id = job_id
         self.method = Method(method)

@@ -13,13 +13,13 @@ from collections.abc import Mapping
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
-import httpx
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator
 
+from totask_ray.platform.cli_options import CliOption
 from totask_ray.platform.errors import PlatformError
+from totask_ray.platform.http import HttpSettings, settings_error
 
 ENV_URL = "LABEL_STUDIO_URL"
 ENV_KEY = "LABEL_STUDIO_API_KEY"
@@ -32,10 +32,10 @@ class WriteAs(StrEnum):
     ANNOTATIONS = "annotations"  # on request: counted as labeled work
 
 
-class LabelStudioConfig(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+class LabelStudioConfig(HttpSettings):
+    EXAMPLE_HOST = "http://localhost:8080"
+    ENV_HOST = ENV_URL
 
-    host: str
     api_key: SecretStr
     # predictions carry it; a task that already holds one of this version is skipped (resume)
     model_version: str | None = None
@@ -47,22 +47,11 @@ class LabelStudioConfig(BaseModel):
     write_chunk: int = Field(default=500, ge=1, le=500)
     # a chunk goes once no prediction came for this long (or 10x this after the first)
     write_linger_s: float = Field(default=0.1, ge=0, le=5)
-    connect_timeout_s: float = Field(default=5.0, gt=0)
+    # Label Studio's own defaults where they differ: its task reads are slower and it takes
+    # bigger pages; SQLite behind it wants fewer connections
     read_timeout_s: float = Field(default=30.0, gt=0)
-    retries: int = Field(default=5, ge=0, le=20)
-    backoff_s: float = Field(default=0.5, ge=0)
-    max_backoff_s: float = Field(default=30.0, gt=0)
-    max_retry_after_s: float = Field(default=60.0, gt=0)
     page_size: int = Field(default=500, ge=1, le=5000)
     max_connections: int = Field(default=64, ge=1)
-
-    @field_validator("host")
-    @classmethod
-    def _host(cls, v: str) -> str:
-        parts = urlsplit(v.strip())
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"must be an http(s) URL such as http://localhost:8080 (set {ENV_URL})")
-        return v.strip().rstrip("/")
 
     @field_validator("model_version")
     @classmethod
@@ -87,9 +76,7 @@ class LabelStudioConfig(BaseModel):
         try:
             return cls(**values)
         except ValidationError as exc:
-            err = exc.errors(include_url=False, include_input=False)[0]
-            where = ".".join(str(p) for p in err["loc"])
-            raise PlatformError(f"Bad Label Studio setting {where}: {err['msg']}") from None
+            raise settings_error(exc, "Label Studio") from None
 
     def for_job(self, job_name: str, project: int | None = None) -> LabelStudioConfig:
         """The config a run uses: `model_version` is the job's name unless one was given, and the
@@ -102,16 +89,13 @@ class LabelStudioConfig(BaseModel):
         return self.api_key.get_secret_value().count(".") == 2
 
     def headers(self) -> dict[str, str]:
-        h = {"Accept": "application/json"}
+        h = super().headers()
         if not self.personal_token:
             h["Authorization"] = f"Token {self.api_key.get_secret_value()}"
         return h  # a personal token is traded for an access token first (`auth.py`)
 
     def secrets(self) -> list[str]:
         return [self.api_key.get_secret_value()]
-
-    def timeout(self) -> httpx.Timeout:
-        return httpx.Timeout(self.read_timeout_s, connect=self.connect_timeout_s)
 
 
 def load_release_files(specs: list[str]) -> dict[int, dict[str, Any]]:
@@ -134,3 +118,15 @@ def load_release_files(specs: list[str]) -> dict[int, dict[str, Any]]:
             raise PlatformError(f"release config {p} must be a mapping (the plugin's config.yaml)")
         out[int(rid)] = data
     return out
+
+
+CLI_OPTIONS = (
+    CliOption("host", "host", "Platform URL", env=ENV_URL),
+    CliOption("token", "api_key", "Access token; prefer the variable", env=ENV_KEY),
+    CliOption("model-version", "model_version", "the predictions' model_version (default: the job's name)"),
+    CliOption("write", "write", "write predictions (default) or annotations"),
+    CliOption(
+        "release", "releases", "a pre-processor release, ID=path/to/config.yaml (repeatable)",
+        multiple=True, parse=load_release_files,
+    ),
+)  # fmt: skip

@@ -23,11 +23,21 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import httpx
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import SecretStr, ValidationError
 
 from totask_ray.platform.base import TaskIdPage
+from totask_ray.platform.cli_options import CliOption
 from totask_ray.platform.errors import PlatformError
-from totask_ray.platform.http import AsyncHttp, BlockingHttp, Call, HttpCore, as_dict, results
+from totask_ray.platform.http import (
+    AsyncHttp,
+    BlockingHttp,
+    Call,
+    HttpCore,
+    HttpSettings,
+    as_dict,
+    results,
+    settings_error,
+)
 from totask_ray.platform.models import (
     Agent,
     DataCollection,
@@ -42,35 +52,16 @@ from totask_ray.platform.models import (
 TASK_FIELDS = "id,data,data_unit,status,assignee"
 
 
-class SynapseConfig(BaseModel):
+class SynapseConfig(HttpSettings):
     """Where the platform is and how to authenticate; picklable, so Ray workers get a copy.
 
     Secrets are `SecretStr`: they never show up in a repr, a log line or an error message.
     """
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    host: str
     access_token: SecretStr | None = None
     user_token: SecretStr | None = None
     tenant: SecretStr | None = None
     agent_token: SecretStr | None = None
-    connect_timeout_s: float = Field(default=5.0, gt=0)
-    read_timeout_s: float = Field(default=15.0, gt=0)
-    retries: int = Field(default=5, ge=0, le=20)
-    backoff_s: float = Field(default=0.5, ge=0)
-    max_backoff_s: float = Field(default=30.0, gt=0)
-    max_retry_after_s: float = Field(default=60.0, gt=0)
-    page_size: int = Field(default=100, ge=1, le=1000)
-    max_connections: int = Field(default=100, ge=1)
-
-    @field_validator("host")
-    @classmethod
-    def _host(cls, v: str) -> str:
-        parts = urlsplit(v.strip())
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError("must be an http(s) URL such as https://api.example.com (set SYNAPSE_HOST)")
-        return v.strip().rstrip("/")
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> SynapseConfig:
@@ -94,15 +85,14 @@ class SynapseConfig(BaseModel):
         try:
             return cls(**values)
         except ValidationError as exc:
-            err = exc.errors(include_url=False, include_input=False)[0]
-            raise PlatformError(f"Bad platform setting {err['loc'][0]}: {err['msg']}") from None
+            raise settings_error(exc, "platform") from None
 
     def for_job(self, job_name: str, project: int | None = None) -> SynapseConfig:
         """The config a run uses: a Synapse run needs nothing of the job's (the SDK's behaviour)."""
         return self
 
     def headers(self) -> dict[str, str]:
-        h = {"Accept": "application/json"}
+        h = super().headers()
         if self.access_token is not None:
             h["Synapse-Access-Token"] = f"Token {self.access_token.get_secret_value()}"
         elif self.user_token is not None:
@@ -120,8 +110,12 @@ class SynapseConfig(BaseModel):
             if s is not None and s.get_secret_value()
         ]
 
-    def timeout(self) -> httpx.Timeout:
-        return httpx.Timeout(self.read_timeout_s, connect=self.connect_timeout_s)
+
+CLI_OPTIONS = (
+    CliOption("host", "host", "Platform URL", env="SYNAPSE_HOST"),
+    CliOption("token", "access_token", "Access token; prefer the variable", env="SYNAPSE_ACCESS_TOKEN"),
+    CliOption("tenant", "tenant", "Tenant", env="SYNAPSE_PLUGIN_RUN_TENANT"),
+)
 
 
 def encode_filters(filters: Mapping[str, Any]) -> dict[str, str]:
@@ -160,6 +154,7 @@ def _page_of_ids(body: Any) -> TaskIdPage:
 class _Endpoints:
     """Each endpoint written once; `_execute` makes it blocking or awaitable."""
 
+    name = "Synapse"
     _core: HttpCore
 
     _execute: Any  # the flavour (BlockingHttp, AsyncHttp) provides it
@@ -200,7 +195,7 @@ class _Endpoints:
 
     def annotate_task(
         self,
-        task_id: int,
+        task: Task,
         data: dict[str, Any],
         schema: str | None = None,
         *,
@@ -211,7 +206,7 @@ class _Endpoints:
         return self._execute(
             Call(
                 "PUT",
-                f"tasks/{int(task_id)}/annotate_task_data/",
+                f"tasks/{int(task.id)}/annotate_task_data/",
                 as_dict,
                 params={"schema": "any"} if schema == "any" else None,
                 json={"action": "submit", "data": data},
