@@ -8,7 +8,14 @@ from __future__ import annotations
 import numpy as np
 from helpers import config_for, make_project
 
+from totask_ray.params import ToTaskParams
 from totask_ray.pipeline.source import PAGES_PER_READ_TASK, TaskIdSource
+from totask_ray.pipeline.spec import RunOptions, RunSpec
+
+
+def _spec(platform, project: int, page_size: int) -> RunSpec:
+    params = ToTaskParams.parse({"name": "Ids", "project": project, "target_specification_name": "a"})
+    return RunSpec(params=params, options=RunOptions(page_size=page_size), platform=config_for(platform))
 
 
 def _read_all(source: TaskIdSource) -> tuple[list[int], list[int], int]:
@@ -24,7 +31,7 @@ def test_short_reads_cover_every_task_once(platform):
     project, task_ids = make_project(platform, [{"files": None, "status": "pending"}] * 2_050)
     make_project(platform, [{"files": None}] * 30)  # another project's tasks must not appear
     page = 100
-    source = TaskIdSource(config_for(platform), project, {}, count=len(task_ids), page_size=page)
+    source = TaskIdSource(_spec(platform, project, page), count=len(task_ids))
     ids, rows, n_reads = _read_all(source)
     pages = -(-len(task_ids) // page)
     assert n_reads == -(-pages // PAGES_PER_READ_TASK)  # short ranges, not one per CPU
@@ -36,7 +43,7 @@ def test_reads_skip_excluded_tasks_and_stop_when_the_listing_shrinks(platform):
     project, task_ids = make_project(platform, [{"files": None}] * 450)
     exclude = np.array(sorted(task_ids[::3]), dtype=np.int64)
     # counted 1,000 tasks but only 450 exist now: the reads past the end find no page and stop
-    source = TaskIdSource(config_for(platform), project, {}, count=1_000, page_size=50, exclude=exclude)
+    source = TaskIdSource(_spec(platform, project, 50), count=1_000, exclude=exclude)
     ids, _, n_reads = _read_all(source)
     assert n_reads == -(-20 // PAGES_PER_READ_TASK)  # planned on the count: 20 pages of 50
     assert sorted(ids) == sorted(set(task_ids) - set(exclude.tolist()))

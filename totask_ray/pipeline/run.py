@@ -156,15 +156,7 @@ def run_pipeline(spec: PipelineSpec) -> Iterator[dict[str, Any]]:
     configure_data_context(o.no_progress_timeout_s, o.verbose_ray)
     ship_plugin(spec.run.action_cls)
     actors = plan_actors(o.num_actors, o.actor_cpus)
-    source = TaskIdSource(
-        spec.run.platform,
-        p.project,
-        p.task_filters,
-        spec.total,
-        page_size=o.page_size,
-        exclude=spec.exclude,
-        stop_flag=spec.stop_flag,
-    )
+    source = TaskIdSource(spec.run, spec.total, exclude=spec.exclude, stop_flag=spec.stop_flag)
     moving = listing_moves_under_us(p.on_success, p.task_filters)
     dataset = snapshot_dataset(spec, source) if moving else task_dataset(source)
     annotator = spec.annotator

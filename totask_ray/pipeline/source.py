@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -26,8 +26,9 @@ import pyarrow as pa
 from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
+from totask_ray.pipeline.spec import RunSpec
 from totask_ray.pipeline.stop import is_set
-from totask_ray.platform.connect import PlatformConfig, connect
+from totask_ray.platform.connect import connect
 from totask_ray.platform.errors import NotFoundError
 
 READ_TASK_CPUS = 0.1
@@ -47,24 +48,16 @@ def id_block(ids: list[int], exclude: np.ndarray | None) -> pa.Table:
 class TaskIdSource(Datasource):
     """A Ray Data `Datasource` over the platform's task-id pages.
 
+    It reads the run's spec (the platform, the project and filters, the run's `page_size`);
     `exclude` (sorted ids) drops tasks already done in a previous run (`--resume`).
     """
 
-    def __init__(
-        self,
-        config: PlatformConfig,
-        project: int,
-        filters: Mapping[str, Any],
-        count: int,
-        page_size: int = 100,
-        exclude: np.ndarray | None = None,
-        stop_flag: Any = None,
-    ):
-        self.config = config
-        self.project = project
-        self.filters = dict(filters)
+    def __init__(self, spec: RunSpec, count: int, exclude: np.ndarray | None = None, stop_flag: Any = None):
+        self.config = spec.platform
+        self.project = spec.params.project
+        self.filters = dict(spec.params.task_filters)
+        self.page_size = spec.options.page_size
         self.count = count
-        self.page_size = page_size
         self.exclude = exclude
         self.stop_flag = stop_flag
 
