@@ -60,12 +60,8 @@ def platform(tmp_path_factory):
     """The embedded platform, as a separate server process over real HTTP on loopback."""
     from totask_ray.embedded.server import LocalPlatform
 
-    lp = LocalPlatform(data_dir=tmp_path_factory.mktemp("platform"), fault_injection=True)
-    lp.start()
-    try:
+    with LocalPlatform(data_dir=tmp_path_factory.mktemp("platform"), fault_injection=True) as lp:
         yield lp
-    finally:
-        lp.stop()
 
 
 @pytest.fixture(scope="session")

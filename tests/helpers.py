@@ -18,7 +18,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, TypeVar
 
+import httpx
+
 from totask_ray.platform.synapse.client import SynapseConfig
+
+REPO = Path(__file__).resolve().parents[1]  # the repository's root
 
 SPECS = [
     {"name": "image_1", "is_primary": True, "file_type": "image"},
@@ -326,3 +330,41 @@ def job_submit(
             proc.stderr += f"\n[still no job agent after {timeout:.0f} s]\n{head.diagnosis()}"
             return proc
         time.sleep(1)
+
+
+def follow_pages(
+    c: httpx.Client, params: dict | list, path: str = "/sdk/tasks/"
+) -> tuple[list[int], list[dict]]:
+    """Every id over all pages (following `next` as given) and every page's JSON."""
+    pages = []
+    r = c.get(path, params=params)
+    while True:
+        assert r.status_code == 200, r.text
+        page = r.json()
+        pages.append(page)
+        if page["next"] is None:
+            break
+        r = c.get(page["next"])
+    return [t["id"] for p in pages for t in p["results"]], pages
+
+
+@contextmanager
+def serve_in_thread(app: Any) -> Iterator[str]:
+    """Serve an ASGI app with uvicorn on a free loopback port in a thread; yields its URL."""
+    import uvicorn
+
+    from totask_ray.embedded.server import bind_socket
+
+    sock = bind_socket("127.0.0.1", 0)
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on"))
+    th = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    th.start()
+    wait_until(lambda: server.started or not th.is_alive(), "the in-thread uvicorn server to start", 10)
+    assert th.is_alive(), "the in-thread uvicorn server exited before it started"
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        th.join(10)
+        sock.close()

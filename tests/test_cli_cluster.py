@@ -11,9 +11,17 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import BIN, cli_env, faces_release, good_unit, job_submit, make_project, ray_head, read_report
-
-REPO = Path(__file__).resolve().parents[1]
+from helpers import (
+    BIN,
+    REPO,
+    cli_env,
+    faces_release,
+    good_unit,
+    job_submit,
+    make_project,
+    ray_head,
+    read_report,
+)
 
 
 def _env(platform, **extra: str) -> dict[str, str]:

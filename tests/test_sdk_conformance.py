@@ -28,11 +28,11 @@ from typing import Any
 
 import httpx
 import pytest
+from helpers import REPO
 
 from devtools.sdk_env import SDK_VERSION, SdkEnvError, ensure_sdk_venv, find_python312, sdk_venv_ready
 from totask_ray.embedded.seeds import seed_files_demo
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 SCRIPT_DIR = Path(__file__).resolve().parent / "sdk_conformance"
 SCRIPT = SCRIPT_DIR / "run_sdk_calls.py"
 
@@ -56,7 +56,7 @@ RUN_TIMEOUT_S = 120
 
 @pytest.fixture(scope="module")
 def sdk_python() -> Path:
-    ready = sdk_venv_ready(REPO_ROOT)
+    ready = sdk_venv_ready(REPO)
     if ready is not None:
         return ready
     python = find_python312()
@@ -66,7 +66,7 @@ def sdk_python() -> Path:
         pytest.skip(reason)
     start = time.monotonic()
     try:
-        py = ensure_sdk_venv(REPO_ROOT, python=python)
+        py = ensure_sdk_venv(REPO, python=python)
     except SdkEnvError as exc:
         pytest.fail(f"building the synapse-sdk venv failed:\n{exc}", pytrace=False)
     print(f"synapse-sdk venv built in {time.monotonic() - start:.1f} s ({python})", file=sys.stderr)

@@ -6,8 +6,8 @@ transport (no socket at all) or hostnames that resolve to loopback; nothing cont
 127.0.0.1.
 
 Covered elsewhere, not repeated: the token on every endpoint but health
-(tests/platform/test_platform_auth.py::test_401_without_a_valid_token_and_nothing_leaks) and path
-traversal out of the media dir (tests/platform/test_platform_media.py::
+(tests/embedded/test_embedded_auth.py::test_401_without_a_valid_token_and_nothing_leaks) and path
+traversal out of the media dir (tests/embedded/test_embedded_media.py::
 test_path_traversal_is_404_even_with_the_token, test_expired_tampered_and_missing_signatures_are_403).
 """
 

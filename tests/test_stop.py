@@ -26,7 +26,6 @@ from totask_ray.platform.synapse import SynapseClient, SynapseConfig
 
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parents[1]
 TASKS = 800
 STOP_AT = 0.25  # the signal comes once this share of the tasks has been written
 HOLD_S = 1.5  # from then on each write waits this long, so the stop lands before the run can end
@@ -42,12 +41,10 @@ def _hold_writes(platform) -> None:
 @pytest.fixture(scope="module")
 def slow_platform(tmp_path_factory):
     """Its own platform with 15 ms per answer, so a run lasts long enough to be stopped mid-way."""
-    lp = LocalPlatform(data_dir=tmp_path_factory.mktemp("stop-platform"), latency_ms=15, fault_injection=True)
-    lp.start()
-    try:
+    with LocalPlatform(
+        data_dir=tmp_path_factory.mktemp("stop-platform"), latency_ms=15, fault_injection=True
+    ) as lp:
         yield lp
-    finally:
-        lp.stop()
 
 
 @pytest.fixture(scope="module")

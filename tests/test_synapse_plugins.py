@@ -13,11 +13,10 @@ Every outcome is read back from the platform.
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import pytest
 import yaml
-from helpers import config_for, good_unit, make_project
+from helpers import REPO, config_for, good_unit, make_project
 
 from totask_ray import ToTaskError, run_to_task
 from totask_ray.embedded.seeds import write_sample_images
@@ -25,7 +24,6 @@ from totask_ray.serving.config import load_release_config
 
 pytestmark = pytest.mark.usefixtures("ray_cluster", "serve_http_port")
 
-REPO = Path(__file__).resolve().parents[1]
 FAST = {"serve_poll_interval_s": 0.5, "serve_ready_timeout_s": 120, "progress_bar": False, "num_actors": 1}
 APP = "face-finder@1.0.0"
 

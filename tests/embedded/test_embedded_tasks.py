@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pytest
-from _platform_helpers import follow_pages
+from helpers import follow_pages
 
 STATUSES = ["pending", "in_progress", "completed", "in_review"]
 

@@ -38,9 +38,5 @@ def demo(platform: LocalPlatform) -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def remote_like(tmp_path_factory) -> Iterator[LocalPlatform]:
     """A second platform with a tenant, 150 ms latency and no fault injection."""
-    lp = LocalPlatform(tmp_path_factory.mktemp("remote-like"), tenant="acme", latency_ms=150)
-    lp.start()
-    try:
+    with LocalPlatform(tmp_path_factory.mktemp("remote-like"), tenant="acme", latency_ms=150) as lp:
         yield lp
-    finally:
-        lp.stop()

@@ -20,7 +20,7 @@ from typing import Any
 import httpx
 import pytest
 import yaml
-from helpers import free_port
+from helpers import REPO, free_port
 
 from totask_ray.embedded.ray_runner import ENV_RAY_ADDRESS, ENV_SERVE_PORT
 from totask_ray.embedded.seeds import match_faces, release_config, seed_faces_demo, write_sample_images
@@ -35,7 +35,6 @@ RUNNER = "totask_ray.embedded.ray_runner:ray_plugin_runner"
 VERSION = "1.0.0+runner"
 APP = f"faces@{VERSION}"
 SDK_APP = f"face-finder@{VERSION}"  # examples/synapse_preprocessor: a release in the Synapse SDK's shape
-REPO = Path(__file__).resolve().parents[1]
 # The astronaut's face in the 512x512 picture: box centre about (223, 113).
 FACE_CENTRE = (223, 113)
 

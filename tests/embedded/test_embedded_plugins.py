@@ -6,7 +6,7 @@ from typing import Any
 
 import httpx
 import pytest
-from _platform_helpers import follow_pages, serve_in_thread
+from helpers import follow_pages, serve_in_thread
 
 from totask_ray.embedded.app import create_app
 from totask_ray.embedded.runner import NO_RUNNER_DETAIL, PluginRunError
