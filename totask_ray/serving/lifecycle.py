@@ -28,6 +28,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol, runtime_checkable
 
+from totask_ray.platform.base import Agents
 from totask_ray.serving.capacity import (
     CapacityError,
     CapacityReport,
@@ -471,12 +472,12 @@ def _names_other_version(row: Any, app_name: str, version: str) -> bool:
 class SynapseServeBackend:
     """Go through the platform: its agent deploys onto its own Ray cluster.
 
-    ``client`` is duck-typed: ``list_serve_applications(plugin_code=..., agent=...) -> list[dict]`` and
-    ``run_plugin(code, body) -> dict``; ``delete_serve_application(app_name, agent=...)`` is used if
-    it exists (the Synapse contract has no delete endpoint).
+    ``client`` is the platform's `Agents` (``list_serve_applications``, ``run_plugin``);
+    ``delete_serve_application(app_name, agent=...)`` is used if it exists (the Synapse contract has
+    no delete endpoint).
     """
 
-    def __init__(self, client: Any, agent: int | str) -> None:
+    def __init__(self, client: Agents, agent: int | str) -> None:
         self.client = client
         self.agent = agent
 
