@@ -22,7 +22,7 @@ import argparse
 import sys
 import time
 
-from bench import common as c
+from bench import local_ray, meters, tables
 
 BENCHES = ("file", "client-cpu", "inference", "memory", "startup", "label-studio", "accelerator", "scaleout")
 
@@ -78,16 +78,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     which = BENCHES if args.bench == "all" else (args.bench,)
     t0 = time.perf_counter()
-    ray_s = c.start_ray(args.ray_cpus)
-    info = c.machine_info()
-    c.say(
+    ray_s = local_ray.start_ray(args.ray_cpus)
+    info = meters.machine_info()
+    tables.say(
         f"machine: {info['nproc']} cores ({info['cpu']}), {info['ram_gib']} GiB RAM, load average {info['loadavg']}, "
         f"Python {info['python']}, Ray {info['ray']}, {info['date']}; local Ray started in {ray_s:.1f} s"
         + (" -- SMOKE MODE: the numbers below mean nothing" if args.smoke else "")
     )
     code = 0
     for name in which:
-        c.say(f"\n## bench {name}")
+        tables.say(f"\n## bench {name}")
         b0 = time.perf_counter()
         try:
             if name == "file":
@@ -111,10 +111,10 @@ def main(argv: list[str] | None = None) -> int:
             import traceback
 
             traceback.print_exc()
-            c.say(f"bench {name} FAILED: {type(exc).__name__}: {exc}")
+            tables.say(f"bench {name} FAILED: {type(exc).__name__}: {exc}")
             code = 1
-        c.say(f"(bench {name} took {time.perf_counter() - b0:.0f} s)")
-    c.say(
+        tables.say(f"(bench {name} took {time.perf_counter() - b0:.0f} s)")
+    tables.say(
         f"\ntotal {time.perf_counter() - t0:.0f} s; load average now {[round(x, 2) for x in __import__('os').getloadavg()]}"
     )
     return code

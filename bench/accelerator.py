@@ -22,9 +22,9 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from bench import common as c
+from bench import environment, local_platform, local_ray, tables
 
-APP_DIR = c.ROOT / "bench" / "accel_app"
+APP_DIR = environment.ROOT / "bench" / "accel_app"
 GPUS = 4
 REPLICAS = (1, 2, 4)
 
@@ -103,21 +103,21 @@ def main(args: Any, *, ray_started: bool = False) -> dict[str, Any]:
     cpus = getattr(args, "ray_cpus", None) or os.cpu_count() or 1
     ray.init(address="local", num_cpus=cpus, num_gpus=GPUS, include_dashboard=False, configure_logging=False,
              log_to_driver=False, runtime_env={"env_vars": {"RAY_USAGE_STATS_ENABLED": "0"}})  # fmt: skip
-    c.say(f"local Ray with {cpus} logical CPUs and {GPUS} logical GPUs on {os.cpu_count()} cores")
-    serve_port = c.start_serve_loopback()
+    tables.say(f"local Ray with {cpus} logical CPUs and {GPUS} logical GPUs on {os.cpu_count()} cores")
+    serve_port = local_ray.start_serve_loopback()
     if getattr(args, "no_sdk", False):
         sdk_py, sdk_why = None, "skipped (--no-sdk)"
     else:
         sdk_py, sdk_why = inf.sdk_unavailable(args.smoke)
     runner = None
     if sdk_py is not None:
-        os.environ["TOTASK_PLATFORM_RAY_ADDRESS"] = c.ray_address()
+        os.environ["TOTASK_PLATFORM_RAY_ADDRESS"] = local_ray.ray_address()
         os.environ["TOTASK_PLATFORM_SERVE_PORT"] = str(serve_port)
         runner = inf.RUNNER
     logs = Path(tempfile.mkdtemp(prefix="totask-accel-"))
     out: dict[str, Any] = {"images": n, "runs": runs, "rows": {}}
     try:
-        with c.platform(plugin_runner=runner) as bp:
+        with local_platform.platform(plugin_runner=runner) as bp:
             sample = write_sample_images(bp.lp.media_dir)
             names = [inf.IMAGE_CYCLE[i % len(inf.IMAGE_CYCLE)] for i in range(n)]
             paths = [sample[k]["path"] for k in names]
@@ -140,35 +140,35 @@ def main(args: Any, *, ray_started: bool = False) -> dict[str, Any]:
                     got = inf.run_totask(bp, project, n, release, bp.tmp / "report.jsonl")
                     got["busy"] = busy(log_dir)
                     per.append(got)
-                    c.log(
+                    tables.log(
                         f"N={replicas}: {got['images_per_s']} images/s, busy {got['busy']}, first write {got.get('to_first_write_s')} s"
                     )
                 sdk = None
                 if sdk_py is not None and replicas == 1 and not args.smoke:
                     sdk = inf.run_sdk(bp, sdk_py, project, n, release)
-                    c.log(f"N=1 sdk: {sdk.get('images_per_s')} images/s {sdk.get('error', '')}")
+                    tables.log(f"N=1 sdk: {sdk.get('images_per_s')} images/s {sdk.get('error', '')}")
                 for app in list(serve.status().applications):
                     if app.startswith("accel"):
                         serve.delete(app)
-                whole = c.median([p["images_per_s"] for p in per])
-                in_span = c.median([p["busy"].get("images_in_span_per_s", 0) for p in per])
+                whole = tables.median([p["images_per_s"] for p in per])
+                in_span = tables.median([p["busy"].get("images_in_span_per_s", 0) for p in per])
                 shares = [s for p in per for s in p["busy"].get("busy", [])]
                 target = replicas * one_best
                 row = {
                     "replicas": replicas, "images_per_s": whole, "in_span_per_s": in_span,
-                    "busy_min": min(shares) if shares else None, "busy_median": c.median(shares) if shares else None,
+                    "busy_min": min(shares) if shares else None, "busy_median": tables.median(shares) if shares else None,
                     "vs_n_best": round(in_span / target, 3), "mean_batch": per[-1]["busy"].get("mean_batch"),
                     "runs": [p["images_per_s"] for p in per], "errors": [p.get("error") for p in per if p.get("error")],
                     "sdk_images_per_s": sdk.get("images_per_s") if sdk else None,
                 }  # fmt: skip
                 out["rows"][replicas] = row
                 rows.append([
-                    replicas, c.fmt(whole, 1), c.fmt(in_span, 1), f"{c.fmt(target, 0)}",
-                    c.fmt(row["vs_n_best"], 2), c.fmt(row["busy_median"], 2), c.fmt(row["busy_min"], 2),
-                    row["mean_batch"], " ".join(c.fmt(x, 1) for x in row["runs"]),
+                    replicas, tables.fmt(whole, 1), tables.fmt(in_span, 1), f"{tables.fmt(target, 0)}",
+                    tables.fmt(row["vs_n_best"], 2), tables.fmt(row["busy_median"], 2), tables.fmt(row["busy_min"], 2),
+                    row["mean_batch"], " ".join(tables.fmt(x, 1) for x in row["runs"]),
                 ])  # fmt: skip
-            c.say(
-                c.table(
+            tables.say(
+                tables.table(
                     [
                         "replicas (1 GPU each)",
                         "images/s whole run",
@@ -187,12 +187,12 @@ def main(args: Any, *, ray_started: bool = False) -> dict[str, Any]:
             )
             first = out["rows"].get(1, {})
             if first.get("sdk_images_per_s"):
-                c.say(f"  totask-ray / sdk at N=1: {c.fmt(c.ratio(first['images_per_s'], first['sdk_images_per_s']), 2)}x "
+                tables.say(f"  totask-ray / sdk at N=1: {tables.fmt(tables.ratio(first['images_per_s'], first['sdk_images_per_s']), 2)}x "
                       "(target >= 5x)")  # fmt: skip
             else:
-                c.say(f"  totask-ray / sdk: n/a ({sdk_why or 'the SDK run failed'})")
+                tables.say(f"  totask-ray / sdk: n/a ({sdk_why or 'the SDK run failed'})")
             bound = next((r for r in counts if r * one_best > decode), None)
-            c.say(f"  CPU decoding bounds the run from N = {bound} (decode-only {decode:.0f} images/s against "
+            tables.say(f"  CPU decoding bounds the run from N = {bound} (decode-only {decode:.0f} images/s against "
                   f"{one_best:.0f} images/s per replica)")  # fmt: skip
             out["decode_per_s"] = round(decode, 1)
             out["one_best"] = round(one_best, 1)
@@ -200,6 +200,6 @@ def main(args: Any, *, ray_started: bool = False) -> dict[str, Any]:
         shutil.rmtree(logs, ignore_errors=True)
         ray.shutdown()
         if ray_started:
-            c.start_ray(getattr(args, "ray_cpus", None))
-    c.dump_json("accelerator", out)
+            local_ray.start_ray(getattr(args, "ray_cpus", None))
+    tables.dump_json("accelerator", out)
     return out

@@ -18,14 +18,14 @@ import asyncio
 import time
 from typing import Any
 
-from bench import common as c
+from bench import local_platform, meters, tables
 from bench.file_method import _finish as finish_run
 from bench.file_method import _raw_async as bare_client  # the file bench's raw contender
 
 CONCURRENCY = 32  # the annotator's default (`concurrency`); the bare client gets the same
 
 
-def _annotator(bp: c.BenchPlatform) -> Any:
+def _annotator(bp: local_platform.BenchPlatform) -> Any:
     from totask_ray.methods.file import FileAnnotator
     from totask_ray.params import ToTaskParams
     from totask_ray.pipeline.spec import RunOptions, RunSpec
@@ -35,7 +35,7 @@ def _annotator(bp: c.BenchPlatform) -> Any:
             "name": "bench_client_cpu",
             "project": bp.project,
             "method": "file",
-            "target_specification_name": c.FILE_TARGET_SPEC,
+            "target_specification_name": local_platform.FILE_TARGET_SPEC,
             "task_filters": {},
         }
     )
@@ -44,7 +44,7 @@ def _annotator(bp: c.BenchPlatform) -> Any:
     )
 
 
-async def _ours(bp: c.BenchPlatform, ids: list[int], block: int) -> int:
+async def _ours(bp: local_platform.BenchPlatform, ids: list[int], block: int) -> int:
     annotator = _annotator(bp)
     await annotator._ready()
     failed = 0
@@ -64,9 +64,9 @@ async def _ours(bp: c.BenchPlatform, ids: list[int], block: int) -> int:
     return failed
 
 
-def _measure(bp: c.BenchPlatform, name: str, ids: list[int], block: int) -> dict[str, Any]:
-    c.clear_task_data(bp.store, bp.project)
-    wm = c.history_watermark(bp.store)
+def _measure(bp: local_platform.BenchPlatform, name: str, ids: list[int], block: int) -> dict[str, Any]:
+    local_platform.clear_task_data(bp.store, bp.project)
+    wm = local_platform.history_watermark(bp.store)
     cpu0, t0, e0 = time.process_time(), time.perf_counter(), time.time()
     errors = asyncio.run(bare_client(bp, ids, CONCURRENCY) if name == "bare" else _ours(bp, ids, block))
     cpu, secs = time.process_time() - cpu0, time.perf_counter() - t0
@@ -79,8 +79,8 @@ def _measure(bp: c.BenchPlatform, name: str, ids: list[int], block: int) -> dict
 def main(args: Any, *, ray_started: bool = False) -> dict[str, Any]:
     tasks, runs = (200, 1) if args.smoke else (args.tasks or 3000, args.runs)
     block = 100
-    with c.platform() as bp:
-        c.seed_files(bp, tasks)
+    with local_platform.platform() as bp:
+        local_platform.seed_files(bp, tasks)
         ids = bp.task_ids
         for name in ("bare", "totask-ray"):  # warm-up (not counted): imports, pydantic's models
             _measure(bp, name, ids[:300], block)
@@ -89,7 +89,7 @@ def main(args: Any, *, ray_started: bool = False) -> dict[str, Any]:
             for name in results:
                 res = _measure(bp, name, ids, block)
                 results[name].append(res)
-                c.log(
+                tables.log(
                     f"run {r + 1}/{runs} {name}: {res['cpu_ms_per_task']:.3f} ms CPU/task, "
                     f"{res['tasks_per_s']:.0f} tasks/s" + (f" ERROR {res['error']}" if "error" in res else "")
                 )
@@ -98,55 +98,55 @@ def main(args: Any, *, ray_started: bool = False) -> dict[str, Any]:
             profile = _profile(bp, ids, block, args.profile)
     summary = {
         name: {
-            "cpu_ms_per_task": c.median([x["cpu_ms_per_task"] for x in rs]),
-            "tasks_per_s": c.median([x["tasks_per_s"] for x in rs]),
+            "cpu_ms_per_task": tables.median([x["cpu_ms_per_task"] for x in rs]),
+            "tasks_per_s": tables.median([x["tasks_per_s"] for x in rs]),
             "runs_cpu_ms": [x["cpu_ms_per_task"] for x in rs],
             "failed_runs": sum(1 for x in rs if "error" in x),
         }
         for name, rs in results.items()
     }
     ours, bare = summary["totask-ray"]["cpu_ms_per_task"], summary["bare"]["cpu_ms_per_task"]
-    ratio = c.ratio(ours, bare)
+    ratio = tables.ratio(ours, bare)
     rows = [
         [
             n,
-            c.fmt(tasks),
-            c.fmt(s["cpu_ms_per_task"], 3),
-            c.fmt(s["tasks_per_s"]),
-            c.fmt(c.ratio(s["cpu_ms_per_task"], bare), 2),
+            tables.fmt(tasks),
+            tables.fmt(s["cpu_ms_per_task"], 3),
+            tables.fmt(s["tasks_per_s"]),
+            tables.fmt(tables.ratio(s["cpu_ms_per_task"], bare), 2),
             f"{s['failed_runs']}/{runs}",
             " ".join(f"{x:.3f}" for x in s["runs_cpu_ms"]),
         ]
         for n, s in summary.items()
     ]
-    c.say(
-        c.table(
+    tables.say(
+        tables.table(
             ["contender", "tasks", "CPU ms/task", "tasks/s", "vs bare", "failed runs", "runs ms"],
             rows,
             f"Client CPU per task, file method, loopback, concurrency {CONCURRENCY}, medians of {runs}",
         )
     )
     lines = [
-        c.target_line("totask-ray CPU per task", ours, "<=", 1.5, " ms")[0],
-        c.target_line("totask-ray / bare CPU per task", ratio, "<=", 2.0, "x")[0],
+        tables.target_line("totask-ray CPU per task", ours, "<=", 1.5, " ms")[0],
+        tables.target_line("totask-ray / bare CPU per task", ratio, "<=", 2.0, "x")[0],
     ]
     for line in lines:
-        c.say("  " + line)
+        tables.say("  " + line)
     if profile:
-        c.say(profile)
-    out = {"machine": c.machine_info(), "summary": summary, "runs": results, "targets": lines}
-    c.dump_json("client_cpu", out)
+        tables.say(profile)
+    out = {"machine": meters.machine_info(), "summary": summary, "runs": results, "targets": lines}
+    tables.dump_json("client_cpu", out)
     return out
 
 
-def _profile(bp: c.BenchPlatform, ids: list[int], block: int, out_dir: str) -> str:
+def _profile(bp: local_platform.BenchPlatform, ids: list[int], block: int, out_dir: str) -> str:
     """One more totask-ray run under cProfile (not counted): where the client's CPU goes."""
     import cProfile
     import io
     import pstats
     from pathlib import Path
 
-    c.clear_task_data(bp.store, bp.project)
+    local_platform.clear_task_data(bp.store, bp.project)
     prof = cProfile.Profile()
     prof.enable()
     asyncio.run(_ours(bp, ids, block))

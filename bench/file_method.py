@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench import common as c
+from bench import local_platform, local_ray, meters, profiling, public_sdk, tables
 
 RAW_CONCURRENCY = (16, 64, 128)
 SDK_BATCHES = (1, 8, 32, 64)
@@ -40,7 +40,7 @@ LATENCIES = (0.0, 20.0)
 # -- contenders -----------------------------------------------------------------------------------
 
 
-async def _raw_async(bp: c.BenchPlatform, ids: list[int], concurrency: int) -> int:
+async def _raw_async(bp: local_platform.BenchPlatform, ids: list[int], concurrency: int) -> int:
     import aiohttp
 
     base = bp.url
@@ -57,7 +57,7 @@ async def _raw_async(bp: c.BenchPlatform, ids: list[int], concurrency: int) -> i
                     async with s.get(f"{base}/tasks/{tid}/?fields=id,data,data_unit&expand=data_unit") as r:
                         task = json.loads(await r.read())
                         r.raise_for_status()
-                    url = task["data_unit"]["files"][c.FILE_TARGET_SPEC]["url"]
+                    url = task["data_unit"]["files"][local_platform.FILE_TARGET_SPEC]["url"]
                     async with s.get(url) as r:
                         data = json.loads(await r.read())
                         r.raise_for_status()
@@ -72,23 +72,25 @@ async def _raw_async(bp: c.BenchPlatform, ids: list[int], concurrency: int) -> i
     return errors
 
 
-def run_raw(bp: c.BenchPlatform, concurrency: int) -> dict[str, Any]:
+def run_raw(bp: local_platform.BenchPlatform, concurrency: int) -> dict[str, Any]:
     ids = bp.task_ids
-    c.clear_task_data(bp.store, bp.project)
-    wm = c.history_watermark(bp.store)
-    with c.CpuMeter({"client": lambda: [__import__("os").getpid()], "server": bp.pid_list}) as cpu:
+    local_platform.clear_task_data(bp.store, bp.project)
+    wm = local_platform.history_watermark(bp.store)
+    with meters.CpuMeter({"client": lambda: [__import__("os").getpid()], "server": bp.pid_list}) as cpu:
         t0, e0 = time.perf_counter(), time.time()
         errors = asyncio.run(_raw_async(bp, ids, concurrency))
         secs = time.perf_counter() - t0
     return _finish(bp, wm, len(ids), secs, cpu.shares(), errors=errors, started=e0)
 
 
-def run_sdk(bp: c.BenchPlatform, sdk_py: Path, batch: int, n: int) -> dict[str, Any]:
-    wm = c.history_watermark(bp.store)
+def run_sdk(bp: local_platform.BenchPlatform, sdk_py: Path, batch: int, n: int) -> dict[str, Any]:
+    wm = local_platform.history_watermark(bp.store)
     limit = n if n < len(bp.task_ids) else None
     e0 = time.time()
-    with c.CpuMeter({"server": bp.pid_list}) as cpu:
-        r = c.run_sdk_totask(sdk_py, bp, c.sdk_file_params(bp, batch, limit), bp.tmp / "sdk")
+    with meters.CpuMeter({"server": bp.pid_list}) as cpu:
+        r = public_sdk.run_sdk_totask(
+            sdk_py, bp, public_sdk.sdk_file_params(bp, batch, limit), bp.tmp / "sdk"
+        )
     cpu.add("sdk", r.cpu_s)
     ok = r.returncode == 0 and r.result is not None and r.result.get("success_count") == n
     out = _finish(
@@ -106,7 +108,7 @@ def run_sdk(bp: c.BenchPlatform, sdk_py: Path, batch: int, n: int) -> dict[str, 
 
 
 def run_totask(
-    bp: c.BenchPlatform, report: Path, profile_dir: Path | None = None, **options: Any
+    bp: local_platform.BenchPlatform, report: Path, profile_dir: Path | None = None, **options: Any
 ) -> dict[str, Any]:
     import os
 
@@ -116,23 +118,23 @@ def run_totask(
         "name": "bench_file",
         "project": bp.project,
         "method": "file",
-        "target_specification_name": c.FILE_TARGET_SPEC,
+        "target_specification_name": local_platform.FILE_TARGET_SPEC,
         "task_filters": {},
     }
     job = bp.store.create_job("to_task", params, agent_id=bp.agent)
-    c.clear_task_data(bp.store, bp.project)
-    wm = c.history_watermark(bp.store)
+    local_platform.clear_task_data(bp.store, bp.project)
+    wm = local_platform.history_watermark(bp.store)
     me = os.getpid()
     groups = {
         "driver": lambda: [me],
-        "ray": lambda: c.descendants(lambda: set(bp.pid_list())),
+        "ray": lambda: meters.descendants(lambda: set(bp.pid_list())),
         "server": bp.pid_list,
     }
     profiler = None
     if profile_dir is not None:
         profiler = _Profiler(bp, profile_dir)
         profiler.start()
-    with c.CpuMeter(groups) as cpu:
+    with meters.CpuMeter(groups) as cpu:
         t0, e0 = time.perf_counter(), time.time()
         result = run_to_task(
             params, platform=bp.config(), report=report, job_id=job, progress_bar=False, **options
@@ -153,46 +155,54 @@ class _Profiler(threading.Thread):
 
     SECONDS = 10
 
-    def __init__(self, bp: c.BenchPlatform, out_dir: Path):
+    def __init__(self, bp: local_platform.BenchPlatform, out_dir: Path):
         super().__init__(name="profiler", daemon=True)
         self.bp, self.out_dir, self.text = bp, out_dir, "(not profiled)"
-        self.wm = c.history_watermark(bp.store)
+        self.wm = local_platform.history_watermark(bp.store)
 
     def run(self) -> None:
         import psutil
 
-        if c.py_spy() is None:
+        if profiling.py_spy() is None:
             self.text = "(py-spy not found: pip install py-spy)"
             return
         deadline = time.monotonic() + 120
-        while c.first_write_after(self.bp.store, self.wm) is None and time.monotonic() < deadline:
+        while (
+            local_platform.first_write_after(self.bp.store, self.wm) is None and time.monotonic() < deadline
+        ):
             time.sleep(0.1)
         time.sleep(0.5)
         pids = []
-        for pid in c.descendants(lambda: set(self.bp.pid_list())):
+        for pid in meters.descendants(lambda: set(self.bp.pid_list())):
             try:
                 if "FileAnnotator" in " ".join(psutil.Process(pid).cmdline()):
                     pids.append(pid)
             except psutil.Error:
                 continue
-        files = c.profile_pids(pids, self.SECONDS, self.out_dir)
+        files = profiling.profile_pids(pids, self.SECONDS, self.out_dir)
         self.text = (
             f"py-spy of the {len(pids)} annotator actor(s), {self.SECONDS} s from the first annotation:\n"
-            + c.profile_summary(files, self.SECONDS)
+            + profiling.profile_summary(files, self.SECONDS)
         )
 
 
 def _finish(
-    bp: c.BenchPlatform, wm: int, n: int, secs: float, cpu: dict[str, float], errors: int, started: float
+    bp: local_platform.BenchPlatform,
+    wm: int,
+    n: int,
+    secs: float,
+    cpu: dict[str, float],
+    errors: int,
+    started: float,
 ) -> dict[str, Any]:
-    writes = c.writes_since(bp.store, wm)
+    writes = local_platform.writes_since(bp.store, wm)
     times = [t for _, t in writes]
     ended = started + secs
     out: dict[str, Any] = {
         "tasks": n,
         "seconds": round(secs, 3),
         "tasks_per_s": round(n / secs, 1),
-        "steady_per_s": None if (r := c.steady_rate(times)) is None else round(r, 1),
+        "steady_per_s": None if (r := local_platform.steady_rate(times)) is None else round(r, 1),
         "writes": len(writes),
         "distinct": len({t for t, _ in writes}),
         "errors": errors,
@@ -222,9 +232,9 @@ def bench_latency(
     profile_dir: Path | None = None,
     only: tuple[str, ...] = (),
 ) -> dict[str, Any]:
-    with c.platform(latency_ms=latency_ms) as bp:
-        seed_s = c.seed_files(bp, tasks)
-        c.log(f"latency {latency_ms:g} ms: seeded {tasks} tasks in {seed_s:.1f} s")
+    with local_platform.platform(latency_ms=latency_ms) as bp:
+        seed_s = local_platform.seed_files(bp, tasks)
+        tables.log(f"latency {latency_ms:g} ms: seeded {tasks} tasks in {seed_s:.1f} s")
         contenders: list[tuple[str, Any]] = [(f"raw c{k}", (lambda k=k: run_raw(bp, k))) for k in raw_conc]
         for b in sdk_batches:
             n = min(tasks, sdk_seq_tasks if b == 1 else sdk_tasks)
@@ -234,20 +244,20 @@ def bench_latency(
         if only:
             contenders = [(n, f) for n, f in contenders if n.startswith(only)]
         results: dict[str, list[dict[str, Any]]] = {name: [] for name, _ in contenders}
-        load = c.LoadSampler().start()
+        load = meters.LoadSampler().start()
         for r in range(runs):
             for name, fn in contenders:
                 res = fn()
                 results[name].append(res)
-                c.log(
+                tables.log(
                     f"latency {latency_ms:g} ms run {r + 1}/{runs} {name}: {res['tasks']} tasks in {res['seconds']:.1f} s, "
-                    f"{res['tasks_per_s']:.0f}/s (steady {res['steady_per_s']}), cpu {c.fmt_shares(res['cpu'])}"
+                    f"{res['tasks_per_s']:.0f}/s (steady {res['steady_per_s']}), cpu {meters.fmt_shares(res['cpu'])}"
                     + (f" ERROR {res['error']}" if "error" in res else "")
                 )
         load_summary = load.stop()
         profile = None
         if profile_dir is not None:
-            c.log(f"latency {latency_ms:g} ms: one more totask-ray run under py-spy (not counted above)")
+            tables.log(f"latency {latency_ms:g} ms: one more totask-ray run under py-spy (not counted above)")
             prof = run_totask(
                 bp, bp.tmp / "report-profiled.jsonl", profile_dir=profile_dir / f"latency{latency_ms:g}"
             )
@@ -275,23 +285,23 @@ def summarize(results: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, A
             "tasks": rs[0]["tasks"],
             "runs": len(rs),
             "failed_runs": len(rs) - len(good),
-            "tasks_per_s": c.median([r["tasks_per_s"] for r in good]) if good else None,
-            "steady_per_s": c.median([r["steady_per_s"] for r in good if r["steady_per_s"]])
+            "tasks_per_s": tables.median([r["tasks_per_s"] for r in good]) if good else None,
+            "steady_per_s": tables.median([r["steady_per_s"] for r in good if r["steady_per_s"]])
             if good
             else None,
             "all_tasks_per_s": [r["tasks_per_s"] for r in rs],
-            "seconds": c.median([r["seconds"] for r in good]) if good else None,
-            "to_first_write_s": c.median(
+            "seconds": tables.median([r["seconds"] for r in good]) if good else None,
+            "to_first_write_s": tables.median(
                 [r["to_first_write_s"] for r in good if r["to_first_write_s"] is not None]
             )
             if good
             else None,
-            "after_last_write_s": c.median(
+            "after_last_write_s": tables.median(
                 [r["after_last_write_s"] for r in good if r["after_last_write_s"] is not None]
             )
             if good
             else None,
-            "cpu": {k: c.median([r["cpu"].get(k, 0.0) for r in good]) for k in cpu_keys} if good else {},
+            "cpu": {k: tables.median([r["cpu"].get(k, 0.0) for r in good]) for k in cpu_keys} if good else {},
         }
     return out
 
@@ -320,8 +330,8 @@ def targets(res: dict[str, Any]) -> list[dict[str, Any]]:
     )
     for label, other, op, goal in goals:
         for key in ("tasks_per_s", "steady_per_s"):
-            val = c.ratio(ours.get(key), (other or {}).get(key))
-            text, met = c.target_line(
+            val = tables.ratio(ours.get(key), (other or {}).get(key))
+            text, met = tables.target_line(
                 f"{label} [{'whole run' if key == 'tasks_per_s' else 'steady state'}]", val, op, goal, "x"
             )
             lines.append(
@@ -342,25 +352,25 @@ def print_results(res: dict[str, Any]) -> None:
         rows.append(
             [
                 name,
-                c.fmt(v["tasks"]),
-                c.fmt(v["seconds"], 1),
-                c.fmt(v["tasks_per_s"]),
-                c.fmt(v["steady_per_s"]),
-                c.fmt(v["to_first_write_s"], 1),
-                c.fmt(v["after_last_write_s"], 1),
-                c.fmt(c.ratio(v["tasks_per_s"], (raw or {}).get("tasks_per_s")), 2),
-                c.fmt(c.ratio(v["tasks_per_s"], (sdk1 or {}).get("tasks_per_s")), 1),
+                tables.fmt(v["tasks"]),
+                tables.fmt(v["seconds"], 1),
+                tables.fmt(v["tasks_per_s"]),
+                tables.fmt(v["steady_per_s"]),
+                tables.fmt(v["to_first_write_s"], 1),
+                tables.fmt(v["after_last_write_s"], 1),
+                tables.fmt(tables.ratio(v["tasks_per_s"], (raw or {}).get("tasks_per_s")), 2),
+                tables.fmt(tables.ratio(v["tasks_per_s"], (sdk1 or {}).get("tasks_per_s")), 1),
                 " ".join(f"{k} {x:.2f}" for k, x in cpu.items()),
                 f"{v['failed_runs']}/{v['runs']}",
-                " ".join(c.fmt(x) for x in v["all_tasks_per_s"]),
+                " ".join(tables.fmt(x) for x in v["all_tasks_per_s"]),
             ]
         )
     title = (
         f"File method, platform latency {lat:g} ms per request ({'plain loopback' if lat == 0 else f'+{lat:g} ms before every answer'}), "
         f"{res['tasks']:,} seeded tasks, medians of {max((v['runs'] for v in s.values()), default=0)} interleaved runs"
     )
-    c.say(
-        c.table(
+    tables.say(
+        tables.table(
             [
                 "contender",
                 "tasks",
@@ -380,10 +390,10 @@ def print_results(res: dict[str, Any]) -> None:
         )
     )
     if res["sdk"]:
-        c.say(f"SDK contenders: {res['sdk']}")
-    c.say(res["load_text"])
+        tables.say(f"SDK contenders: {res['sdk']}")
+    tables.say(res["load_text"])
     for t in targets(res):
-        c.say("  " + t.get("text", t.get("info", "")))
+        tables.say("  " + t.get("text", t.get("info", "")))
 
 
 def main(args: Any, *, ray_started: bool = False) -> dict[str, Any]:
@@ -398,12 +408,12 @@ def main(args: Any, *, ray_started: bool = False) -> dict[str, Any]:
         raw_conc, batches = RAW_CONCURRENCY, SDK_BATCHES
         latencies = tuple(float(x) for x in args.latency.split(",")) if args.latency else LATENCIES
     only = tuple(x.strip() for x in args.only.split(",") if x.strip()) if getattr(args, "only", None) else ()
-    sdk_py, why = c.sdk_python(build=not args.smoke)
+    sdk_py, why = public_sdk.sdk_python(build=not args.smoke)
     if sdk_py is None:
-        c.say(f"SDK contenders skipped: {why}")
+        tables.say(f"SDK contenders skipped: {why}")
     if not ray_started:
-        c.start_ray(args.ray_cpus)
-    out = {"machine": c.machine_info(), "results": []}
+        local_ray.start_ray(args.ray_cpus)
+    out = {"machine": meters.machine_info(), "results": []}
     for lat in latencies:
         profile_dir = Path(args.profile) if getattr(args, "profile", None) else None
         res = bench_latency(
@@ -412,13 +422,13 @@ def main(args: Any, *, ray_started: bool = False) -> dict[str, Any]:
         print_results(res)
         if res.get("profile"):
             p = res["profile"]
-            c.say(
+            tables.say(
                 f"\nProfiled extra totask-ray run (latency {lat:g} ms): {p['tasks_per_s']} tasks/s, steady {p['steady_per_s']}, "
-                f"CPU {c.fmt_shares(p['cpu'])}\n{p['profile']}"
+                f"CPU {meters.fmt_shares(p['cpu'])}\n{p['profile']}"
             )
         res["targets"] = targets(res)
         out["results"].append(res)
-    c.dump_json(
+    tables.dump_json(
         "file",
         {
             **out,

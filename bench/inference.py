@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench import common as c
+from bench import environment, local_platform, local_ray, meters, public_sdk, tables
 
 IMAGE_CYCLE = (
     "astronaut",
@@ -47,13 +47,15 @@ IMAGE_CYCLE = (
     "astronaut",
     "motorcycle",
 )
-RUNNER_MODULE = c.ROOT / "totask_ray" / "embedded" / "ray_runner.py"
+RUNNER_MODULE = environment.ROOT / "totask_ray" / "embedded" / "ray_runner.py"
 
 
 def _release_config(version: str) -> dict[str, Any]:
     from totask_ray.serving.config import load_release_config
 
-    cfg = load_release_config(c.ROOT / "serve_apps" / "faces").model_dump(mode="json", exclude_none=True)
+    cfg = load_release_config(environment.ROOT / "serve_apps" / "faces").model_dump(
+        mode="json", exclude_none=True
+    )
     cfg["version"] = version
     # The SDK contender calls the app's own route, which fetches the image from the platform on
     # loopback: a host the route refuses unless allow-listed (the embedded agent adds it when it
@@ -63,7 +65,7 @@ def _release_config(version: str) -> dict[str, Any]:
     return cfg
 
 
-def _project(bp: c.BenchPlatform, paths: list[str]) -> tuple[int, list[int]]:
+def _project(bp: local_platform.BenchPlatform, paths: list[str]) -> tuple[int, list[int]]:
     store = bp.store
     dc = store.create_data_collection(
         "bench inference", [{"name": "image_1", "is_primary": True, "file_type": "image"}]
@@ -88,14 +90,14 @@ def run_raw(images: list[Any], batch: int, threads: int, bodies: list[bytes] | N
     import cv2
 
     from serve_apps.faces.app import HaarFaceDetector
-    from totask_ray.serving.interface import InferenceParams
+    from totask_ray.serving.params import InferenceParams
 
     cv2.setNumThreads(threads)
     model = HaarFaceDetector()
     params = InferenceParams()
     model.detect(images[:1], params)  # warm
     me = os.getpid()
-    with c.CpuMeter({"bench process": lambda: [me]}) as cpu:
+    with meters.CpuMeter({"bench process": lambda: [me]}) as cpu:
         t0 = time.perf_counter()
         found = 0
         for i in range(0, len(images), batch):
@@ -122,7 +124,7 @@ def _pool_init(bodies: list[bytes]) -> None:
 
 
 def _pool_detect(span: tuple[int, int, int]) -> int:
-    from totask_ray.serving.interface import InferenceParams
+    from totask_ray.serving.params import InferenceParams
 
     start, stop, batch = span
     images, model, params = _POOL_STATE["images"], _POOL_STATE["model"], InferenceParams()
@@ -148,7 +150,7 @@ class RawPool:
         share = -(-self.n // self.procs)
         spans = [(i, min(i + share, self.n), batch) for i in range(0, self.n, share)]
         pids = [p.pid for p in self.pool._pool]  # type: ignore[attr-defined]
-        with c.CpuMeter({"bench pool": lambda: pids}) as cpu:
+        with meters.CpuMeter({"bench pool": lambda: pids}) as cpu:
             t0 = time.perf_counter()
             found = sum(self.pool.map(_pool_detect, spans, chunksize=1))
             secs = time.perf_counter() - t0
@@ -160,29 +162,31 @@ class RawPool:
         self.pool.join()
 
 
-def run_totask(bp: c.BenchPlatform, project: int, n: int, release: int, report: Path) -> dict[str, Any]:
+def run_totask(
+    bp: local_platform.BenchPlatform, project: int, n: int, release: int, report: Path
+) -> dict[str, Any]:
     from totask_ray import run_to_task
 
     params = {"name": "bench_inference", "project": project, "method": "inference", "pre_processor": release,
               "task_filters": {}}  # fmt: skip
     job = bp.store.create_job("to_task", params, agent_id=bp.agent)
-    c.clear_task_data(bp.store, project)
-    wm = c.history_watermark(bp.store)
+    local_platform.clear_task_data(bp.store, project)
+    wm = local_platform.history_watermark(bp.store)
     me = os.getpid()
     groups = {
         "driver": lambda: [me],
-        "ray": lambda: c.descendants(lambda: set(bp.pid_list())),
+        "ray": lambda: meters.descendants(lambda: set(bp.pid_list())),
         "server": bp.pid_list,
     }
     e0 = time.time()
-    with c.CpuMeter(groups) as cpu:
+    with meters.CpuMeter(groups) as cpu:
         t0 = time.perf_counter()
         result = run_to_task(params, platform=bp.config(), report=report, job_id=job, progress_bar=False,
                              serve_poll_interval_s=0.5)  # fmt: skip
         secs = time.perf_counter() - t0
-    writes = c.writes_since(bp.store, wm)
+    writes = local_platform.writes_since(bp.store, wm)
     share = len(writes) / n if n else 0
-    steady = c.steady_rate([t for _, t in writes])
+    steady = local_platform.steady_rate([t for _, t in writes])
     out = {
         "images": n,
         "seconds": round(secs, 3),
@@ -205,25 +209,27 @@ RUNNER = "totask_ray.embedded.ray_runner:ray_plugin_runner"
 def sdk_unavailable(smoke: bool) -> tuple[Path | None, str | None]:
     if not RUNNER_MODULE.exists():
         return None, "n/a: no platform runner (totask_ray/embedded/ray_runner.py is not there)"
-    py, why = c.sdk_python(build=not smoke)
+    py, why = public_sdk.sdk_python(build=not smoke)
     return (py, None) if py is not None else (None, f"n/a: {why}")
 
 
-def run_sdk(bp: c.BenchPlatform, sdk_py: Path, project: int, n: int, release: int) -> dict[str, Any]:
+def run_sdk(
+    bp: local_platform.BenchPlatform, sdk_py: Path, project: int, n: int, release: int
+) -> dict[str, Any]:
     """The SDK's ToTaskAction, inference method: one `plugins/faces/run/` POST per task (windows of
     the release's max_batch_size, concurrent inside a window), which the platform's Ray runner
     forwards to the app's HTTP route; the replica downloads the image from the platform itself."""
     params = {"name": "bench_sdk_inference", "project": project, "agent": bp.agent, "method": "inference",
               "pre_processor": release, "model": 1, "pre_processor_params": {}, "task_filters": {}}  # fmt: skip
-    wm = c.history_watermark(bp.store)
-    groups = {"ray": lambda: c.descendants(lambda: set(bp.pid_list())), "server": bp.pid_list}
+    wm = local_platform.history_watermark(bp.store)
+    groups = {"ray": lambda: meters.descendants(lambda: set(bp.pid_list())), "server": bp.pid_list}
     e0 = time.time()
-    with c.CpuMeter(groups) as cpu:
-        r = c.run_sdk_totask(sdk_py, bp, params, bp.tmp / "sdk")
+    with meters.CpuMeter(groups) as cpu:
+        r = public_sdk.run_sdk_totask(sdk_py, bp, params, bp.tmp / "sdk")
     cpu.add("sdk", r.cpu_s)
-    writes = c.writes_since(bp.store, wm)
+    writes = local_platform.writes_since(bp.store, wm)
     share = len(writes) / n if n else 0
-    steady = c.steady_rate([t for _, t in writes])
+    steady = local_platform.steady_rate([t for _, t in writes])
     res = r.result or {}
     out: dict[str, Any] = {
         "images": n,
@@ -248,12 +254,12 @@ def main(args: Any, *, ray_started: bool = False) -> dict[str, Any]:
     n = args.tasks if args.tasks and args.bench == "inference" else (8 if args.smoke else 160)
     runs = 1 if args.smoke else args.runs
     if not ray_started:
-        c.start_ray(args.ray_cpus)
-    serve_port = c.start_serve_loopback()
+        local_ray.start_ray(args.ray_cpus)
+    serve_port = local_ray.start_serve_loopback()
     sdk_py, sdk_why = sdk_unavailable(args.smoke)
     runner = None
     if sdk_py is not None:  # the platform's server process attaches to this Ray as a second driver
-        os.environ["TOTASK_PLATFORM_RAY_ADDRESS"] = c.ray_address()
+        os.environ["TOTASK_PLATFORM_RAY_ADDRESS"] = local_ray.ray_address()
         os.environ["TOTASK_PLATFORM_SERVE_PORT"] = str(serve_port)
         runner = RUNNER
     import logging
@@ -261,7 +267,7 @@ def main(args: Any, *, ray_started: bool = False) -> dict[str, Any]:
     # Face-free images end as "empty inference result" task failures by design: keep their
     # per-task warnings out of the bench's output.
     logging.getLogger("totask_ray").setLevel(logging.ERROR)
-    with c.platform(plugin_runner=runner) as bp:
+    with local_platform.platform(plugin_runner=runner) as bp:
         sample = write_sample_images(bp.lp.media_dir)
         names = [IMAGE_CYCLE[i % len(IMAGE_CYCLE)] for i in range(n)]
         paths = [sample[k]["path"] for k in names]
@@ -279,13 +285,13 @@ def main(args: Any, *, ray_started: bool = False) -> dict[str, Any]:
             t0 = time.perf_counter()
             warm = run_totask(bp, warm_project, 8, release, bp.tmp / "warm.jsonl")
             deploy_s = time.perf_counter() - t0
-            c.log(
+            tables.log(
                 f"faces app deployed by a warm-up run of 8 images in {deploy_s:.1f} s ({warm.get('error', 'ok')})"
             )
         if sdk_py is not None and not args.smoke:
             t1 = time.perf_counter()
             warm_sdk = run_sdk(bp, sdk_py, warm_project, 8, release)
-            c.log(f"SDK warm-up run of 8 images (finds the app, records it RUNNING): {time.perf_counter() - t1:.1f} s "
+            tables.log(f"SDK warm-up run of 8 images (finds the app, records it RUNNING): {time.perf_counter() - t1:.1f} s "
                   f"({warm_sdk.get('error', 'ok')})")  # fmt: skip
 
         cores = os.cpu_count() or 1
@@ -301,13 +307,13 @@ def main(args: Any, *, ray_started: bool = False) -> dict[str, Any]:
         if sdk_py is not None:
             contenders.append(("sdk", lambda: run_sdk(bp, sdk_py, project, n, release)))
         results: dict[str, list[dict[str, Any]]] = {name: [] for name, _ in contenders}
-        load = c.LoadSampler().start()
+        load = meters.LoadSampler().start()
         for r in range(runs):
             for name, fn in contenders:
                 res = fn()
                 results[name].append(res)
-                c.log(f"inference run {r + 1}/{runs} {name}: {res['images']} images in {res['seconds']:.1f} s, "
-                      f"{res['images_per_s']:.1f}/s (steady {res['steady_per_s']}), cpu {c.fmt_shares(res['cpu'])}"
+                tables.log(f"inference run {r + 1}/{runs} {name}: {res['images']} images in {res['seconds']:.1f} s, "
+                      f"{res['images_per_s']:.1f}/s (steady {res['steady_per_s']}), cpu {meters.fmt_shares(res['cpu'])}"
                       + (f" ERROR {res['error']}" if "error" in res else ""))  # fmt: skip
         load.stop()
         raw_pool.close()
@@ -321,13 +327,13 @@ def main(args: Any, *, ray_started: bool = False) -> dict[str, Any]:
     for name, rs in results.items():
         good = [x for x in rs if "error" not in x]
         summary[name] = {
-            "images_per_s": c.median([x["images_per_s"] for x in good]) if good else None,
-            "steady_per_s": c.median([x["steady_per_s"] for x in good if x["steady_per_s"]])
+            "images_per_s": tables.median([x["images_per_s"] for x in good]) if good else None,
+            "steady_per_s": tables.median([x["steady_per_s"] for x in good if x["steady_per_s"]])
             if good
             else None,
-            "seconds": c.median([x["seconds"] for x in good]) if good else None,
+            "seconds": tables.median([x["seconds"] for x in good]) if good else None,
             "cpu": {
-                k: c.median([x["cpu"].get(k, 0.0) for x in good])
+                k: tables.median([x["cpu"].get(k, 0.0) for x in good])
                 for k in sorted({k for x in rs for k in x["cpu"]})
             },
             "runs": [x["images_per_s"] for x in rs],
@@ -340,40 +346,42 @@ def main(args: Any, *, ray_started: bool = False) -> dict[str, Any]:
     ours = summary["totask-ray"]
     rows = []
     for name, v in summary.items():
-        rows.append([name, c.fmt(n), c.fmt(v["seconds"], 1), c.fmt(v["images_per_s"], 1), c.fmt(v["steady_per_s"], 1),
-                     c.fmt(c.ratio(v["images_per_s"], raw1), 2), " ".join(f"{k} {x:.2f}" for k, x in v["cpu"].items()),
+        rows.append([name, tables.fmt(n), tables.fmt(v["seconds"], 1), tables.fmt(v["images_per_s"], 1), tables.fmt(v["steady_per_s"], 1),
+                     tables.fmt(tables.ratio(v["images_per_s"], raw1), 2), " ".join(f"{k} {x:.2f}" for k, x in v["cpu"].items()),
                      f"{v['failed_runs']}/{len(v['runs'])}" if v["runs"] else v.get("note", ""),
-                     " ".join(c.fmt(x, 1) for x in v["runs"])])  # fmt: skip
-    c.say(c.table(
+                     " ".join(tables.fmt(x, 1) for x in v["runs"])])  # fmt: skip
+    tables.say(tables.table(
         ["contender", "images", "s", "images/s", "steady/s", "vs raw 1 thread", "CPU share (cores)", "failed runs", "runs images/s"],
         rows,
         f"Inference, faces app, {n} images ({with_faces} with a face found by the raw model), batches of {batch}, "
-        f"medians of {runs} interleaved runs; deploy by the warm-up run: {c.fmt(deploy_s, 1)} s",
+        f"medians of {runs} interleaved runs; deploy by the warm-up run: {tables.fmt(deploy_s, 1)} s",
     ))  # fmt: skip
-    c.say(load.text())
+    tables.say(load.text())
     lines = []
     for key, basis in (("images_per_s", "whole run"), ("steady_per_s", "steady state")):
-        val = c.ratio(ours[key], raw1)
-        text, met = c.target_line(f"totask-ray / raw 1 thread [{basis}]", val, ">=", 0.85, "x")
+        val = tables.ratio(ours[key], raw1)
+        text, met = tables.target_line(f"totask-ray / raw 1 thread [{basis}]", val, ">=", 0.85, "x")
         lines.append({"target": "totask-ray / raw", "basis": key, "value": val, "met": met, "text": text})
-        val2 = c.ratio(ours[key], summary[raw_threads]["images_per_s"])
-        lines.append({"info": f"totask-ray / {raw_threads} [{basis}]: {c.fmt(val2, 2)}{'x' if val2 else ''}"})
+        val2 = tables.ratio(ours[key], summary[raw_threads]["images_per_s"])
+        lines.append(
+            {"info": f"totask-ray / {raw_threads} [{basis}]: {tables.fmt(val2, 2)}{'x' if val2 else ''}"}
+        )
     # every core: the faster of N threads and N processes, as measured in this run
     every = max((summary[k]["images_per_s"] or 0.0 for k in (raw_threads, raw_all)), default=0.0) or None
     for key, basis in (("images_per_s", "whole run"), ("steady_per_s", "steady state")):
-        val = c.ratio(ours[key], every)
-        text, met = c.target_line(f"totask-ray / raw on every core [{basis}]", val, ">=", 0.8, "x")
+        val = tables.ratio(ours[key], every)
+        text, met = tables.target_line(f"totask-ray / raw on every core [{basis}]", val, ">=", 0.8, "x")
         lines.append({"target": "totask-ray / raw on every core", "basis": key, "value": val, "met": met,
-                      "text": text + f" (raw on every core: {c.fmt(every, 1)} images/s, the faster of "
+                      "text": text + f" (raw on every core: {tables.fmt(every, 1)} images/s, the faster of "
                       f"{raw_threads} and {raw_all})"})  # fmt: skip
     for key, basis in (("images_per_s", "whole run"), ("steady_per_s", "steady state")):
-        val = c.ratio(ours[key], summary["sdk"][key])
-        text, met = c.target_line(f"totask-ray / sdk [{basis}]", val, ">=", 5.0, "x")
+        val = tables.ratio(ours[key], summary["sdk"][key])
+        text, met = tables.target_line(f"totask-ray / sdk [{basis}]", val, ">=", 5.0, "x")
         lines.append({"target": "totask-ray / sdk", "basis": key, "value": val, "met": met,
                       "text": text + (f" -- {sdk_why}" if sdk_why else "")})  # fmt: skip
     for t in lines:
-        c.say("  " + t.get("text", t.get("info", "")))
+        tables.say("  " + t.get("text", t.get("info", "")))
     out = {"images": n, "batch": batch, "deploy_s": deploy_s, "load": load.summary(), "contenders": summary,
-           "targets": lines, "machine": c.machine_info()}  # fmt: skip
-    c.dump_json("inference", out)
+           "targets": lines, "machine": meters.machine_info()}  # fmt: skip
+    tables.dump_json("inference", out)
     return out

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -33,9 +32,8 @@ from typing import Any
 
 import httpx
 
-from bench import common as c
+from bench import environment, local_platform, local_ray, tables
 
-REPO = Path(__file__).resolve().parents[1]
 CONFIG = """<View>
   <Image name="img" value="$image"/>
   <RectangleLabels name="box" toName="img"><Label value="cat"/><Label value="dog"/></RectangleLabels>
@@ -66,7 +64,7 @@ def file_server(tasks: int) -> Iterator[str]:
     Image.new("RGB", (640, 480), (80, 90, 100)).save(root / "img.png")
     for i in range(tasks):
         (root / "ann" / f"{i}.json").write_text(json.dumps(annotation(i)))
-    port = c_free_port()
+    port = environment.free_port()
     proc = subprocess.Popen(
         [sys.executable, "-c", FILE_SERVER, str(root), str(port)],
         stdout=subprocess.DEVNULL,
@@ -86,12 +84,6 @@ def file_server(tasks: int) -> Iterator[str]:
         proc.terminate()
         proc.wait(timeout=10)
         shutil.rmtree(root, ignore_errors=True)
-
-
-def c_free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def annotation(i: int) -> dict[str, Any]:
@@ -183,7 +175,7 @@ def run_totask(url: str, token: str, pid: int) -> tuple[float, Any]:
         platform=LabelStudioConfig(host=url, api_key=token, **BENCH_CONFIG),
         allowed_hosts=["127.0.0.1"],
         progress_bar=False,
-        ray_address=c.ray_address(),
+        ray_address=local_ray.ray_address(),
         **BENCH_RUN,
     )
     return time.perf_counter() - t0, result
@@ -193,17 +185,19 @@ def main(args: Any, ray_started: bool = False) -> None:
     from devtools.ls_env import LsEnvError, ensure_ls_venv
 
     if not ray_started:
-        c.start_ray(getattr(args, "ray_cpus", None))
+        local_ray.start_ray(getattr(args, "ray_cpus", None))
     tasks = args.tasks or (40 if args.smoke else 2000)
     runs = 1 if args.smoke else args.runs
     try:
-        ensure_ls_venv(REPO)
+        ensure_ls_venv(environment.ROOT)
     except LsEnvError as exc:
-        c.say(f"label-studio bench skipped: label-studio could not be installed ({str(exc).splitlines()[0]})")
+        tables.say(
+            f"label-studio bench skipped: label-studio could not be installed ({str(exc).splitlines()[0]})"
+        )
         return
     from devtools.ls_env import bench_server
 
-    with bench_server(REPO) as ls, file_server(tasks) as files:
+    with bench_server(environment.ROOT) as ls, file_server(tasks) as files:
         admin = Admin(ls.url, ls.legacy_token)
         rates: dict[str, list[float]] = {"ls bulk": [], "ls one by one": [], "totask-ray": []}
         steady: list[float] = []
@@ -222,27 +216,29 @@ def main(args: Any, ray_started: bool = False) -> None:
             ok = result.success_count == tasks and check(admin, pid, ids)
             rates["totask-ray"].append(len(ids) / s if ok else 0.0)
             # the rate once running: the predictions' own creation times, 10 % to 90 %
-            made = [c._epoch(p["created_at"]) for p in admin.predictions(pid)]
-            steady.append(c.steady_rate(made) or 0.0)
+            made = [local_platform._epoch(p["created_at"]) for p in admin.predictions(pid)]
+            steady.append(local_platform.steady_rate(made) or 0.0)
             admin.drop(pid)
-            c.log(
+            tables.log(
                 f"run {run + 1}: "
                 + ", ".join(f"{k} {v[-1]:.0f}/s" for k, v in rates.items())
                 + f", totask-ray steady {steady[-1]:.0f}/s"
             )
-        bulk = c.median(rates["ls bulk"])
+        bulk = tables.median(rates["ls bulk"])
         rows = [
-            [name, tasks if name != "ls one by one" else min(tasks, ONE_BY_ONE_MAX), c.fmt(c.median(v)),
-             c.fmt(c.ratio(c.median(v), bulk), 2), " ".join(c.fmt(x) for x in v)]
+            [name, tasks if name != "ls one by one" else min(tasks, ONE_BY_ONE_MAX), tables.fmt(tables.median(v)),
+             tables.fmt(tables.ratio(tables.median(v), bulk), 2), " ".join(tables.fmt(x) for x in v)]
             for name, v in rates.items()
         ]  # fmt: skip
-        rows.append(["totask-ray, steady (10-90 % of writes)", tasks, c.fmt(c.median(steady)),
-                     c.fmt(c.ratio(c.median(steady), bulk), 2), " ".join(c.fmt(x) for x in steady)])  # fmt: skip
-        c.say(
-            c.table(
+        rows.append(["totask-ray, steady (10-90 % of writes)", tasks, tables.fmt(tables.median(steady)),
+                     tables.fmt(tables.ratio(tables.median(steady), bulk), 2), " ".join(tables.fmt(x) for x in steady)])  # fmt: skip
+        tables.say(
+            tables.table(
                 ["contender", "tasks", "predictions/s", "vs ls bulk", "runs /s"],
                 rows,
                 title=f"Label Studio 1.23.2, file method, {tasks} tasks, 3 boxes each (medians of {runs})",
             )
         )
-        c.dump_json("label_studio", {"tasks": tasks, "runs": runs, "rates": rates, "totask_steady": steady})
+        tables.dump_json(
+            "label_studio", {"tasks": tasks, "runs": runs, "rates": rates, "totask_steady": steady}
+        )

@@ -127,10 +127,10 @@ def run_child(
 ) -> dict[str, Any]:
     import psutil
 
-    from bench import common as c
+    from bench import environment
 
     job = bp.store.create_job("to_task", {"project": project}, agent_id=bp.agent)
-    env = c.env_for_children()
+    env = environment.env_for_children()
     env["SYNAPSE_HOST"] = bp.url
     env["SYNAPSE_ACCESS_TOKEN"] = bp.token
     cmd = [sys.executable, "-m", "bench.memory", "--child", "--address", address, "--project", str(project),
@@ -139,7 +139,7 @@ def run_child(
         cmd += ["--data-context", item]
     t0 = time.perf_counter()
     proc = subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=c.ROOT
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=environment.ROOT
     )
     outside_peak = 0
     p = psutil.Process(proc.pid)
@@ -173,7 +173,7 @@ def run_child(
 
 
 def main(args: Any, *, ray_started: bool = False) -> dict[str, Any]:
-    from bench import common as c
+    from bench import local_platform, local_ray, meters, tables
 
     if args.smoke:
         sizes, runs = [300], 1  # one driver: the code path, not the growth
@@ -181,51 +181,53 @@ def main(args: Any, *, ray_started: bool = False) -> dict[str, Any]:
         sizes = [int(s) for s in (args.sizes or "10000,200000").split(",")]
         runs = args.runs
     if not ray_started:
-        c.start_ray(args.ray_cpus)
-    address = c.ray_address()
-    with c.platform() as bp:
+        local_ray.start_ray(args.ray_cpus)
+    address = local_ray.ray_address()
+    with local_platform.platform() as bp:
         projects = {}
         for n in sizes:
-            seed_s = c.seed_files(bp, n)
+            seed_s = local_platform.seed_files(bp, n)
             projects[n] = bp.project
-            c.log(f"memory: seeded {n:,} tasks in {seed_s:.1f} s")
+            tables.log(f"memory: seeded {n:,} tasks in {seed_s:.1f} s")
         results: dict[int, list[dict[str, Any]]] = {n: [] for n in sizes}
-        load = c.LoadSampler().start()
+        load = meters.LoadSampler().start()
         for r in range(runs):
             for n in sizes:
                 res = run_child(bp, projects[n], n, address, bp.tmp / f"report-{n}.jsonl", args.data_context)
                 results[n].append(res)
-                c.log(f"memory run {r + 1}/{runs} {n:,} tasks: " + json.dumps(res))
+                tables.log(f"memory run {r + 1}/{runs} {n:,} tasks: " + json.dumps(res))
         load.stop()
 
     summary = {}
     rows = []
     for n in sizes:
         good = [x for x in results[n] if "error" not in x]
-        s = {k: c.median([x[k] for x in good]) if good else None
+        s = {k: tables.median([x[k] for x in good]) if good else None
              for k in ("baseline_mb", "peak_mb", "peak_outside_mb", "growth_mb", "end_mb", "tasks_per_s", "seconds", "setup_s")}  # fmt: skip
         s["failed_runs"] = len(results[n]) - len(good)
         s["runs_peak_mb"] = [x.get("peak_mb") for x in results[n]]
         summary[n] = s
-        rows.append([f"{n:,}", c.fmt(s["tasks_per_s"]), c.fmt(s["baseline_mb"], 1), c.fmt(s["peak_mb"], 1),
-                     c.fmt(s["peak_outside_mb"], 1), c.fmt(s["growth_mb"], 1), c.fmt(s["end_mb"], 1),
-                     f"{s['failed_runs']}/{len(results[n])}", " ".join(c.fmt(x, 1) for x in s["runs_peak_mb"])])  # fmt: skip
-    c.say(c.table(
+        rows.append([f"{n:,}", tables.fmt(s["tasks_per_s"]), tables.fmt(s["baseline_mb"], 1), tables.fmt(s["peak_mb"], 1),
+                     tables.fmt(s["peak_outside_mb"], 1), tables.fmt(s["growth_mb"], 1), tables.fmt(s["end_mb"], 1),
+                     f"{s['failed_runs']}/{len(results[n])}", " ".join(tables.fmt(x, 1) for x in s["runs_peak_mb"])])  # fmt: skip
+    tables.say(tables.table(
         ["tasks", "tasks/s", "RSS after imports + ray.init MB", "peak RSS MB", "peak seen from outside MB",
          "growth in run MB", "RSS at end MB", "failed runs", "runs peak MB"],
         rows,
         f"Driver memory, file method (run_to_task defaults, --report on), medians of {runs} interleaved runs",
     ))  # fmt: skip
-    c.say(load.text())
+    tables.say(load.text())
     lo, hi = summary[sizes[0]], summary[sizes[-1]]
     diff = None if lo["peak_mb"] is None or hi["peak_mb"] is None else hi["peak_mb"] - lo["peak_mb"]
-    text, met = c.target_line(f"peak RSS growth {sizes[0]:,} -> {sizes[-1]:,} tasks", diff, "<=", 50.0, " MB")
-    c.say("  " + text)
+    text, met = tables.target_line(
+        f"peak RSS growth {sizes[0]:,} -> {sizes[-1]:,} tasks", diff, "<=", 50.0, " MB"
+    )
+    tables.say("  " + text)
     gdiff = None if lo["growth_mb"] is None or hi["growth_mb"] is None else hi["growth_mb"] - lo["growth_mb"]
-    c.say(f"  (in-run growth difference: {c.fmt(gdiff, 1)} MB)")
+    tables.say(f"  (in-run growth difference: {tables.fmt(gdiff, 1)} MB)")
     out = {"sizes": sizes, "summary": summary, "target": {"value": diff, "met": met, "text": text},
            "load": load.summary(), "runs": results}  # fmt: skip
-    c.dump_json("memory", out)
+    tables.dump_json("memory", out)
     return out
 
 

@@ -21,7 +21,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from bench import common as c
+from bench import local_platform, local_ray, meters, tables
 
 os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
 # a raylet waits this long for its dashboard agent; on this loaded 2-core box 18 s were not always enough
@@ -56,7 +56,7 @@ def start_cluster(layout: tuple[int, ...], tries: int = 3) -> Any:
         except Exception as exc:
             if attempt == tries - 1:
                 raise
-            c.log(f"scaleout: cluster start failed ({exc}); trying again")
+            tables.log(f"scaleout: cluster start failed ({exc}); trying again")
     for cpus in layout[1:]:
         cluster.add_node(**_node_args(cpus, head=False))
     cluster.wait_for_nodes()
@@ -88,7 +88,9 @@ def nodes_of(report: Path, names: dict[str, str]) -> dict[str, int]:
     return dict(sorted(counts.items()))
 
 
-def run_layout(bp: c.BenchPlatform, name: str, layout: tuple[int, ...], k: int) -> dict[str, Any]:
+def run_layout(
+    bp: local_platform.BenchPlatform, name: str, layout: tuple[int, ...], k: int
+) -> dict[str, Any]:
     from bench import file_method as fm
 
     t0 = time.perf_counter()
@@ -113,26 +115,26 @@ def summarize(results: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, A
         good = [r for r in rs if "error" not in r]
         per_node: dict[str, float] = {}
         for node in sorted({n for r in good for n in r["per_node"]}):
-            per_node[node] = c.median([r["per_node"].get(node, 0) for r in good])
+            per_node[node] = tables.median([r["per_node"].get(node, 0) for r in good])
         out[name] = {
             "layout": LAYOUTS[name],
             "tasks": rs[0]["tasks"],
             "runs": len(rs),
             "failed_runs": len(rs) - len(good),
-            "tasks_per_s": c.median([r["tasks_per_s"] for r in good]) if good else None,
-            "steady_per_s": c.median([r["steady_per_s"] for r in good if r["steady_per_s"]])
+            "tasks_per_s": tables.median([r["tasks_per_s"] for r in good]) if good else None,
+            "steady_per_s": tables.median([r["steady_per_s"] for r in good if r["steady_per_s"]])
             if good
             else None,
-            "seconds": c.median([r["seconds"] for r in good]) if good else None,
-            "to_first_write_s": c.median(
+            "seconds": tables.median([r["seconds"] for r in good]) if good else None,
+            "to_first_write_s": tables.median(
                 [r["to_first_write_s"] for r in good if r["to_first_write_s"] is not None]
             )
             if good
             else None,
-            "nodes_used": c.median([r["nodes_used"] for r in good]) if good else None,
+            "nodes_used": tables.median([r["nodes_used"] for r in good]) if good else None,
             "per_node_tasks": per_node,
             "all_tasks_per_s": [r["tasks_per_s"] for r in rs],
-            "cluster_start_s": c.median([r["cluster_start_s"] for r in rs]),
+            "cluster_start_s": tables.median([r["cluster_start_s"] for r in rs]),
             "errors": [r["error"] for r in rs if "error" in r],
         }
     return out
@@ -144,20 +146,20 @@ def print_results(summary: dict[str, dict[str, Any]], tasks: int, runs: int, loa
         rows.append(
             [
                 name,
-                c.fmt(v["tasks"]),
-                c.fmt(v["seconds"], 1),
-                c.fmt(v["tasks_per_s"]),
-                c.fmt(v["steady_per_s"]),
-                c.fmt(v["to_first_write_s"], 1),
-                c.fmt(v["nodes_used"]),
-                " ".join(f"{n} {c.fmt(x)}" for n, x in v["per_node_tasks"].items()) or "n/a",
-                c.fmt(v["cluster_start_s"], 1),
+                tables.fmt(v["tasks"]),
+                tables.fmt(v["seconds"], 1),
+                tables.fmt(v["tasks_per_s"]),
+                tables.fmt(v["steady_per_s"]),
+                tables.fmt(v["to_first_write_s"], 1),
+                tables.fmt(v["nodes_used"]),
+                " ".join(f"{n} {tables.fmt(x)}" for n, x in v["per_node_tasks"].items()) or "n/a",
+                tables.fmt(v["cluster_start_s"], 1),
                 f"{v['failed_runs']}/{v['runs']}",
-                " ".join(c.fmt(x) for x in v["all_tasks_per_s"]),
+                " ".join(tables.fmt(x) for x in v["all_tasks_per_s"]),
             ]
         )
-    c.say(
-        c.table(
+    tables.say(
+        tables.table(
             [
                 "cluster",
                 "tasks",
@@ -178,12 +180,12 @@ def print_results(summary: dict[str, dict[str, Any]], tasks: int, runs: int, loa
     )
     for name, v in summary.items():
         for e in v["errors"]:
-            c.say(f"  {name}: ERROR {e}")
+            tables.say(f"  {name}: ERROR {e}")
     two, one = summary.get("two-node 2x2", {}), summary.get("one-node 1x4", {})
-    r = c.ratio(two.get("tasks_per_s"), one.get("tasks_per_s"))
-    rs = c.ratio(two.get("steady_per_s"), one.get("steady_per_s"))
-    c.say(f"two-node / one-node: {c.fmt(r, 2)}x whole run, {c.fmt(rs, 2)}x steady")
-    c.say(load_text)
+    r = tables.ratio(two.get("tasks_per_s"), one.get("tasks_per_s"))
+    rs = tables.ratio(two.get("steady_per_s"), one.get("steady_per_s"))
+    tables.say(f"two-node / one-node: {tables.fmt(r, 2)}x whole run, {tables.fmt(rs, 2)}x steady")
+    tables.say(load_text)
     return r
 
 
@@ -196,18 +198,18 @@ def main(args: Any, *, ray_started: bool = False) -> dict[str, Any]:
         tasks, runs = args.tasks or 3000, args.runs
     if ray_started or ray.is_initialized():
         ray.shutdown()  # this bench needs clusters of its own
-    machine = c.machine_info()
+    machine = meters.machine_info()
     try:
-        with c.platform() as bp:
-            seed_s = c.seed_files(bp, tasks)
-            c.log(f"scaleout: seeded {tasks} tasks in {seed_s:.1f} s")
+        with local_platform.platform() as bp:
+            seed_s = local_platform.seed_files(bp, tasks)
+            tables.log(f"scaleout: seeded {tasks} tasks in {seed_s:.1f} s")
             results: dict[str, list[dict[str, Any]]] = {name: [] for name in LAYOUTS}
-            load = c.LoadSampler().start()
+            load = meters.LoadSampler().start()
             for k in range(runs):
                 for name, layout in LAYOUTS.items():
                     res = run_layout(bp, name, layout, k)
                     results[name].append(res)
-                    c.log(
+                    tables.log(
                         f"scaleout run {k + 1}/{runs} {name}: {res['tasks']} tasks in {res['seconds']:.1f} s, "
                         f"{res['tasks_per_s']:.0f}/s (steady {res['steady_per_s']}), nodes {res['per_node']}, "
                         f"cluster start {res['cluster_start_s']} s"
@@ -218,7 +220,7 @@ def main(args: Any, *, ray_started: bool = False) -> dict[str, Any]:
             ratio = print_results(summary, tasks, runs, load.text())
     finally:
         if ray_started:
-            c.start_ray(getattr(args, "ray_cpus", None))
+            local_ray.start_ray(getattr(args, "ray_cpus", None))
     out = {
         "machine": machine,
         "tasks": tasks,
@@ -227,5 +229,5 @@ def main(args: Any, *, ray_started: bool = False) -> dict[str, Any]:
         "contenders": summary,
         "two_over_one": None if ratio is None else round(ratio, 3),
     }
-    c.dump_json("scaleout", out)
+    tables.dump_json("scaleout", out)
     return out

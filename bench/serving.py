@@ -67,8 +67,8 @@ def bench_app(app: str, n_images: int, runs: int) -> dict[str, Any]:
     from ray import serve
 
     from totask_ray.serving.config import PreProcessorRelease, load_release_config
-    from totask_ray.serving.interface import InferenceParams
     from totask_ray.serving.lifecycle import RayServeBackend, ensure_running, teardown
+    from totask_ray.serving.params import InferenceParams
     from totask_ray.serving.resources import deployment_args
 
     release = PreProcessorRelease.from_config(load_release_config(ROOT / "serve_apps" / app))

@@ -133,26 +133,26 @@ def _job_file(bp: Any, path: Path) -> Path:
 
 def _spawn(bp: Any, cmd: list[str], out: Path) -> tuple[float, float | None, float, int, str]:
     """(spawn epoch, first annotation epoch, exit epoch, exit code, stdout)."""
-    from bench import common as c
+    from bench import environment, local_platform
 
-    env = c.env_for_children()
+    env = environment.env_for_children()
     env["SYNAPSE_HOST"] = bp.url
     env["SYNAPSE_ACCESS_TOKEN"] = bp.token
     # each run writes every task: the run before it left the same data there, which totask-ray
     # would find unchanged and not write again (no first annotation to time)
-    c.clear_task_data(bp.store, bp.project)
-    wm = c.history_watermark(bp.store)
+    local_platform.clear_task_data(bp.store, bp.project)
+    wm = local_platform.history_watermark(bp.store)
     first = None
     with open(out, "w") as fo, open(out.with_suffix(".err"), "w") as fe:
         t0 = time.time()
-        proc = subprocess.Popen(cmd, stdout=fo, stderr=fe, env=env, cwd=c.ROOT)
+        proc = subprocess.Popen(cmd, stdout=fo, stderr=fe, env=env, cwd=environment.ROOT)
         while proc.poll() is None:
             if first is None:
-                first = c.first_write_after(bp.store, wm)
+                first = local_platform.first_write_after(bp.store, wm)
             time.sleep(0.02)
         t_end = time.time()
     if first is None:
-        first = c.first_write_after(bp.store, wm)
+        first = local_platform.first_write_after(bp.store, wm)
     return t0, first, t_end, proc.returncode, out.read_text()
 
 
@@ -178,7 +178,7 @@ PHASES = (
 
 
 def run_breakdown(bp: Any, job: Path, address: str) -> dict[str, Any]:
-    from bench import common as c
+    from bench import tables
 
     cmd = [sys.executable, "-m", "bench.startup", "--child", "run", str(job), "--address", address]
     t0, first, end, rc, out = _spawn(bp, cmd, bp.tmp / "child.out")
@@ -216,48 +216,48 @@ def run_breakdown(bp: Any, job: Path, address: str) -> dict[str, Any]:
     res["actors"] = m.get("actors")
     if rc != 0 or data["code"] not in (0,) or first is None:
         res["error"] = f"exit {rc}/{data['code']}"
-    c.log("startup breakdown: " + json.dumps(phases))
+    tables.log("startup breakdown: " + json.dumps(phases))
     return res
 
 
 def main(args: Any, *, ray_started: bool = False) -> dict[str, Any]:
-    from bench import common as c
+    from bench import local_platform, local_ray, meters, tables
 
     n = args.tasks if args.tasks and args.bench == "startup" else (200 if args.smoke else 10_000)
     runs = 1 if args.smoke else args.runs
     if not ray_started:
-        c.start_ray(args.ray_cpus)
-    address = c.ray_address()
-    with c.platform() as bp:
-        c.seed_files(bp, n)
+        local_ray.start_ray(args.ray_cpus)
+    address = local_ray.ray_address()
+    with local_platform.platform() as bp:
+        local_platform.seed_files(bp, n)
         job = _job_file(bp, bp.tmp / "job.yaml")
         results: dict[str, list[dict[str, Any]]] = {"cli": [], "breakdown": []}
-        load = c.LoadSampler().start()
+        load = meters.LoadSampler().start()
         for r in range(runs):
             if not args.smoke:  # smoke: the instrumented run goes through the same CLI command
                 res = run_cli(bp, job, address, n)
                 results["cli"].append(res)
-                c.log(f"startup run {r + 1}/{runs} cli: {json.dumps(res)}")
+                tables.log(f"startup run {r + 1}/{runs} cli: {json.dumps(res)}")
             res = run_breakdown(bp, job, address)
             results["breakdown"].append(res)
-            c.log(f"startup run {r + 1}/{runs} breakdown: first annotation {res.get('to_first_annotation_s')} s "
+            tables.log(f"startup run {r + 1}/{runs} breakdown: first annotation {res.get('to_first_annotation_s')} s "
                   f"{res.get('error', '')}")  # fmt: skip
         load.stop()
 
     cli_ok = [x for x in results["cli"] if "error" not in x]
     bd_ok = [x for x in results["breakdown"] if "error" not in x]
-    first_cli = c.median([x["to_first_annotation_s"] for x in cli_ok]) if cli_ok else None
+    first_cli = tables.median([x["to_first_annotation_s"] for x in cli_ok]) if cli_ok else None
     rows = [
-        ["totask-ray run (cli)", c.fmt(first_cli, 2), c.fmt(c.median([x["to_done_s"] for x in cli_ok]) if cli_ok else None, 1),
-         " ".join(c.fmt(x.get("to_first_annotation_s"), 2) for x in results["cli"]),
+        ["totask-ray run (cli)", tables.fmt(first_cli, 2), tables.fmt(tables.median([x["to_done_s"] for x in cli_ok]) if cli_ok else None, 1),
+         " ".join(tables.fmt(x.get("to_first_annotation_s"), 2) for x in results["cli"]),
          f"{len(results['cli']) - len(cli_ok)}/{len(results['cli'])}"],
         ["same, instrumented (breakdown)",
-         c.fmt(c.median([x["to_first_annotation_s"] for x in bd_ok]) if bd_ok else None, 2),
-         c.fmt(c.median([x["to_done_s"] for x in bd_ok]) if bd_ok else None, 1),
-         " ".join(c.fmt(x.get("to_first_annotation_s"), 2) for x in results["breakdown"]),
+         tables.fmt(tables.median([x["to_first_annotation_s"] for x in bd_ok]) if bd_ok else None, 2),
+         tables.fmt(tables.median([x["to_done_s"] for x in bd_ok]) if bd_ok else None, 1),
+         " ".join(tables.fmt(x.get("to_first_annotation_s"), 2) for x in results["breakdown"]),
          f"{len(results['breakdown']) - len(bd_ok)}/{runs}"],
     ]  # fmt: skip
-    c.say(c.table(["run", "spawn -> first annotation s", "spawn -> done s", "runs s", "failed runs"], rows,
+    tables.say(tables.table(["run", "spawn -> first annotation s", "spawn -> done s", "runs s", "failed runs"], rows,
                   f"Start-up, warm cluster, {n:,} tasks, medians of {runs} interleaved runs"))  # fmt: skip
     names = list(bd_ok[0]["phases"]) if bd_ok else []
     prow = []
@@ -267,23 +267,23 @@ def main(args: Any, *, ray_started: bool = False) -> dict[str, Any]:
             prow.append(
                 [
                     name,
-                    c.fmt(c.median([v for v in vals if v is not None]), 2),
-                    " ".join(c.fmt(v, 2) for v in vals),
+                    tables.fmt(tables.median([v for v in vals if v is not None]), 2),
+                    " ".join(tables.fmt(v, 2) for v in vals),
                 ]
             )
         else:
             prow.append([name, str(vals[len(vals) // 2]), " ".join(str(v) for v in vals)])
-    c.say(c.table(["phase (instrumented runs)", "median s", "runs s"], prow, "Start-up breakdown"))
-    c.say(load.text())
-    text, met = c.target_line("spawn -> first annotation (cli)", first_cli, "<=", 10.0, " s")
-    c.say("  " + text)
+    tables.say(tables.table(["phase (instrumented runs)", "median s", "runs s"], prow, "Start-up breakdown"))
+    tables.say(load.text())
+    text, met = tables.target_line("spawn -> first annotation (cli)", first_cli, "<=", 10.0, " s")
+    tables.say("  " + text)
     out = {
         "tasks": n,
         "results": results,
         "target": {"value": first_cli, "met": met, "text": text},
         "load": load.summary(),
     }
-    c.dump_json("startup", out)
+    tables.dump_json("startup", out)
     return out
 
 

@@ -19,7 +19,8 @@ import numpy as np
 from ray import serve
 
 from totask_ray.serving.deployment import build_application
-from totask_ray.serving.interface import CommonParams, Detection, InferenceParams, PreProcessorSpec
+from totask_ray.serving.interface import Detection, PreProcessorSpec
+from totask_ray.serving.params import CommonParams, InferenceParams
 
 CONFIG_PATH = Path(__file__).with_name("config.yaml")
 FIXED_S = 0.040
