@@ -28,7 +28,8 @@ def test_pools_and_setup():
     config = load()
     types = config["available_node_types"]
     assert config["head_node_type"] in types
-    assert "GPU" not in types[config["head_node_type"]]["resources"]
+    head = types[config["head_node_type"]]["resources"]
+    assert "GPU" not in head and head["CPU"] == 0, "the head must offer no CPU: work lands on workers"
     gpu = [t for t in types.values() if t["resources"].get("GPU", 0) >= 1]
     cpu_only = [n for n, t in types.items() if "GPU" not in t["resources"] and n != config["head_node_type"]]
     assert gpu and cpu_only
