@@ -48,12 +48,18 @@ def _run_command():
 
 def test_the_cli_takes_each_flagged_option_with_its_description_as_help():
     params = {opt: p for p in _run_command().params for opt in p.opts}
-    flagged = {n: f for n, f in RunOptions.model_fields.items() if (f.json_schema_extra or {}).get("cli")}  # type: ignore[union-attr]
+    from totask_ray.pipeline.spec import cli_flags
+
+    flagged = cli_flags()
     assert {"dry_run", "resume", "job_id", "verbose_ray", "stop_timeout_s"} <= set(flagged)
-    for name, field in flagged.items():
-        flag = f"--{field.json_schema_extra['cli']}"  # type: ignore[index]
-        assert flag in params, f"RunOptions.{name} names {flag}, which `totask-ray run` does not take"
-        assert params[flag].help == field.description, f"{flag}'s help is not RunOptions.{name}'s description"
+    for name, flag in flagged.items():
+        description = RunOptions.model_fields[name].description
+        assert f"--{flag}" in params, (
+            f"RunOptions.{name} names --{flag}, which `totask-ray run` does not take"
+        )
+        assert params[f"--{flag}"].help == description, (
+            f"--{flag}'s help is not RunOptions.{name}'s description"
+        )
     from totask_ray.platform.connect import KINDS
 
     for kind in KINDS:

@@ -65,7 +65,7 @@ def _run_options() -> list[inspect.Parameter]:
     """`run`'s options, each from where it is declared: every platform's `CliOption`s (a flag two
     platforms share is one option) and every `RunOptions` field with a `cli` flag, its description
     the help. Their parameter names are `platform:<flag>` / the field's name, made identifiers."""
-    from totask_ray.pipeline.spec import RunOptions
+    from totask_ray.pipeline.spec import RunOptions, cli_flags
     from totask_ray.platform.connect import KINDS
 
     params: list[inspect.Parameter] = []
@@ -83,17 +83,13 @@ def _run_options() -> list[inspect.Parameter]:
             text = f"{owners[0][0]}: {first.help}{env}."
         kind_of = list[str] | None if first.multiple else str | None
         params.append(_option(_PLATFORM + flag.replace("-", "_"), kind_of, None, flag, text))
-    for name, field in RunOptions.model_fields.items():
-        flag = (
-            (field.json_schema_extra or {}).get("cli") if isinstance(field.json_schema_extra, dict) else None
-        )
-        if flag is None:
-            continue
+    for name, flag in cli_flags().items():
+        field = RunOptions.model_fields[name]
         default = field.get_default(call_default_factory=True)
         annotation = field.annotation
         if default == []:  # a repeatable option: typer takes None for "not given"
             annotation, default = annotation | None, None
-        params.append(_option(name, annotation, default, str(flag), field.description or ""))
+        params.append(_option(name, annotation, default, flag, field.description or ""))
     return params
 
 

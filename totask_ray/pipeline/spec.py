@@ -143,6 +143,16 @@ class RunSpec:
         return UrlPolicy.for_platform(self.platform.host, o.allowed_hosts, o.allow_private_urls)
 
 
+def cli_flags() -> dict[str, str]:
+    """The `RunOptions` fields `totask-ray run` takes, by field name: their `cli` flag."""
+    out = {}
+    for name, field in RunOptions.model_fields.items():
+        extra = field.json_schema_extra
+        if isinstance(extra, dict) and isinstance(extra.get("cli"), str):
+            out[name] = str(extra["cli"])
+    return out
+
+
 def documented_options() -> str:
     """The options as `run_to_task`'s docstring lists them: one line per field, from its description."""
     lines = []

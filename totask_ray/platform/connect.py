@@ -78,16 +78,19 @@ def platform_from_env(env: Mapping[str, str] | None = None) -> str:
     return next(k.name for k in KINDS if k.named_by_env(env))
 
 
+def _named(name: str) -> PlatformKind:
+    for kind in KINDS:
+        if kind.name == name:
+            return kind
+    raise PlatformError(f"Unknown platform {name!r}: use one of {', '.join(PLATFORMS)}")
+
+
 def config_from_env(
     platform: str | None = None, env: Mapping[str, str] | None = None, **overrides: object
 ) -> PlatformConfig:
     """The platform named by `platform` (or by the environment), from its own variables: the
     SYNAPSE_* ones the Synapse SDK reads, or LABEL_STUDIO_URL / LABEL_STUDIO_API_KEY."""
-    name = platform or platform_from_env(env)
-    for kind in KINDS:
-        if kind.name == name:
-            return kind.config.from_env(env, **overrides)
-    raise PlatformError(f"Unknown platform {name!r}: use one of {', '.join(PLATFORMS)}")
+    return _named(platform or platform_from_env(env)).config.from_env(env, **overrides)
 
 
 def config_from_cli(
@@ -95,10 +98,7 @@ def config_from_cli(
 ) -> PlatformConfig:
     """The platform's config from the CLI's platform flags (`given`: flag -> value, None when left
     out) over its variables. A flag of another platform is refused, not ignored."""
-    name = platform or platform_from_env(env)
-    kind = next((k for k in KINDS if k.name == name), None)
-    if kind is None:
-        raise PlatformError(f"Unknown platform {name!r}: use one of {', '.join(PLATFORMS)}")
+    kind = _named(platform or platform_from_env(env))
     overrides: dict[str, Any] = {}
     for flag, value in given.items():
         if value is None or value == []:
@@ -107,7 +107,7 @@ def config_from_cli(
         if option is None:
             owners = " / ".join(k.title for k in KINDS if any(o.flag == flag for o in k.options))
             raise PlatformError(
-                f"--{flag} is a {owners} option; this run is on {kind.title} (--platform {name})"
+                f"--{flag} is a {owners} option; this run is on {kind.title} (--platform {kind.name})"
             )
         overrides[option.setting] = option.parse(value) if option.parse else value
-    return config_from_env(name, env, **overrides)
+    return kind.config.from_env(env, **overrides)
