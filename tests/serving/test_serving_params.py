@@ -144,7 +144,7 @@ def test_class_filter_must_name_the_models_classes():
 def test_cuda_needs_a_gpu_in_the_cluster_and_in_the_replica():
     cuda = {"model_config": {"device": "cuda"}}
     msg = refused(OCR, cuda, gpus=0)
-    assert msg.endswith("this cluster has no GPU; use device: cpu or add GPU nodes")
+    assert "this cluster has no GPU and its node types add none; use device: cpu" in msg
     assert msg.startswith("pre_processor_params.model_config.device:")
     assert "this cluster has no GPU" in refused(None, cuda, gpus=0)  # undeclared apps too
     assert "reserves no GPU per replica" in refused(OCR, cuda, gpus=2, gpus_per_replica=0)

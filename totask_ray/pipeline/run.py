@@ -2,15 +2,16 @@
 
 This module knows no method: it is handed an annotator class and its constructor arguments
 (`AnnotatorSpec`) and carries task ids through it. Sizing is explicit: each annotator actor
-reserves `actor_cpus`, read tasks a tenth of a CPU, and the pool is checked against what the nodes
-can hold before anything starts (a pipeline whose actors cannot be placed would otherwise wait
-forever). Ray Data's no-progress timeout is set so a mis-budgeted run fails with a clear message
+reserves `actor_cpus`, read tasks a tenth of a CPU, and the pool is sized on what the cluster holds
+once grown and checked before anything starts (`pipeline.sizing`: a pipeline whose actors cannot be
+placed would otherwise wait forever). Ray Data's no-progress timeout is set so a mis-budgeted run fails with a clear message
 instead of hanging.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -20,13 +21,16 @@ import numpy as np
 
 from totask_ray.errors import CriticalError
 from totask_ray.params import OnSuccess
-from totask_ray.pipeline.source import READ_TASK_CPUS, TaskIdSource, id_block, task_dataset
+from totask_ray.pipeline.sizing import PoolPlan, plan_pool
+from totask_ray.pipeline.source import TaskIdSource, id_block, task_dataset
 from totask_ray.pipeline.spec import RunSpec
 from totask_ray.platform.base import Platform
 
 log = logging.getLogger("totask_ray")
 
-MAX_DEFAULT_ACTORS = 16
+# Batches each annotator actor works on at once; a pre-processor's autoscaling targets as many
+# requests in flight per replica (each batch is one call in the batched convention).
+IN_FLIGHT_PER_ACTOR = 2
 
 
 @dataclass(frozen=True)
@@ -35,6 +39,8 @@ class AnnotatorSpec:
 
     cls: type
     kwargs: dict[str, Any]
+    # CPUs the method's own services may hold at most (a pre-processor's replicas): the pool leaves them
+    reserved_cpus: float = 0.0
 
 
 @dataclass
@@ -50,33 +56,23 @@ class PipelineSpec:
     lister: Platform | None = field(default=None, repr=False)  # for a snapshot of the ids (see below)
 
 
-def plan_actors(requested: int | None, actor_cpus: float) -> int:
-    """How many annotator actors to run: as asked, or as many as the nodes' free CPUs hold now.
+def plan_actors(spec: PipelineSpec) -> PoolPlan:
+    """The annotator pool of this run, sized on the cluster (`pipeline.sizing`), logged in one line."""
+    from totask_ray.serving.capacity import read_cluster
+    from totask_ray.serving.node_types import node_types_from_cluster_yaml
 
-    Free, not total: Serve replicas (this run's pre-processor or anyone else's) already hold theirs.
-    Raises `CriticalError` at once when not even one actor can be placed: Ray would otherwise wait
-    with nothing to show for it.
-    """
-    from totask_ray.serving.capacity import pack, read_cluster
-
-    snapshot = read_cluster()
-    bundle = {"CPU": actor_cpus}
-    # leave a read task's share of a CPU free so task ids can still be listed
-    free = [{**node, "CPU": node.get("CPU", 0.0) - READ_TASK_CPUS} for node in snapshot.available]
-    fits_now = pack(bundle, MAX_DEFAULT_ACTORS if requested is None else requested, free)
-    if fits_now == 0:
-        biggest = max((n.get("CPU", 0.0) for n in snapshot.totals), default=0.0)
-        held = sum(n.get("CPU", 0.0) for n in snapshot.totals) - sum(
-            n.get("CPU", 0.0) for n in snapshot.available
-        )
-        raise CriticalError(
-            f"No room for annotator actors: each needs {actor_cpus:g} CPU, the largest node has {biggest:g} and "
-            f"{held:g} CPU are held by other work (e.g. Serve replicas). Lower actor_cpus, delete idle Serve "
-            "applications, or add nodes."
-        )
-    if requested is not None:
-        return requested  # more than fit now: Ray Data places them as resources free up
-    return max(1, min(MAX_DEFAULT_ACTORS, fits_now))
+    o = spec.run.options
+    declared = node_types_from_cluster_yaml(o.cluster_yaml) if o.cluster_yaml else None
+    plan = plan_pool(
+        read_cluster(declared),
+        actor_cpus=o.actor_cpus,
+        batches=math.ceil(spec.total / spec.run.params.batch_size),
+        num_actors=o.num_actors,
+        max_actors=o.max_actors,
+        reserved_cpus=spec.annotator.reserved_cpus,
+    )
+    log.info("%s", plan.describe(spec.annotator.cls.__name__, o.actor_cpus))
+    return plan
 
 
 def ship_plugin(cls: type | None) -> None:
@@ -138,7 +134,8 @@ def configure_data_context(no_progress_timeout_s: float, verbose: bool) -> None:
     dc.enable_auto_log_stats = False
     dc.execution_no_progress_timeout_s = no_progress_timeout_s
     # Actors start while the first ids are read (waiting for them first costs seconds to the first
-    # write); plan_actors has already checked they fit, and the no-progress timeout covers the rest.
+    # write); plan_actors has already checked they can be placed, now or on a node the autoscaler adds,
+    # and the no-progress timeout covers the rest.
     dc.wait_for_min_actors_s = -1
     if not verbose:
         logging.getLogger("ray.data").setLevel(logging.WARNING)
@@ -155,18 +152,17 @@ def run_pipeline(spec: PipelineSpec) -> Iterator[dict[str, Any]]:
     p, o = spec.run.params, spec.run.options
     configure_data_context(o.no_progress_timeout_s, o.verbose_ray)
     ship_plugin(spec.run.action_cls)
-    actors = plan_actors(o.num_actors, o.actor_cpus)
+    pool = plan_actors(spec)
     source = TaskIdSource(spec.run, spec.total, exclude=spec.exclude, stop_flag=spec.stop_flag)
     moving = listing_moves_under_us(p.on_success, p.task_filters)
     dataset = snapshot_dataset(spec, source) if moving else task_dataset(source)
     annotator = spec.annotator
-    log.info("annotating %d task(s) with %d %s actor(s)", spec.total, actors, annotator.cls.__name__)
     ds = dataset.map_batches(
         annotator.cls,
         fn_constructor_kwargs=annotator.kwargs,
         batch_size=p.batch_size,
         batch_format="numpy",
-        compute=actor_pool(actors, fixed=o.num_actors is not None),
+        compute=actor_pool(pool),
         num_cpus=o.actor_cpus,
     )
     try:
@@ -177,21 +173,22 @@ def run_pipeline(spec: PipelineSpec) -> Iterator[dict[str, Any]]:
         raise CriticalError(_explain(exc)) from exc
 
 
-def actor_pool(actors: int, *, fixed: bool) -> Any:
-    """The annotator pool: as many actors as asked for, or grown from one.
+def actor_pool(pool: PoolPlan) -> Any:
+    """The annotator pool as Ray Data runs it (see `pipeline.sizing` for the sizes).
 
-    By default one actor starts first and the pool grows to `actors` while it works: three actors
-    importing Ray Data at once on a small node took seconds longer to write anything, and a run
-    with little to do never pays for actors it would not use. A size the user asked for is kept
-    from the start (they may be spreading the work over nodes on purpose). Two blocks in flight
-    per actor keep the end of a run short: a block queued behind another on a busy actor would
-    wait while other actors idle.
+    Two blocks in flight per actor keep the end of a run short: a block queued behind another on a
+    busy actor would wait while other actors idle.
     """
     from ray.data import ActorPoolStrategy
 
-    if fixed:
-        return ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=2)
-    return ActorPoolStrategy(min_size=1, max_size=actors, initial_size=1, max_tasks_in_flight_per_actor=2)
+    if pool.fixed:
+        return ActorPoolStrategy(size=pool.most, max_tasks_in_flight_per_actor=IN_FLIGHT_PER_ACTOR)
+    return ActorPoolStrategy(
+        min_size=1,
+        max_size=pool.most,
+        initial_size=pool.initial,
+        max_tasks_in_flight_per_actor=IN_FLIGHT_PER_ACTOR,
+    )
 
 
 def free_cpus() -> float:

@@ -56,13 +56,27 @@ class RunOptions(BaseModel):
     ray_address: str | None = Field(
         json_schema_extra=_cli("address"),
         default=None,
-        description="Ray cluster to use (default: RAY_ADDRESS, else a fresh local one).",
+        description="Ray cluster to use (default: RAY_ADDRESS, else the one running on this machine; "
+        "`local` starts a fresh one).",
+    )
+    cluster_yaml: Path | None = Field(
+        json_schema_extra=_cli("cluster-yaml"),
+        default=None,
+        description="The cluster's node types (a `ray up` config), when the cluster cannot say: pools and "
+        "replicas are sized on what its autoscaler can add.",
     )
     num_actors: int | None = Field(
         json_schema_extra=_cli("num-actors"),
         default=None,
         ge=1,
-        description="Annotator actors (default: as many as the free CPUs hold, up to 16).",
+        description="A fixed number of annotator actors (default: start with one and grow with the work, "
+        "up to what the cluster holds once grown).",
+    )
+    max_actors: int | None = Field(
+        json_schema_extra=_cli("max-actors"),
+        default=None,
+        ge=1,
+        description="The most annotator actors the pool may grow to (on a shared cluster).",
     )
     actor_cpus: float = Field(default=0.5, gt=0, description="CPUs each annotator actor reserves.")
     concurrency: int = Field(
@@ -107,10 +121,26 @@ class RunOptions(BaseModel):
         description="On SIGINT/SIGTERM, how long the tasks in flight may take to finish.",
     )
     serve_poll_interval_s: float = Field(
-        default=10.0, gt=0, description="inference: how often to poll a pre-processor that is starting."
+        default=1.0, gt=0, description="inference: how often to poll a pre-processor that is starting."
     )
     serve_ready_timeout_s: float = Field(
         default=180.0, gt=0, description="inference: how long a pre-processor may take to become ready."
+    )
+    node_boot_timeout_s: float = Field(
+        default=600.0,
+        gt=0,
+        description="inference: how much longer the readiness wait allows when the autoscaler must add a node.",
+    )
+    keep_warm: bool = Field(
+        json_schema_extra=_cli("keep-warm"),
+        default=False,
+        description="inference: keep the replicas this run planned after it ends (default: they scale down "
+        "to the release's minimum once idle, so the cluster can release their nodes).",
+    )
+    scale_down_delay_s: float = Field(
+        default=60.0,
+        ge=0,
+        description="inference: how long planned replicas stay idle before they scale down.",
     )
     inference_call_timeout_s: float = Field(
         default=120.0, gt=0, description="inference: how long one batch call to the pre-processor may take."

@@ -23,8 +23,14 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
-from pathlib import Path
-from typing import Any
+
+from totask_ray.serving.node_types import (
+    DiscoveredTypes,
+    NodeType,
+    discover_node_types,
+    node_types_from_cluster_config,
+    node_types_from_cluster_yaml,
+)
 
 __all__ = [
     "CapacityError",
@@ -35,18 +41,19 @@ __all__ = [
     "Verdict",
     "assess",
     "check_capacity",
+    "holds",
     "max_replicas",
+    "most_replicas",
     "node_types_from_cluster_config",
     "node_types_from_cluster_yaml",
     "pack",
+    "per_node",
     "plan_replicas",
     "read_cluster",
 ]
 
 # Ray keeps resources in fixed point with 4 decimals; compare with a little slack.
 _EPS = 1e-6
-# Replicas a run plans at most (a release that wants more fixes num_replicas or autoscaling).
-MAX_PLANNED_REPLICAS = 16
 _GiB = 1024**3
 
 
@@ -57,27 +64,51 @@ class Verdict(StrEnum):
     NEVER_FITS = "never_fits"
 
 
-@dataclass(frozen=True)
-class NodeType:
-    """A node group the autoscaler may launch: each node's resources and how many at most."""
-
-    name: str
-    resources: Mapping[str, float]
-    max_workers: int
-    min_workers: int = 0
+Group = tuple[Mapping[str, float], int]  # a node's resources, and how many such nodes
 
 
 @dataclass(frozen=True)
 class ClusterSnapshot:
     """Per-node totals and free resources of the alive nodes, and the autoscaler's node types.
 
-    ``node_types`` is ``None`` when no autoscaler reported a cluster config (a plain local cluster).
+    ``node_types`` is ``None`` when no source names any (a plain local cluster: see
+    :mod:`~totask_ray.serving.node_types`); ``running`` counts the nodes of each type that are up, so
+    a type's headroom is its most workers minus those. ``types_source`` says where the types came from.
     """
 
     totals: Sequence[Mapping[str, float]]
     available: Sequence[Mapping[str, float]]
     node_types: Sequence[NodeType] | None = None
     node_ids: Sequence[str] = ()
+    running: Mapping[str, int] = field(default_factory=dict)
+    types_source: str = "no autoscaler"
+
+    def headroom(self) -> list[Group]:
+        """The nodes the autoscaler may still add, one group per node type that can add any."""
+        out: list[Group] = []
+        for nt in self.node_types or ():
+            more = nt.max_workers - self.running.get(nt.name, 0)
+            if more > 0:
+                out.append((nt.resources, more))
+        return out
+
+    def grown(self) -> list[Group]:
+        """The alive nodes' totals plus the headroom: the most this cluster can ever offer."""
+        return [*((t, 1) for t in self.totals), *self.headroom()]
+
+    def describe(self) -> str:
+        """``4 nodes, 64 CPU + 2 GPU up; node types add up to 3 x (8 CPU) (cpu)`` for a plan's log line."""
+        up = _sum_of((t, 1) for t in self.totals)
+        text = f"{len(self.totals)} node{'s' if len(self.totals) != 1 else ''}, {_short(up)} up"
+        room = [
+            f"{n} x ({_short(r)}) ({nt.name})"
+            for nt in self.node_types or ()
+            for r, n in [(nt.resources, nt.max_workers - self.running.get(nt.name, 0))]
+            if n > 0
+        ]
+        if room:
+            return f"{text}; node types add up to {', '.join(room)} (from {self.types_source})"
+        return f"{text}; nothing to add ({self.types_source})"
 
 
 @dataclass(frozen=True)
@@ -123,12 +154,15 @@ def max_replicas(bundle: Mapping[str, float], node: Mapping[str, float]) -> int:
     return min(counts) if counts else 1 << 30
 
 
-def _scaled_nodes(node_types: Sequence[NodeType], replicas: int) -> list[Mapping[str, float]]:
-    # Upper bound: up to max_workers new nodes per type (more than `replicas` never helps). Nodes of a
-    # type already running are not subtracted because Ray does not label nodes with their type.
+def _scaled_nodes(
+    node_types: Sequence[NodeType], replicas: int, running: Mapping[str, int] | None = None
+) -> list[Mapping[str, float]]:
+    # The nodes each type may still add (its most workers less those up), at most `replicas` per
+    # type: more never helps place `replicas` bundles.
     nodes: list[Mapping[str, float]] = []
     for nt in node_types:
-        nodes.extend([nt.resources] * max(0, min(nt.max_workers, replicas)))
+        more = nt.max_workers - (running or {}).get(nt.name, 0)
+        nodes.extend([nt.resources] * max(0, min(more, replicas)))
     return nodes
 
 
@@ -140,15 +174,42 @@ def _fmt(resource: str, amount: float) -> str:
     return f"{resource} {_amount(resource, amount)}"
 
 
+def _sum_of(groups: Iterable[Group]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for node, count in groups:
+        for k, v in node.items():
+            out[k] = out.get(k, 0.0) + float(v) * count
+    return out
+
+
+def _short(resources: Mapping[str, float]) -> str:
+    shown = [f"{_amount(k, v)} {k}" for k, v in sorted(resources.items()) if k in ("CPU", "GPU") and v > 0]
+    return " + ".join(shown) or "no CPU"
+
+
+def per_node(bundle: Mapping[str, float], node: Mapping[str, float], reserve_cpus: float = 0.0) -> int:
+    """How many ``bundle`` one node holds after ``reserve_cpus`` are set aside (0 when none)."""
+    left = {**node, "CPU": node.get("CPU", 0.0) - reserve_cpus}
+    if left["CPU"] < -_EPS:
+        return 0
+    return max(0, max_replicas(bundle, left))
+
+
+def holds(groups: Iterable[Group], bundle: Mapping[str, float], reserve_cpus: float = 0.0) -> int:
+    """How many ``bundle`` the nodes hold in all, each node keeping ``reserve_cpus`` free."""
+    return sum(per_node(bundle, node, reserve_cpus) * count for node, count in groups)
+
+
 def _never_fits_message(
     bundle: Mapping[str, float],
     replicas: int,
     totals: Sequence[Mapping[str, float]],
     node_types: Sequence[NodeType],
     name: str | None,
+    running: Mapping[str, int] | None = None,
 ) -> str:
     who = f"pre-processor {name}" if name else "pre-processor"
-    scaled = _scaled_nodes(node_types, replicas)
+    scaled = _scaled_nodes(node_types, replicas, running)
     short: list[str] = []
     for res, need in bundle.items():
         if need <= 0:
@@ -197,11 +258,11 @@ def assess(
 ) -> CapacityReport:
     """The verdict for ``replicas`` x ``bundle`` on ``snapshot``.
 
-    ``node_types`` are the user's declared node types (e.g. from cluster.yaml); they are added to any
-    the autoscaler reported in ``snapshot.node_types``. ``name`` (the app) goes into the message.
+    ``node_types`` are the user's declared node types (e.g. from cluster.yaml); given, they stand in
+    for ``snapshot.node_types``. ``name`` (the app) goes into the message.
     """
     bundle = {k: float(v) for k, v in bundle.items() if v}
-    types = [*(snapshot.node_types or ()), *(node_types or ())]
+    types = list(node_types) if node_types is not None else list(snapshot.node_types or ())
     summary = " + ".join(_fmt(k, v) for k, v in bundle.items()) or "nothing"
     plural = "s" if replicas != 1 else ""
     if pack(bundle, replicas, snapshot.available) >= replicas:
@@ -221,7 +282,11 @@ def assess(
             "replicas will start when running work releases resources",
             tuple(types),
         )
-    if types and pack(bundle, replicas, [*snapshot.totals, *_scaled_nodes(types, replicas)]) >= replicas:
+    if (
+        types
+        and pack(bundle, replicas, [*snapshot.totals, *_scaled_nodes(types, replicas, snapshot.running)])
+        >= replicas
+    ):
         usable = sorted({nt.name for nt in types if max_replicas(bundle, nt.resources) > 0})
         return CapacityReport(
             Verdict.FITS_AFTER_SCALING,
@@ -235,7 +300,7 @@ def assess(
         Verdict.NEVER_FITS,
         bundle,
         replicas,
-        _never_fits_message(bundle, replicas, snapshot.totals, types, name),
+        _never_fits_message(bundle, replicas, snapshot.totals, types, name, snapshot.running),
         tuple(types),
     )
 
@@ -255,63 +320,25 @@ def check_capacity(
     return report
 
 
-def node_types_from_cluster_yaml(source: str | Path | Mapping[str, Any]) -> list[NodeType]:
-    """Node types declared in a Ray cluster launcher config (``available_node_types``).
-
-    The head node type is counted with its ``max_workers`` (usually 0): it is already running, so
-    it is in the alive nodes. Per-type counts are capped by the top-level ``max_workers``.
-    """
-    if isinstance(source, Mapping):
-        config: Mapping[str, Any] = source
-    else:
-        import yaml
-
-        config = yaml.safe_load(Path(source).read_text(encoding="utf-8")) or {}
-    cap = config.get("max_workers")
-    out: list[NodeType] = []
-    for name, spec in (config.get("available_node_types") or {}).items():
-        resources = {str(k): float(v) for k, v in (spec.get("resources") or {}).items()}
-        max_workers = int(spec.get("max_workers", 0))
-        if cap is not None:
-            max_workers = min(max_workers, int(cap))
-        out.append(NodeType(str(name), resources, max_workers, int(spec.get("min_workers", 0))))
-    return out
-
-
-def node_types_from_cluster_config(config: Any) -> list[NodeType] | None:
-    """Node types from the GCS autoscaler ``ClusterConfig`` protobuf (``None`` when there is none)."""
-    if config is None:
-        return None
-    out: list[NodeType] = []
-    for group in config.node_group_configs:
-        max_count = int(group.max_count)
-        out.append(
-            NodeType(
-                name=str(group.name),
-                resources={str(k): float(v) for k, v in group.resources.items()},
-                max_workers=(1 << 20) if max_count < 0 else max_count,
-                min_workers=int(group.min_count),
-            )
-        )
-    return out
-
-
-def read_cluster() -> ClusterSnapshot:
-    """Snapshot the connected Ray cluster (``ray.init`` must have been called)."""
+def read_cluster(node_types: Sequence[NodeType] | None = None) -> ClusterSnapshot:
+    """Snapshot the connected Ray cluster (``ray.init`` must have been called), with the node types
+    the user declared (``node_types``) or those the cluster names (:func:`discover_node_types`)."""
     from ray._private import state
 
     totals = state.total_resources_per_node()
     available = state.available_resources_per_node()
     node_ids = sorted(totals)
     try:
-        node_types = node_types_from_cluster_config(state.state.get_cluster_config())
-    except Exception:  # an older GCS without the key, or no permission: treat as no autoscaler
-        node_types = None
+        found = discover_node_types(list(node_types) if node_types is not None else None)
+    except Exception as exc:  # the autoscaler's state is a hint: never a new way for a run to fail
+        found = DiscoveredTypes(None, f"node types unreadable ({type(exc).__name__})", {})
     return ClusterSnapshot(
         totals=[dict(totals[n]) for n in node_ids],
         available=[dict(available.get(n, {})) for n in node_ids],
-        node_types=node_types,
+        node_types=found.types,
         node_ids=[str(n) for n in node_ids],
+        running=dict(found.running),
+        types_source=found.source,
     )
 
 
@@ -320,10 +347,13 @@ class ReplicaPlan:
     """How a run deploys its pre-processor: replicas, each one's bundle, its model threads.
 
     ``planned`` is False when the release fixed the count (``num_replicas``, or Serve autoscaling:
-    then ``replicas`` is what it starts with). ``decode_actors`` is how many decode (Data) actors
-    of ``decode_cpus`` fit on what the replicas leave free (the most the pipeline will start).
-    ``threads`` is the model threads per replica when the plan gives it more than the CPUs it
-    reserves; ``None`` leaves the replica's default (its reserved CPUs).
+    then ``replicas`` is what it starts with and ``max_replicas`` equals it). A planned count starts
+    at ``replicas`` (what fits on the free resources now, at least one) and may grow to
+    ``max_replicas`` (what the cluster holds once its autoscaler has added every node it may).
+    ``decode_actors`` is how many decode (Data) actors of ``decode_cpus`` fit beside the replicas
+    now. ``threads`` is the model threads per replica when the plan gives it more than the CPUs it
+    reserves; ``None`` leaves the replica's default (its reserved CPUs). ``grown_from`` is the
+    cluster as the plan saw it (:meth:`ClusterSnapshot.describe`).
     """
 
     replicas: int
@@ -333,17 +363,26 @@ class ReplicaPlan:
     decode_cpus: float
     threads: int | None
     free: Mapping[str, float]
+    max_replicas: int = 0
+    grown_from: str = ""
+    gpus_widened: bool = False
 
     def describe(self, name: str) -> str:
-        """One line for the log: ``pre-processor faces@1: 2 replicas x 1 CPU, ...``."""
+        """One line for the log: ``pre-processor faces@1: 2 (up to 8) replicas x 1 CPU, ...``."""
         per = " + ".join(f"{_amount(k, v)} {k}" for k, v in self.bundle.items()) or "nothing"
-        how = "planned on the free capacity" if self.planned else "fixed by the release"
+        if self.planned:
+            how = f"planned: {self.replicas} fit now, up to {self.max_replicas} once the cluster has grown"
+        else:
+            how = "fixed by the release"
+        if self.gpus_widened:
+            how += "; one whole GPU each so that no two share a device"
         threads = f"{self.threads} model threads each" if self.threads else "model threads as reserved"
         free = " + ".join(f"{_amount(k, v)} {k}" for k, v in sorted(self.free.items()) if k in ("CPU", "GPU"))
         return (
             f"pre-processor {name}: {self.replicas} replica{'s' if self.replicas != 1 else ''} x {per} ({how}), "
             f"{threads}, {self.decode_actors} decode actor{'s' if self.decode_actors != 1 else ''} x "
             f"{self.decode_cpus:g} CPU fit beside them; free: {free or 'nothing'}"
+            + (f"; cluster: {self.grown_from}" if self.grown_from else "")
         )
 
 
@@ -361,6 +400,64 @@ def _place(
     return free
 
 
+def _room_beside(
+    bundle: Mapping[str, float], m: int, groups: Sequence[Group], decode_cpus: float, reserve_cpus: float
+) -> tuple[int, float] | None:
+    """Decode actors that fit beside ``m`` replicas placed first-fit on ``groups`` (whole groups of
+    identical nodes are filled arithmetically, so a pool of thousands of nodes costs one step), and
+    the CPUs the replicas leave; None when the replicas do not fit."""
+    decode = {"CPU": decode_cpus}
+    left_to_place, room, cpus_left = m, 0, 0.0
+    for node, count in groups:
+        k = per_node(bundle, node) if left_to_place else 0
+        full = min(count, left_to_place // k) if k else 0
+        partial = left_to_place - full * k if k and full < count else 0
+        partial = min(partial, k)
+        for n, placed in (
+            (full, k),
+            (1 if partial else 0, partial),
+            (count - full - (1 if partial else 0), 0),
+        ):
+            if n <= 0:
+                continue
+            rest = {key: node.get(key, 0.0) - bundle.get(key, 0.0) * placed for key in {*node, *bundle}}
+            room += per_node(decode, rest, reserve_cpus) * n
+            cpus_left += rest.get("CPU", 0.0) * n
+        left_to_place -= full * k + partial
+    return None if left_to_place > 0 else (room, cpus_left)
+
+
+def most_replicas(
+    bundle: Mapping[str, float],
+    groups: Sequence[Group],
+    *,
+    decode_cpus: float,
+    reserve_cpus: float,
+    keep_half: bool = False,
+) -> int:
+    """The most replicas that fit on ``groups`` with room left for one decode actor per two replicas
+    (each decode actor keeps two batches in flight) and ``reserve_cpus`` on every node for the read
+    tasks; 0 when not one fits. ``keep_half``: also leave at least half the CPUs free, so a first
+    run on a shared cluster does not take all of it at once (its replicas grow on demand).
+    Binary search: fitting is monotone in the count."""
+    total_cpus = _sum_of(groups).get("CPU", 0.0)
+
+    def ok(m: int) -> bool:
+        placed = _room_beside(bundle, m, groups, decode_cpus, reserve_cpus)
+        if placed is None or placed[0] < math.ceil(m / 2):
+            return False
+        return not (keep_half and m > 1 and placed[1] < total_cpus / 2 - _EPS)
+
+    lo, hi = 0, max(0, holds(groups, bundle))
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if ok(mid):
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
 def plan_replicas(
     bundle: Mapping[str, float],
     available: Sequence[Mapping[str, float]],
@@ -368,17 +465,18 @@ def plan_replicas(
     fixed: int | None = None,
     decode_cpus: float = 0.5,
     reserve_cpus: float = 0.1,
-    max_decode_actors: int = 16,
     cores: int | None = None,
-    limit: int = MAX_PLANNED_REPLICAS,
+    grown: Sequence[Group] | None = None,
+    grown_from: str = "",
 ) -> ReplicaPlan:
-    """Size a run's pre-processor on the nodes' free resources (``available``, one dict a node).
+    """Size a run's pre-processor: what fits now (``available``, one dict a node) and what the
+    cluster holds once grown (``grown``: the nodes' totals plus the autoscaler's headroom).
 
-    Replicas: ``fixed`` when the release fixes the count; otherwise the most (up to ``limit``)
-    whose bundles, first-fit on the free resources, still leave room on some node for one decode
-    actor of ``decode_cpus`` per two replicas (each decode actor keeps two batches in flight) plus
-    ``reserve_cpus`` on every node for the read tasks, as the pipeline plans them. When not one
-    replica fits now, the plan is one replica and the capacity gate says why.
+    Replicas: ``fixed`` when the release fixes the count; otherwise start with the most whose bundles,
+    first-fit on the free resources, leave room for the decode actors that feed them (see
+    :func:`most_replicas`; at most half the free CPUs), at least one; and let Serve's autoscaler grow
+    them up to the most the grown cluster holds beside its decode actors. When not one replica fits
+    now, the plan starts with one and the capacity gate says whether a node can be added for it.
 
     Threads: on a single-node cluster (a local run), the node's free CPUs (at most its ``cores``,
     when known) are divided among the replicas, and a replica whose share is more than the CPUs it
@@ -391,31 +489,20 @@ def plan_replicas(
     replica on its declared bundle, so the capacity gate and other work see what is declared.
     """
     bundle = {k: float(v) for k, v in bundle.items() if v}
-    free_total: dict[str, float] = {}
-    for node in available:
-        for k, v in node.items():
-            free_total[k] = free_total.get(k, 0.0) + float(v)
-
-    def decode_room(left: Sequence[Mapping[str, float]]) -> int:
-        shares = [{**n, "CPU": n.get("CPU", 0.0) - reserve_cpus} for n in left]
-        return pack({"CPU": decode_cpus}, max_decode_actors, shares)
-
+    free_total = _sum_of((n, 1) for n in available)
+    now = [(n, 1) for n in available]
     if fixed is not None:
-        replicas = max(1, fixed)
+        replicas = most = max(1, fixed)
     else:
-        replicas = 0
-        for m in range(1, max(1, limit) + 1):
-            left = _place(bundle, m, available)
-            if left is None or decode_room(left) < math.ceil(m / 2):
-                break
-            # The replicas stay up after the run (the next run finds them): a planned count takes
-            # at most half of what is free, so other runs and apps keep room beside it.
-            if m > 1 and sum(n.get("CPU", 0.0) for n in left) < free_total.get("CPU", 0.0) / 2 - _EPS:
-                break
-            replicas = m
-        replicas = max(1, replicas)
+        replicas = max(
+            1, most_replicas(bundle, now, decode_cpus=decode_cpus, reserve_cpus=reserve_cpus, keep_half=True)
+        )
+        grown_groups = grown if grown is not None else now
+        most = max(
+            replicas, most_replicas(bundle, grown_groups, decode_cpus=decode_cpus, reserve_cpus=reserve_cpus)
+        )
     left = _place(bundle, replicas, available)
-    decode = decode_room(left) if left is not None else 0
+    decode = holds([(n, 1) for n in left], {"CPU": decode_cpus}, reserve_cpus) if left is not None else 0
     threads = None
     if left is not None and len(available) == 1:
         usable = available[0].get("CPU", 0.0)
@@ -424,4 +511,6 @@ def plan_replicas(
         share = math.floor((usable + _EPS) / replicas)
         reserved = max(1, round(bundle.get("CPU", 0.0)))
         threads = share if share > reserved else None
-    return ReplicaPlan(replicas, bundle, fixed is None, decode, decode_cpus, threads, free_total)
+    return ReplicaPlan(
+        replicas, bundle, fixed is None, decode, decode_cpus, threads, free_total, most, grown_from
+    )

@@ -25,7 +25,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal, Protocol, runtime_checkable
 
 from totask_ray.platform.base import Agents
@@ -37,6 +37,7 @@ from totask_ray.serving.capacity import (
     ReplicaPlan,
     Verdict,
     assess,
+    holds,
     plan_replicas,
     read_cluster,
 )
@@ -48,10 +49,13 @@ __all__ = [
     "PENDING_STATUSES",
     "LifecycleResult",
     "RayServeBackend",
+    "Scaling",
+    "ScalingTimeout",
     "ServeApplicationError",
     "ServeBackend",
     "SynapseServeBackend",
     "app_name",
+    "autoscaling_for",
     "bind_deployment_class",
     "classify_serve_status",
     "ensure_running",
@@ -70,6 +74,11 @@ PENDING_STATUSES = frozenset({"NOT_STARTED", "DEPLOYING", "DELETING"})
 DISPATCH_FAILED = "Pre-processor deployment dispatch failed ({error_type})"
 TERMINAL_STATE = "Pre-processor deployment failed: serve application reached terminal state ({status})"
 NOT_READY = "Pre-processor did not become ready within timeout"
+SCALING_TIMEOUT = (
+    "Pre-processor did not become ready within {waited:.0f} s while the cluster was still adding a node for it; "
+    "{name} is left deployed so that the node can still come up (a later run finds it running). "
+    "Remove it with `totask-ray serve delete {name}`, or allow more time with node_boot_timeout_s"
+)
 
 
 def app_name(code: str, version: str) -> str:
@@ -172,17 +181,56 @@ def _local_cores(snapshot: ClusterSnapshot) -> int | None:
 
 def plan_for(
     release: PreProcessorRelease, resources: Resources, snapshot: ClusterSnapshot, *, decode_cpus: float
-) -> ReplicaPlan:
-    """The replica plan of ``release`` on ``snapshot`` (see :func:`plan_replicas`)."""
+) -> tuple[ReplicaPlan, Resources]:
+    """The replica plan of ``release`` on ``snapshot`` (see :func:`plan_replicas`), and the resources
+    to dispatch: a planned count of replicas that left their GPU share to the payload default (0.1)
+    get one whole GPU each when the grown cluster has a GPU for each, so that no two share a device."""
     serve_options = release.config.serve_options
     fixed = resources.replicas(serve_options) if resources.fixes_replicas(serve_options) else None
-    return plan_replicas(
+    grown = snapshot.grown()
+    widen = False
+    if fixed is None and not _declares_gpus(release) and 0 < resources.num_gpus < 1:
+        widened = resources.model_copy(update={"num_gpus": 1})
+        widen = holds(grown, widened.bundle()) >= 1
+        if widen:
+            resources = widened
+    plan = plan_replicas(
         resources.bundle(),
         snapshot.available,
         fixed=fixed,
         decode_cpus=decode_cpus,
         cores=_local_cores(snapshot),
+        grown=grown,
+        grown_from=snapshot.describe(),
     )
+    plan = replace(plan, gpus_widened=widen)
+    gpus = sum(node.get("GPU", 0.0) * n for node, n in grown)
+    if 0 < resources.num_gpus < 1 and plan.max_replicas > 1 and gpus >= 2:
+        log.warning(
+            "%s: %d replicas x %g GPU: Ray packs fractional GPUs, so copies may share one device while the "
+            "others idle; declare required_gpu_count: 1 to give each replica a GPU of its own",
+            release.app_name, plan.max_replicas, resources.num_gpus,
+        )  # fmt: skip
+    return plan, resources
+
+
+def _declares_gpus(release: PreProcessorRelease) -> bool:
+    rr = release.config.actions.inference.required_resources
+    return rr is not None and (rr.required_gpu_count is not None or rr.num_gpus is not None)
+
+
+def autoscaling_for(
+    plan: ReplicaPlan, *, keep_warm: bool, target_ongoing: int, downscale_delay_s: float
+) -> dict:
+    """Serve autoscaling for a planned count: start with the plan, grow to what the grown cluster
+    holds, and (unless ``keep_warm``) scale to zero once idle so the cluster can release the nodes."""
+    return {
+        "min_replicas": plan.replicas if keep_warm else 0,
+        "initial_replicas": plan.replicas,
+        "max_replicas": max(plan.replicas, plan.max_replicas),
+        "target_ongoing_requests": target_ongoing,
+        "downscale_delay_s": downscale_delay_s,
+    }
 
 
 def _capacity_gate(
@@ -201,23 +249,45 @@ def _capacity_gate(
     return report
 
 
+@dataclass(frozen=True)
+class Scaling:
+    """How a run's planned replicas scale (``None`` on :func:`ensure_running` keeps a fixed count)."""
+
+    keep_warm: bool = False
+    target_ongoing: int = 2
+    downscale_delay_s: float = 60.0
+
+
+class ScalingTimeout(RuntimeError):
+    """The wait ended while the cluster was still adding a node for the app: it is left deployed."""
+
+
 def ensure_running(
     release: PreProcessorRelease | ReleaseConfig,
     backend: ServeBackend,
     *,
-    poll_interval_s: float = 10.0,
+    poll_interval_s: float = 1.0,
     timeout_s: float = 180.0,
     check_capacity: bool = True,
     node_types: Sequence[NodeType] | None = None,
     size_replicas: bool = False,
     decode_cpus: float = 0.5,
+    scaling: Scaling | None = None,
+    node_boot_timeout_s: float = 600.0,
 ) -> LifecycleResult:
     """Make sure ``release``'s Serve application is RUNNING; dispatch it if it is not.
 
-    ``size_replicas`` (a run): plan the replicas and model threads on the cluster's free capacity
-    before the gate, leaving room for decode actors of ``decode_cpus`` (see :func:`plan_for`); the
-    plan is logged in one line and returned on the result. Without it (``totask-ray serve deploy``,
-    the platform's agent) the release's count, or one, is deployed as before.
+    ``size_replicas`` (a run): plan the replicas and model threads on the cluster, now and once
+    grown, before the gate, leaving room for decode actors of ``decode_cpus`` (see :func:`plan_for`);
+    the plan is logged in one line and returned on the result. With ``scaling``, a planned count is
+    dispatched with Serve autoscaling (:func:`autoscaling_for`) to a backend that takes it. Without
+    ``size_replicas`` (``totask-ray serve deploy``, the platform's agent) the release's count, or
+    one, is deployed as before.
+
+    When the gate says the app fits only after the autoscaler adds a node, the wait allows
+    ``node_boot_timeout_s`` more for the node to boot, and running out of time then raises
+    :class:`ScalingTimeout` with the app left deployed: deleting it would withdraw the request that
+    is bringing the node up.
 
     Raises :class:`~totask_ray.serving.capacity.CapacityError` (a ``RuntimeError``) before dispatch
     when the cluster, even scaled up by ``node_types``, can never hold it; ``RuntimeError`` with the
@@ -240,22 +310,37 @@ def ensure_running(
     resources = Resources.from_required(rel.config.actions.inference.required_resources)
     snapshot = _snapshot(backend) if (check_capacity or size_replicas) else None
     plan = None
+    autoscaling = None
     if size_replicas and snapshot is not None:
-        plan = plan_for(rel, resources, snapshot, decode_cpus=decode_cpus)
+        plan, resources = plan_for(rel, resources, snapshot, decode_cpus=decode_cpus)
         log.info("%s", plan.describe(name))
         if plan.planned:  # dispatched as if declared, so the agent and Serve deploy the same count
             resources = resources.model_copy(update={"num_replicas": plan.replicas})
+            if scaling is not None:
+                autoscaling = autoscaling_for(
+                    plan,
+                    keep_warm=scaling.keep_warm,
+                    target_ongoing=scaling.target_ongoing,
+                    downscale_delay_s=scaling.downscale_delay_s,
+                )
     replicas = resources.replicas(rel.config.serve_options)
     report = _capacity_gate(snapshot, resources, replicas, rel, node_types) if check_capacity else None
+    scaling_up = report is not None and report.verdict is Verdict.FITS_AFTER_SCALING
+    if scaling_up:
+        timeout_s += node_boot_timeout_s
+        log.info("%s: the autoscaler is adding a node for it; waiting up to %.0f s", name, timeout_s)
 
     payload = resources.to_payload()
     log.info("dispatching %s with %s", name, payload)
-    threads = plan.threads if plan is not None else None
+    extra: dict[str, Any] = {}
+    if plan is not None and plan.threads:
+        extra["model_threads"] = plan.threads
+    if autoscaling is not None:
+        extra["autoscaling_config"] = autoscaling
+        log.info("%s scales with Serve: %s", name, autoscaling)
+    accepted = inspect.signature(backend.dispatch).parameters
     try:
-        if threads and "model_threads" in inspect.signature(backend.dispatch).parameters:
-            backend.dispatch(rel, payload, model_threads=threads)
-        else:
-            backend.dispatch(rel, payload)
+        backend.dispatch(rel, payload, **{k: v for k, v in extra.items() if k in accepted})
     except Exception as exc:
         raise RuntimeError(DISPATCH_FAILED.format(error_type=type(exc).__name__)) from exc
 
@@ -274,7 +359,10 @@ def ensure_running(
             raise RuntimeError(TERMINAL_STATE.format(status=status)) from ServeApplicationError(_detail(last))
         remaining = deadline - time.monotonic()
         if remaining <= 0:
-            raise RuntimeError(NOT_READY) from ServeApplicationError(f"last status {status}: {_detail(last)}")
+            cause = ServeApplicationError(f"last status {status}: {_detail(last)}")
+            if scaling_up:
+                raise ScalingTimeout(SCALING_TIMEOUT.format(name=name, waited=timeout_s)) from cause
+            raise RuntimeError(NOT_READY) from cause
         time.sleep(min(poll_interval_s, remaining))
 
 
@@ -342,10 +430,12 @@ class RayServeBackend:
         *,
         http_options: Mapping[str, Any] | None = None,
         delete_timeout_s: float = 60.0,
+        node_types: Sequence[NodeType] | None = None,
     ) -> None:
         self.address = address
         self.http_options = dict(http_options) if http_options else None
         self.delete_timeout_s = delete_timeout_s
+        self.node_types = list(node_types) if node_types is not None else None
 
     def _connect(self) -> None:
         import ray
@@ -388,14 +478,20 @@ class RayServeBackend:
 
     def cluster_snapshot(self) -> ClusterSnapshot:
         self._connect()
-        return read_cluster()
+        return read_cluster(self.node_types)
 
     def dispatch(
-        self, release: PreProcessorRelease, payload: Mapping[str, Any], *, model_threads: int | None = None
+        self,
+        release: PreProcessorRelease,
+        payload: Mapping[str, Any],
+        *,
+        model_threads: int | None = None,
+        autoscaling_config: Mapping[str, Any] | None = None,
     ) -> None:
         """Deploy ``release`` with ``payload``'s resources; ``model_threads`` (a run's plan) goes to
         an app built on ``serving.deployment`` whose model takes ``threads`` and whose options do not
-        set them (any other app is deployed as it is)."""
+        set them (any other app is deployed as it is); ``autoscaling_config`` (a run's planned count)
+        replaces the fixed count."""
         from ray import serve
 
         self._connect()
@@ -408,6 +504,8 @@ class RayServeBackend:
         module_name, _, attr = target.entrypoint.partition(":")
         entry = getattr(importlib.import_module(module_name), attr)
         args = deployment_args(release.config, payload)
+        if autoscaling_config is not None:
+            args = args.model_copy(update={"autoscaling_config": dict(autoscaling_config)})
         if inspect.isclass(entry) or isinstance(entry, serve.Deployment):
             app = bind_deployment_class(entry, args, batch=target.serve_options.batch_declared)
         else:

@@ -201,7 +201,7 @@ def check_params(
     A bad value is refused (:class:`ParamsRefused`, naming the key, the problem and what is allowed);
     a key a declared app does not read is reported in ``ignored``, not refused, because params are
     often shared across pre-processors. ``class_filter`` must name the model's own classes, and
-    ``device: cuda`` needs a GPU in the cluster (``gpus_available``, the cluster's GPU total) and,
+    ``device: cuda`` needs a GPU in the cluster (``gpus_available``: up, or on nodes its autoscaler can add) and,
     when ``gpus_per_replica`` is given, a release that reserves one: a replica without a GPU
     reservation cannot see the device and would quietly run on CPU.
     """
@@ -241,8 +241,9 @@ def check_params(
         raise ParamsRefused(str(exc)) from None
     if device == "cuda" and gpus_available <= 0:
         raise ParamsRefused(
-            f"{PARAMS_PATH}.model_config.device: cuda cannot be honoured: this cluster has no GPU; "
-            "use device: cpu or add GPU nodes"
+            f"{PARAMS_PATH}.model_config.device: cuda cannot be honoured: this cluster has no GPU and "
+            "its node types add none; use device: cpu, or add a GPU node type (pass --cluster-yaml when the "
+            "cluster cannot say what its autoscaler adds)"
         )
     if device == "cuda" and gpus_per_replica is not None and gpus_per_replica <= 0:
         raise ParamsRefused(

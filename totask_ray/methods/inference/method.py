@@ -53,11 +53,14 @@ class InferenceMethod(AnnotationMethod):
         self.plan: InferencePlan | None = None
         self._backend: Any = None
         self._dispatched: str | None = None
+        self._reserved_cpus = 0.0
 
     def prepare(self, job: PrepareInput) -> None:
+        from totask_ray.pipeline.run import IN_FLIGHT_PER_ACTOR
         from totask_ray.serving.capacity import CapacityError
         from totask_ray.serving.config import PreProcessorRelease, ReleaseConfigError, parse_release_config
-        from totask_ray.serving.lifecycle import RayServeBackend, ensure_running
+        from totask_ray.serving.lifecycle import RayServeBackend, Scaling, ScalingTimeout, ensure_running
+        from totask_ray.serving.node_types import node_types_from_cluster_yaml
 
         release_id = job.params.pre_processor
         assert release_id is not None, "ToTaskParams requires pre_processor for the inference method"
@@ -83,8 +86,9 @@ class InferenceMethod(AnnotationMethod):
         spec = app_spec(release)
         from totask_ray.serving.resources import Resources
 
+        declared = node_types_from_cluster_yaml(o.cluster_yaml) if o.cluster_yaml else None
         reserved = Resources.from_required(release.config.actions.inference.required_resources).num_gpus
-        checked_params = check_job_params(spec, job.params.pre_processor_params, reserved)
+        checked_params = check_job_params(spec, job.params.pre_processor_params, reserved, declared)
         try:
             labels = LabelMapping.build(
                 job.project.classes,
@@ -95,19 +99,26 @@ class InferenceMethod(AnnotationMethod):
         except LabelMapError as exc:
             raise CriticalError(f"Labels do not map to the project: {exc}") from None
         route, body_model = synapse_route(release) if convention == "synapse" else (None, None)
-        backend = self._backend = RayServeBackend()
+        backend = self._backend = RayServeBackend(node_types=declared)
+        scaling = Scaling(
+            keep_warm=o.keep_warm, target_ongoing=IN_FLIGHT_PER_ACTOR, downscale_delay_s=o.scale_down_delay_s
+        )
         try:
             result = ensure_running(
                 release, backend, poll_interval_s=o.serve_poll_interval_s, timeout_s=o.serve_ready_timeout_s,
-                size_replicas=True, decode_cpus=o.actor_cpus,
+                size_replicas=True, decode_cpus=o.actor_cpus, scaling=scaling,
+                node_boot_timeout_s=o.node_boot_timeout_s,
             )  # fmt: skip
         except CapacityError as exc:  # refused before dispatch: nothing to undo
+            raise CriticalError(f"Pre-processor not active: {exc}") from exc
+        except ScalingTimeout as exc:  # left deployed: the node it asked for may be on its way
             raise CriticalError(f"Pre-processor not active: {exc}") from exc
         except RuntimeError as exc:  # dispatched (or tried to), then failed: this run owns what is there
             self._dispatched = release.app_name
             raise CriticalError(f"Pre-processor not active: {exc}") from exc
         if result.started:
             self._dispatched = release.app_name
+        self._reserved_cpus = _replica_cpus(result.plan)
         self.plan = InferencePlan(
             release,
             config.model_dump(mode="json", exclude_none=True),
@@ -148,22 +159,35 @@ class InferenceMethod(AnnotationMethod):
                     "max_batch_size": self.plan.release.max_batch_size,
                 },
             },
+            reserved_cpus=self._reserved_cpus,
         )
 
 
-def cluster_gpus() -> float:
+def _replica_cpus(plan: Any) -> float:
+    """CPUs the planned replicas hold at their most (the annotator pool leaves them)."""
+    if plan is None:
+        return 0.0
+    return plan.bundle.get("CPU", 0.0) * max(plan.replicas, plan.max_replicas)
+
+
+def cluster_gpus(declared: Any = None) -> float:
+    """The GPUs the cluster has or its autoscaler can add (a GPU pool may start at zero nodes)."""
     from totask_ray.serving.capacity import read_cluster
 
-    return sum(node.get("GPU", 0.0) for node in read_cluster().totals)
+    return sum(node.get("GPU", 0.0) * n for node, n in read_cluster(declared).grown())
 
 
-def check_job_params(spec: Any, params: dict[str, Any], gpus_per_replica: float | None) -> dict[str, Any]:
+def check_job_params(
+    spec: Any, params: dict[str, Any], gpus_per_replica: float | None, declared: Any = None
+) -> dict[str, Any]:
     """`pre_processor_params` checked against what the app declares, before anything is deployed:
     a bad value is a critical error naming the field; unknown keys get one warning."""
     from totask_ray.serving.params_check import ParamsRefused, check_params
 
     try:
-        checked = check_params(spec, params, gpus_available=cluster_gpus(), gpus_per_replica=gpus_per_replica)
+        checked = check_params(
+            spec, params, gpus_available=cluster_gpus(declared), gpus_per_replica=gpus_per_replica
+        )
     except ParamsRefused as exc:
         raise CriticalError(f"Invalid pre_processor_params: {exc}") from None
     if checked.ignored:
