@@ -56,7 +56,9 @@ def test_a_two_cpu_node_holds_one_replica_and_gives_it_both_cores():
     assert (plan.replicas, plan.planned, plan.threads, plan.decode_actors) == (1, True, 2, 1)
     line = plan.describe("faces@1")
     assert "\n" not in line
-    assert line.startswith("pre-processor faces@1: 1 replica x 1 CPU (planned: 1 fit now, up to 1 once the cluster has grown), 2 model")
+    assert line.startswith(
+        "pre-processor faces@1: 1 replica x 1 CPU (planned: 1 fit now, up to 1 once the cluster has grown), 2 model"
+    )
 
 
 def test_more_free_cpus_more_replicas_with_room_for_their_decode_actors():
