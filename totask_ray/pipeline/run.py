@@ -181,7 +181,7 @@ def actor_pool(pool: PoolPlan) -> Any:
     """
     from ray.data import ActorPoolStrategy
 
-    if pool.fixed:
+    if pool.fixed or pool.initial == pool.most:  # whole from the start: pending actors are never dropped
         return ActorPoolStrategy(size=pool.most, max_tasks_in_flight_per_actor=IN_FLIGHT_PER_ACTOR)
     return ActorPoolStrategy(
         min_size=1,

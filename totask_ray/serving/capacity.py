@@ -366,12 +366,16 @@ class ReplicaPlan:
     max_replicas: int = 0
     grown_from: str = ""
     gpus_widened: bool = False
+    fits_now: bool = True  # False: not one replica fits the free resources; the first waits for a node
 
     def describe(self, name: str) -> str:
         """One line for the log: ``pre-processor faces@1: 2 (up to 8) replicas x 1 CPU, ...``."""
         per = " + ".join(f"{_amount(k, v)} {k}" for k, v in self.bundle.items()) or "nothing"
         if self.planned:
-            how = f"planned: {self.replicas} fit now, up to {self.max_replicas} once the cluster has grown"
+            start = (
+                f"{self.replicas} fit now" if self.fits_now else "none fits now, 1 starts on a node to come"
+            )
+            how = f"planned: {start}, up to {self.max_replicas} once the cluster has grown"
         else:
             how = "fixed by the release"
         if self.gpus_widened:
@@ -494,9 +498,8 @@ def plan_replicas(
     if fixed is not None:
         replicas = most = max(1, fixed)
     else:
-        replicas = max(
-            1, most_replicas(bundle, now, decode_cpus=decode_cpus, reserve_cpus=reserve_cpus, keep_half=True)
-        )
+        fit = most_replicas(bundle, now, decode_cpus=decode_cpus, reserve_cpus=reserve_cpus, keep_half=True)
+        replicas = max(1, fit)
         grown_groups = grown if grown is not None else now
         most = max(
             replicas, most_replicas(bundle, grown_groups, decode_cpus=decode_cpus, reserve_cpus=reserve_cpus)
@@ -512,5 +515,6 @@ def plan_replicas(
         reserved = max(1, round(bundle.get("CPU", 0.0)))
         threads = share if share > reserved else None
     return ReplicaPlan(
-        replicas, bundle, fixed is None, decode, decode_cpus, threads, free_total, most, grown_from
-    )
+        replicas, bundle, fixed is None, decode, decode_cpus, threads, free_total, most, grown_from,
+        fits_now=fixed is not None or fit > 0 or pack(bundle, 1, available) > 0,
+    )  # fmt: skip

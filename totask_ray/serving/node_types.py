@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -121,9 +121,9 @@ def running_by_type(status: Mapping[str, Any]) -> dict[str, int]:
     return out
 
 
-def monitor_config_path(status: Mapping[str, Any], gcs_address: str | None) -> Path | None:
-    """The file the head's autoscaler monitor reads, when that monitor runs on this machine for
-    this cluster (its ``--gcs-address`` ends in this cluster's port)."""
+def local_monitor(status: Mapping[str, Any], gcs_address: str | None) -> list[str] | None:
+    """The command line of this cluster's autoscaler monitor when it runs on this machine (its
+    ``--gcs-address`` ends in this cluster's port); None when it runs elsewhere or is gone."""
     import psutil
 
     pid = status.get("monitor_pid")
@@ -132,13 +132,18 @@ def monitor_config_path(status: Mapping[str, Any], gcs_address: str | None) -> P
     try:
         cmdline = psutil.Process(pid).cmdline()
     except (psutil.Error, OSError):
-        return None  # another machine's process (a driver off the head), or gone
+        return None  # another machine's process (a driver off the head, a KubeRay sidecar), or gone
     if not any("monitor.py" in part for part in cmdline):
         return None
     port = (gcs_address or "").rpartition(":")[2]
     if port and not any(part.startswith("--gcs-address") and part.endswith(f":{port}") for part in cmdline):
         return None
-    for part in cmdline:
+    return cmdline
+
+
+def monitor_config_path(cmdline: Sequence[str] | None) -> Path | None:
+    """The autoscaling config file a monitor's command line names, if any."""
+    for part in cmdline or ():
         if part.startswith(_MONITOR_FLAG):
             return Path(part[len(_MONITOR_FLAG) :]).expanduser()
     return None
@@ -163,7 +168,8 @@ def discover_node_types(declared: list[NodeType] | None = None) -> DiscoveredTyp
         gcs = ray.get_runtime_context().gcs_address
     except Exception:
         gcs = None
-    path = monitor_config_path(status, gcs)
+    monitor = local_monitor(status, gcs)
+    path = monitor_config_path(monitor)
     if path is not None:
         try:
             return DiscoveredTypes(
@@ -171,6 +177,8 @@ def discover_node_types(declared: list[NodeType] | None = None) -> DiscoveredTyp
             )
         except (OSError, ValueError, TypeError, AttributeError) as exc:
             log.warning("could not read the autoscaler's config %s (%s)", path, type(exc).__name__)
+    if monitor is not None:  # the head's monitor runs here with no autoscaling config: a static cluster
+        return DiscoveredTypes(None, "no autoscaler", running)
     if status.get("autoscaler_report"):
         return DiscoveredTypes(
             None, "an autoscaler runs but its node types are unknown here: pass --cluster-yaml", running
