@@ -2,10 +2,11 @@
 
 The suite's process is already connected to its session cluster and Ray allows one per process, so
 the cluster-sizing tests run the job here. SPEC: {"address", "url", "token", "params", "options",
-"settle": {"app": NAME} or null}. While the run goes, a thread records the cluster's nodes; after
+"settle": {"app": NAME, "nodes": N} or null, "await_app": {"app": NAME} or null}. While the run goes, a thread records the cluster's nodes; after
 it, with "settle", this waits (with a deadline) for the app's replicas to reach 0 and the cluster to
 release every node that holds a GPU or that the run's work was on. The last stdout line is a JSON
-summary; the plan's log lines go to stderr with the rest of totask-ray's log.
+summary; the plan's log lines go to stderr with the rest of totask-ray's log. With "await_app", this
+waits for an app the run left deployed to come up, then deletes it.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ def alive() -> list[dict]:
     ]
 
 
-def replicas(app: str) -> int | None:
+def replicas(app: str, states: tuple[str, ...] = ("RUNNING", "STARTING", "UPDATING")) -> int | None:
     from ray import serve
 
     status = serve.status().applications.get(app)
@@ -41,7 +42,7 @@ def replicas(app: str) -> int | None:
         n
         for dep in status.deployments.values()
         for state, n in dep.replica_states.items()
-        if getattr(state, "value", state) in ("RUNNING", "STARTING", "UPDATING")
+        if getattr(state, "value", state) in states
     )
 
 
@@ -107,6 +108,16 @@ def main() -> None:
             nodes_settled=len(alive()),
             settle_s=round(time.monotonic() - t0, 1),
         )
+    wake = spec.get("await_app")
+    if wake:  # an app the run left deployed: does it still come up (the scale-up it was waiting on)?
+        from ray import serve
+
+        deadline = time.monotonic() + wake.get("timeout_s", 120)
+        while (replicas(wake["app"], ("RUNNING",)) or 0) < 1 and time.monotonic() < deadline:
+            time.sleep(0.5)
+        summary["app_replicas_later"] = replicas(wake["app"], ("RUNNING",))
+        summary["app_up_s"] = round(time.monotonic() - t0, 1)
+        serve.delete(wake["app"])
     print(json.dumps(summary))
 
 

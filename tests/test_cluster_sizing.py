@@ -251,3 +251,32 @@ def test_a_driver_without_an_address_joins_the_cluster_running_here(tmp_path):
         proc.stderr[-2000:]
     )
     assert "--address local starts a fresh one" in proc.stderr
+
+
+@pytest.mark.slow
+def test_a_timeout_while_the_node_boots_fails_the_run_but_not_the_scale_up(platform, tmp_path):
+    """The readiness wait runs out while the autoscaler is still adding the GPU node (here: a wait
+    shorter than any boot). The run fails with that reason and how to remove the app, and the app
+    is left deployed: another run may be waiting on the same node, and the replica does come up."""
+    from totask_ray.embedded.seeds import seed_ocr_demo
+
+    seeded = seed_ocr_demo(platform.store, platform.media_dir, tasks=2, seed=7)
+    release, app = _gpu_ocr_release(platform, "1.0.0-slowboot")
+    params = {
+        "name": "Slow_Boot",
+        "project": seeded["project"],
+        "method": "inference",
+        "pre_processor": release,
+    }
+    with fake_autoscaling_cluster(
+        {"cpu": {"CPU": 2}, "gpu": {"CPU": 2, "GPU": 1}}, max_workers={"cpu": 1, "gpu": 1}, idle_timeout_s=3
+    ) as cluster:
+        summary, stderr = _run(platform, tmp_path, cluster.address, params,
+                               options={"serve_ready_timeout_s": 0.5, "node_boot_timeout_s": 0.5},
+                               await_app={"app": app, "timeout_s": 90})  # fmt: skip
+    error = summary["error"] or ""
+    assert "while the cluster was still adding a node for it" in error, summary
+    assert f"{app} is left deployed" in error and f"`totask-ray serve delete {app}`" in error
+    assert f"tearing down {app}" not in stderr
+    assert summary["app_replicas_later"] == 1, f"the app left deployed never came up: {summary}"
+    assert all(platform.store.get_task(int(t))["data"] in (None, {}) for t in seeded["truth"])
