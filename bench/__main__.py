@@ -8,7 +8,8 @@
 - startup    `totask-ray run` to the first annotation on the platform, warm cluster, with a breakdown
 - label-studio  predictions/s into a real Label Studio: totask-ray, LS's bulk import by hand, one by one
 - accelerator  a GPU-shaped pre-processor (40 ms + 1 ms/image) on N = 1, 2, 4 logical GPUs
-- scaleout   the file method on a simulated two-node cluster (2x2 CPUs) against one node (1x4)
+- scaleout   the file method on a simulated two-node cluster (2x2 CPUs) against one node (1x4), then
+             an OCR run on a fake autoscaling cluster whose GPU pool starts at zero
 - all        every bench above, on one local Ray started once
 
 `--smoke` runs every bench quickly (few tasks, one run) so they cannot rot (tests/test_bench_smoke.py);

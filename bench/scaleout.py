@@ -10,18 +10,32 @@ JSONL line per task with the node id of the actor that annotated it).
 
 On one machine the simulated nodes share the same cores: the two-node figure measures what
 spreading the work over nodes costs, not added capacity.
+
+Then the autoscaling case: the OCR demo's inference run on Ray's fake multi-node autoscaler
+(`devtools.fake_cluster`: a head of 0 CPUs, node types `cpu` {CPU 2} and `gpu` {CPU 2, GPU 1}, each
+from 0 to 1 node, idle timeout 3 s), the release needing one GPU per replica and `device: cuda`.
+A fresh cluster per run, the run its own driver process (`python -m devtools.sized_run SPEC`,
+one Ray connection per process). Measured from the run's start (just before `run_to_task`): the
+GPU node alive in `ray.nodes()`, the first write on the platform, the run's end; then the node
+count right after the run and the seconds from the run's end until the Serve replicas are at 0
+and the cluster is back to the head alone (Serve's `scale_down_delay_s=2`, the autoscaler's idle
+timeout; and before that, Serve's 30 s minimum draining of the node's HTTP proxy, measured: 27.6 s
+instead of 53.7 s with RAY_SERVE_PROXY_MIN_DRAINING_PERIOD_S=5). Nodes are extra raylets on this
+machine: their boot time is not a cloud VM's.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from bench import local_platform, local_ray, meters, tables
+from bench import environment, local_platform, local_ray, meters, tables
 
 os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
 # a raylet waits this long for its dashboard agent; on this loaded 2-core box 18 s were not always enough
@@ -189,13 +203,135 @@ def print_results(summary: dict[str, dict[str, Any]], tasks: int, runs: int, loa
     return r
 
 
+# -- the autoscaling case --------------------------------------------------------------------------
+
+AUTO_TYPES = {"cpu": {"CPU": 2}, "gpu": {"CPU": 2, "GPU": 1}}
+AUTO_MAX = {"cpu": 1, "gpu": 1}
+AUTO_IDLE_S = 3.0
+AUTO_OPTIONS = {"scale_down_delay_s": 2, "actor_cpus": 0.5}
+AUTO_VERSION = "1.0.0-bench-autoscale"
+AUTO_TASKS, AUTO_TASKS_SMOKE = 24, 4
+
+
+def seed_gpu_ocr(bp: local_platform.BenchPlatform, tasks: int) -> dict[str, Any]:
+    """The OCR demo and its release made to need one whole GPU per replica, planned (no
+    num_replicas), without its memory reservation (the fake provider gives no `memory` resource)."""
+    from devtools.sized_run import gpu_ocr_release
+    from totask_ray.embedded.seeds import seed_ocr_demo
+
+    seeded = seed_ocr_demo(bp.store, bp.lp.media_dir, tasks=tasks, seed=7)
+    release, app = gpu_ocr_release(bp.store, AUTO_VERSION)
+    params = {"name": "bench_autoscale", "project": seeded["project"], "method": "inference",
+              "pre_processor": release, "batch_size": 2,
+              "pre_processor_params": {**seeded["pre_processor_params"], "model_config": {"device": "cuda"}}}  # fmt: skip
+    return {"project": seeded["project"], "tasks": tasks, "params": params, "app": app}
+
+
+def run_autoscaling(bp: local_platform.BenchPlatform, job: dict[str, Any], k: int) -> dict[str, Any]:
+    """One run on a fresh fake autoscaling cluster, driven by a child process; its summary plus the
+    first write on the platform (the platform's own timestamps against the driver's start)."""
+    from devtools.fake_cluster import fake_autoscaling_cluster
+
+    local_platform.clear_task_data(bp.store, job["project"])
+    wm = local_platform.history_watermark(bp.store)
+    spec_path = bp.tmp / f"autoscale-{k}.json"
+    t0 = time.perf_counter()
+    with fake_autoscaling_cluster(AUTO_TYPES, max_workers=AUTO_MAX, idle_timeout_s=AUTO_IDLE_S) as cluster:
+        start_s = time.perf_counter() - t0
+        spec = {"address": cluster.address, "url": bp.url, "token": bp.token, "params": job["params"],
+                "options": AUTO_OPTIONS, "settle": {"app": job["app"], "nodes": 1, "timeout_s": 150}}  # fmt: skip
+        spec_path.write_text(json.dumps(spec))
+        try:
+            proc = subprocess.run(
+                [sys.executable, "-m", "devtools.sized_run", str(spec_path)],
+                cwd=environment.ROOT, env=cluster.driver_env(environment.env_for_children()),
+                capture_output=True, text=True, timeout=450,
+            )  # fmt: skip
+        except subprocess.TimeoutExpired as exc:
+            return {"tasks": job["tasks"], "error": f"the driver ran past {exc.timeout:g} s"}
+    last = proc.stdout.strip().splitlines()[-1:] or [""]
+    try:
+        res = json.loads(last[0])
+    except json.JSONDecodeError:
+        return {
+            "tasks": job["tasks"],
+            "error": f"driver exit {proc.returncode}",
+            "driver_log_tail": proc.stderr[-2000:],
+        }
+    res["tasks"] = job["tasks"]
+    res["nodes_seen"] = len(res.pop("seen", []))
+    res["cluster_start_s"] = round(start_s, 1)
+    first = local_platform.first_write_after(bp.store, wm)
+    res["to_first_write_s"] = None if first is None else round(first - res.pop("started_epoch"), 1)
+    res["written"] = len({t for t, _ in local_platform.writes_since(bp.store, wm)})
+    if res.get("error") is None and (res["success"], res["failed"]) != (job["tasks"], 0):
+        res["error"] = f"{res['success']} of {job['tasks']} succeeded, {res['failed']} failed"
+    if res.get("error") is None:
+        res.pop("error", None)
+    else:
+        res["driver_log_tail"] = proc.stderr[-2000:]
+    if res.get("back_s") is None and "error" not in res:
+        res["error"] = f"not back to the head alone after the run: {res['nodes_settled']} nodes"
+    return res
+
+
+AUTO_FIELDS = ("first_gpu_node_s", "to_first_write_s", "run_s", "nodes_after_run", "back_s")
+
+
+def summarize_autoscaling(rs: list[dict[str, Any]]) -> dict[str, Any]:
+    good = [r for r in rs if "error" not in r]
+    out: dict[str, Any] = {"tasks": rs[0]["tasks"], "runs": len(rs), "failed_runs": len(rs) - len(good)}
+    for f in (*AUTO_FIELDS, "replicas_zero_s", "success", "failed", "nodes_seen", "cluster_start_s"):
+        vals = [r[f] for r in good if r.get(f) is not None]  # medians of the runs that succeeded
+        out[f] = tables.median(vals) if vals else None
+    out["each_run"] = rs
+    out["errors"] = [r["error"] for r in rs if "error" in r]
+    return out
+
+
+def print_autoscaling(v: dict[str, Any]) -> None:
+    def each(f: str) -> str:
+        return " ".join(tables.fmt(r.get(f), 1) for r in v["each_run"])
+
+    rows = [
+        ["GPU node up (from run start) s", tables.fmt(v["first_gpu_node_s"], 1), each("first_gpu_node_s")],
+        ["first write (from run start) s", tables.fmt(v["to_first_write_s"], 1), each("to_first_write_s")],
+        ["whole run s", tables.fmt(v["run_s"], 1), each("run_s")],
+        ["tasks succeeded", tables.fmt(v["success"]), each("success")],
+        ["tasks failed", tables.fmt(v["failed"]), each("failed")],
+        ["nodes seen during the run", tables.fmt(v["nodes_seen"]), each("nodes_seen")],
+        ["nodes right after the run", tables.fmt(v["nodes_after_run"]), each("nodes_after_run")],
+        ["replicas at 0 (from run end) s", tables.fmt(v["replicas_zero_s"], 1), each("replicas_zero_s")],
+        ["back to head only (from run end) s", tables.fmt(v["back_s"], 1), each("back_s")],
+        ["cluster start s (not timed)", tables.fmt(v["cluster_start_s"], 1), each("cluster_start_s")],
+    ]
+    tables.say(
+        tables.table(
+            ["autoscaling, GPU pool from zero", "median", "each run"],
+            rows,
+            f"Autoscaling by simulation: OCR inference, {v['tasks']} tasks, 1 GPU per replica, on Ray's fake "
+            f"autoscaler (head 0 CPUs; node types cpu 2 CPUs, gpu 2 CPUs + 1 logical GPU, 0..1 each; idle "
+            f"timeout {AUTO_IDLE_S:g} s; scale_down_delay_s {AUTO_OPTIONS['scale_down_delay_s']}), medians of "
+            f"{v['runs']} runs, {v['failed_runs']} failed. Nodes are simulated raylets on this machine "
+            f"({os.cpu_count()} cores): a node boots in seconds, not a cloud VM's minutes",
+        )
+    )
+    tables.say(
+        "the GPU node goes some 30 s after the replicas reach 0: Serve drains the HTTP proxy of a node left "
+        "without replicas for at least RAY_SERVE_PROXY_MIN_DRAINING_PERIOD_S (30 s), and only then is the node "
+        f"idle for the autoscaler ({AUTO_IDLE_S:g} s)"
+    )
+    for e in v["errors"]:
+        tables.say(f"  autoscaling: ERROR {e}")
+
+
 def main(args: Any, *, ray_started: bool = False) -> dict[str, Any]:
     import ray
 
     if args.smoke:
-        tasks, runs = args.tasks or 200, 1
+        tasks, runs, auto_tasks = args.tasks or 200, 1, AUTO_TASKS_SMOKE
     else:
-        tasks, runs = args.tasks or 3000, args.runs
+        tasks, runs, auto_tasks = args.tasks or 3000, args.runs, AUTO_TASKS
     if ray_started or ray.is_initialized():
         ray.shutdown()  # this bench needs clusters of its own
     machine = meters.machine_info()
@@ -218,6 +354,20 @@ def main(args: Any, *, ray_started: bool = False) -> dict[str, Any]:
             load_summary = load.stop()
             summary = summarize(results)
             ratio = print_results(summary, tasks, runs, load.text())
+            job = seed_gpu_ocr(bp, auto_tasks)
+            auto_runs = []
+            for k in range(runs):
+                res = run_autoscaling(bp, job, k)
+                auto_runs.append(res)
+                tables.log(
+                    f"scaleout autoscaling run {k + 1}/{runs}: GPU node up {res.get('first_gpu_node_s')} s, "
+                    f"first write {res.get('to_first_write_s')} s, run {res.get('run_s')} s, "
+                    f"{res.get('success')} ok / {res.get('failed')} failed, {res.get('nodes_after_run')} nodes "
+                    f"after, head alone {res.get('back_s')} s later"
+                    + (f" ERROR {res['error']}" if "error" in res else "")
+                )
+            autoscaling = summarize_autoscaling(auto_runs)
+            print_autoscaling(autoscaling)
     finally:
         if ray_started:
             local_ray.start_ray(getattr(args, "ray_cpus", None))
@@ -228,6 +378,7 @@ def main(args: Any, *, ray_started: bool = False) -> dict[str, Any]:
         "load": load_summary,
         "contenders": summary,
         "two_over_one": None if ratio is None else round(ratio, 3),
+        "autoscaling": autoscaling,
     }
     tables.dump_json("scaleout", out)
     return out

@@ -36,11 +36,21 @@ from devtools.procs import stop_group
 HEAD_TYPE = "ray.head.default"  # the fake provider names the head's type so
 
 
+# What a driver of this cluster needs in its environment: the cluster runs without Ray's token auth,
+# and a driver that inherited RAY_AUTH_MODE=token (a `ray.init` of a local cluster earlier in the same
+# process sets it) connects, but the actors it starts on launched nodes die before they run (measured).
+DRIVER_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+
+
 @dataclass(frozen=True)
 class FakeCluster:
     address: str  # host:port of the head's GCS, for `ray.init(address=...)` or `--address`
     config: Path  # the autoscaling config the head's monitor reads
     temp_dir: Path  # every process of this cluster runs under it
+
+    def driver_env(self, base: Mapping[str, str]) -> dict[str, str]:
+        """``base`` made fit for a driver process of this cluster (no RAY_ADDRESS, auth as it runs)."""
+        return {**{k: v for k, v in base.items() if not k.startswith("RAY_ADDRESS")}, **DRIVER_ENV}
 
 
 def _free_port() -> int:
@@ -139,10 +149,8 @@ def fake_autoscaling_cluster(
     env.update(
         RAY_FAKE_CLUSTER="1",
         AUTOSCALER_UPDATE_INTERVAL_S="1",
-        RAY_USAGE_STATS_ENABLED="0",
         RAY_enable_autoscaler_v2="0",
-        # a driver connects without Ray 2.59+'s token (what the suite's own clusters do too)
-        RAY_AUTH_MODE="disabled",
+        **DRIVER_ENV,
     )
     head = subprocess.Popen(
         [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", f"--port={port}",

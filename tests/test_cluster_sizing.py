@@ -2,8 +2,8 @@
 autoscaler, `devtools.fake_cluster`: real raylets for declared node types, GPUs logical) and a
 static four-node cluster (`ray.cluster_utils.Cluster`).
 
-Each run is its own driver process (`tests/_sized_run.py`): this process is connected to the
-suite's session cluster, and Ray allows one per process. The plan's log lines are printed, so
+Each run is its own driver process (`devtools/sized_run.py`, shared with `bench scaleout`): this
+process is connected to the suite's session cluster, and Ray allows one per process. The plan's log lines are printed, so
 `pytest -s` shows what each run sized and from what.
 """
 
@@ -20,9 +20,8 @@ from pathlib import Path
 import pytest
 from helpers import REPO, cli_env, good_unit, make_project, read_report
 
-from devtools.fake_cluster import fake_autoscaling_cluster
-
-RUNNER = Path(__file__).with_name("_sized_run.py")
+from devtools.fake_cluster import FakeCluster, fake_autoscaling_cluster
+from devtools.sized_run import gpu_ocr_release
 
 
 def _plan_lines(stderr: str) -> list[str]:
@@ -31,17 +30,23 @@ def _plan_lines(stderr: str) -> list[str]:
 
 
 def _run(
-    platform, tmp_path: Path, address: str, params: dict, timeout: float = 400, **spec
+    platform, tmp_path: Path, cluster: FakeCluster, params: dict, timeout: float = 400, **spec
 ) -> tuple[dict, str]:
     path = tmp_path / f"spec{len(list(tmp_path.glob('spec*')))}.json"
     path.write_text(
         json.dumps(
-            {"address": address, "url": platform.url, "token": platform.token, "params": params, **spec}
+            {
+                "address": cluster.address,
+                "url": platform.url,
+                "token": platform.token,
+                "params": params,
+                **spec,
+            }
         )
     )
     proc = subprocess.run(
-        [sys.executable, str(RUNNER), str(path)],
-        env=cli_env(platform, PYTHONPATH=f"{REPO}:{REPO / 'tests'}"),
+        [sys.executable, "-m", "devtools.sized_run", str(path)],
+        env=cluster.driver_env(cli_env(platform, PYTHONPATH=str(REPO))), cwd=REPO,
         capture_output=True, text=True, timeout=timeout,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -49,20 +54,6 @@ def _run(
     print("\n".join(_plan_lines(proc.stderr)))
     print(json.dumps({k: v for k, v in summary.items() if k != "seen"}))
     return summary, proc.stderr
-
-
-def _gpu_ocr_release(platform, version: str) -> tuple[int, str]:
-    """The OCR release, planned (no num_replicas) and needing one whole GPU per replica. Its memory
-    reservation is dropped: the fake provider cannot give a node type a `memory` resource."""
-    from totask_ray.embedded.seeds.registry import release_config
-
-    cfg = release_config("ocr")
-    cfg["version"] = version
-    rr = cfg["actions"]["inference"]["required_resources"]
-    rr.pop("memory", None)
-    rr["required_gpu_count"] = 1
-    cfg["actions"]["deployment"]["serve_options"].pop("num_replicas", None)
-    return platform.store.create_plugin_release("ocr", version, cfg), f"ocr@{version}"
 
 
 @pytest.mark.slow
@@ -74,14 +65,14 @@ def test_a_gpu_pool_from_zero_serves_the_run_and_is_given_back(platform, tmp_pat
     from totask_ray.embedded.seeds import seed_ocr_demo
 
     seeded = seed_ocr_demo(platform.store, platform.media_dir, tasks=6, seed=5)
-    release, app = _gpu_ocr_release(platform, "1.0.0-fromzero")
+    release, app = gpu_ocr_release(platform.store, "1.0.0-fromzero")
     params = {"name": "Gpu_From_Zero", "project": seeded["project"], "method": "inference",
               "pre_processor": release, "batch_size": 2,
               "pre_processor_params": {**seeded["pre_processor_params"], "model_config": {"device": "cuda"}}}  # fmt: skip
     with fake_autoscaling_cluster(
         {"cpu": {"CPU": 2}, "gpu": {"CPU": 2, "GPU": 1}}, max_workers={"cpu": 1, "gpu": 1}, idle_timeout_s=3
     ) as cluster:
-        summary, stderr = _run(platform, tmp_path, cluster.address, params,
+        summary, stderr = _run(platform, tmp_path, cluster, params,
                                options={"scale_down_delay_s": 2, "actor_cpus": 0.5},
                                settle={"app": app, "nodes": 1, "timeout_s": 150})  # fmt: skip
     assert summary["error"] is None, stderr[-3000:]
@@ -122,7 +113,7 @@ def test_a_file_run_grows_its_pool_onto_nodes_the_autoscaler_adds(remote_platfor
     params = {"name": "Grow", "project": project, "target_specification_name": "annotation_data",
               "batch_size": 10}  # fmt: skip
     with fake_autoscaling_cluster({"cpu": {"CPU": 1}}, max_workers={"cpu": 3}, head_cpus=1) as cluster:
-        summary, stderr = _run(platform, tmp_path, cluster.address, params,
+        summary, stderr = _run(platform, tmp_path, cluster, params,
                                options={"actor_cpus": 0.5, "concurrency": 1, "page_size": 50, "report": str(report)})  # fmt: skip
     assert summary["error"] is None and (summary["success"], summary["failed"]) == (len(ids), 0), stderr[
         -3000:
@@ -149,11 +140,11 @@ def test_cuda_is_refused_where_no_node_type_has_a_gpu(platform, tmp_path):
     from totask_ray.embedded.seeds import seed_ocr_demo
 
     seeded = seed_ocr_demo(platform.store, platform.media_dir, tasks=2, seed=6)
-    release, app = _gpu_ocr_release(platform, "1.0.0-nogpu")
+    release, app = gpu_ocr_release(platform.store, "1.0.0-nogpu")
     params = {"name": "No_Gpu", "project": seeded["project"], "method": "inference", "pre_processor": release,
               "pre_processor_params": {"model_config": {"device": "cuda"}}}  # fmt: skip
     with fake_autoscaling_cluster({"cpu": {"CPU": 2}}, max_workers={"cpu": 2}, head_cpus=1) as cluster:
-        summary, stderr = _run(platform, tmp_path, cluster.address, params, settle=None)
+        summary, stderr = _run(platform, tmp_path, cluster, params, settle=None)
     assert summary["error"] is not None, summary
     assert (
         "device: cuda cannot be honoured: this cluster has no GPU and its node types add none"
@@ -237,8 +228,7 @@ def test_a_driver_without_an_address_joins_the_cluster_running_here(tmp_path):
     linked to the cluster's temp dir, so no other Ray on the machine is in the way."""
     with fake_autoscaling_cluster({"cpu": {"CPU": 1}}, max_workers={"cpu": 1}, head_cpus=1) as cluster:
         (tmp_path / "ray").symlink_to(cluster.temp_dir)
-        env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
-        env.update(RAY_TMPDIR=str(tmp_path), RAY_USAGE_STATS_ENABLED="0", PYTHONPATH=str(REPO))
+        env = {**cluster.driver_env(os.environ), "RAY_TMPDIR": str(tmp_path), "PYTHONPATH": str(REPO)}
         proc = subprocess.run(
             [sys.executable, "-c", JOIN], env=env, capture_output=True, text=True, timeout=120
         )
@@ -261,7 +251,7 @@ def test_a_timeout_while_the_node_boots_fails_the_run_but_not_the_scale_up(platf
     from totask_ray.embedded.seeds import seed_ocr_demo
 
     seeded = seed_ocr_demo(platform.store, platform.media_dir, tasks=2, seed=7)
-    release, app = _gpu_ocr_release(platform, "1.0.0-slowboot")
+    release, app = gpu_ocr_release(platform.store, "1.0.0-slowboot")
     params = {
         "name": "Slow_Boot",
         "project": seeded["project"],
@@ -271,7 +261,7 @@ def test_a_timeout_while_the_node_boots_fails_the_run_but_not_the_scale_up(platf
     with fake_autoscaling_cluster(
         {"cpu": {"CPU": 2}, "gpu": {"CPU": 2, "GPU": 1}}, max_workers={"cpu": 1, "gpu": 1}, idle_timeout_s=3
     ) as cluster:
-        summary, stderr = _run(platform, tmp_path, cluster.address, params,
+        summary, stderr = _run(platform, tmp_path, cluster, params,
                                options={"serve_ready_timeout_s": 0.5, "node_boot_timeout_s": 0.5},
                                await_app={"app": app, "timeout_s": 90})  # fmt: skip
     error = summary["error"] or ""

@@ -31,6 +31,9 @@ log = logging.getLogger("totask_ray")
 # Batches each annotator actor works on at once; a pre-processor's autoscaling targets as many
 # requests in flight per replica (each batch is one call in the batched convention).
 IN_FLIGHT_PER_ACTOR = 2
+# Consecutive annotator actors that may die before they start (a node lost while it boots) and be
+# replaced, before the run fails.
+ACTOR_INIT_DEATHS_TOLERATED = 3
 
 
 @dataclass(frozen=True)
@@ -137,6 +140,10 @@ def configure_data_context(no_progress_timeout_s: float, verbose: bool) -> None:
     # write); plan_actors has already checked they can be placed, now or on a node the autoscaler adds,
     # and the no-progress timeout covers the rest.
     dc.wait_for_min_actors_s = -1
+    # Ray Data fails the whole run on the first actor that dies before it starts (its default is 0):
+    # on a cluster that is adding nodes, an actor waiting for one dies with a node that failed to come
+    # up. A few such deaths are replaced; a constructor that always fails still ends the run.
+    dc.max_consecutive_actor_init_deaths = ACTOR_INIT_DEATHS_TOLERATED
     if not verbose:
         logging.getLogger("ray.data").setLevel(logging.WARNING)
         # "Progress bars disabled": we disabled them (our own progress is the driver's)
