@@ -78,3 +78,20 @@ def test_a_flag_of_another_platform_is_refused_not_ignored(tmp_path):
     got = CliRunner().invoke(app, [*args, "--tenant", "acme"])
     assert got.exit_code == 1, got.output
     assert "--tenant is a Synapse option; this run is on Label Studio (--platform label-studio)" in got.output
+
+
+@pytest.mark.usefixtures("ray_cluster")
+def test_a_wrong_token_says_which_variable_to_set(platform):
+    """A 401 names the variable and what it should hold, and never the token it was given."""
+    from totask_ray import ToTaskError
+    from totask_ray.platform.synapse.client import SynapseConfig
+
+    wrong = "not-the-token-0123456789"
+    params = {"name": "Wrong_Token", "project": 1, "target_specification_name": "annotation_data"}
+    with pytest.raises(ToTaskError) as err:
+        run_to_task(params, platform=SynapseConfig(host=platform.url, access_token=wrong), progress_bar=False)
+    message = str(err.value)
+    assert "HTTP 401" in message and wrong not in message
+    assert (
+        "check SYNAPSE_ACCESS_TOKEN (or --token): an access token of the platform at SYNAPSE_HOST" in message
+    )

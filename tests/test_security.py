@@ -55,9 +55,17 @@ def test_non_public_addresses_are_refused_unless_trusted(address):
     # one bad address among good ones is enough to refuse
     with pytest.raises(DownloadError):
         UrlPolicy().check_addresses("files.example", ["93.184.216.34", address])
-    # trusted: the platform's own host, a host on the allow-list, or private URLs allowed outright
-    UrlPolicy.for_platform("http://files.example:9000/api").check_addresses("files.example", [address])
-    UrlPolicy.for_platform(PLATFORM, ["FILES.example"]).check_addresses("files.example", [address])
+    # trusted: the platform's own host, an allow-list entry (a host on every port, or host:port only
+    # on that port), or private URLs allowed outright
+    UrlPolicy.for_platform("http://files.example:9000/api").check_addresses("files.example", [address], 9001)
+    UrlPolicy.for_platform(PLATFORM, ["FILES.example"]).check_addresses("files.example", [address], 1234)
+    one_port = UrlPolicy.for_platform(PLATFORM, ["files.example:9000"])
+    one_port.check_addresses("files.example", [address], 9000)
+    with pytest.raises(
+        DownloadError,
+        match=r"add it to the allow-list: --allow-host files\.example:9001 \(allowed_hosts in Python",
+    ):
+        one_port.check_addresses("files.example", [address], 9001)
     UrlPolicy(allow_private=True).check_addresses("files.example", [address])
 
 
@@ -202,6 +210,52 @@ def test_allow_list_and_allow_private_let_trusted_loopback_hosts_through():
             fetch_json_sync("file:///etc/passwd", UrlPolicy.for_platform(base))
         assert fetch_json_sync(f"{base}/ok.json", UrlPolicy.for_platform(base)) == {"objects": []}
     assert routes.requested == ["/ok.json"] * 4
+
+
+def test_an_allow_list_entry_with_a_port_trusts_that_port_only():
+    """`--allow-host 127.0.0.1:PORT`: the file server on that port is fetched (both fetch paths), the
+    same host on another port is refused with the entry to add, and the run's log says who is trusted."""
+    routes = RecordingRoutes({"/ok.json": (200, "application/json", GOOD, {})})
+    with file_server(routes) as base:
+        port = int(base.rsplit(":", 1)[1])
+        policy = UrlPolicy.for_platform("http://localhost:8080", [f"127.0.0.1:{port}"])
+        assert _fetch(Downloader(policy), f"{base}/ok.json") == {"objects": []}
+        assert fetch_json_sync(f"{base}/ok.json", policy) == {"objects": []}
+        other = UrlPolicy.for_platform("http://localhost:8080", [f"127.0.0.1:{port + 1}"])
+        with pytest.raises(
+            DownloadError, match=rf"add it to the allow-list: --allow-host 127\.0\.0\.1:{port} "
+        ):
+            _fetch(Downloader(other), f"{base}/ok.json")
+        with pytest.raises(DownloadError, match=r"--allow-host 127\.0\.0\.1"):
+            fetch_json_sync(f"{base}/ok.json", other)
+    assert routes.requested == ["/ok.json"] * 2
+    assert (
+        policy.describe()
+        == f"private file hosts trusted: localhost (the platform's own host), 127.0.0.1:{port} (--allow-host)"
+    )
+
+
+@pytest.mark.parametrize(
+    ("value", "entry"),
+    [("Files.Example", "files.example"), ("127.0.0.1:18081", "127.0.0.1:18081"), ("[::1]:9000", "[::1]:9000"),
+     ("::1", "::1"), (" localhost ", "localhost")],
+)  # fmt: skip
+def test_allow_host_takes_host_or_host_port(value, entry):
+    from totask_ray import RunOptions
+
+    assert RunOptions(allowed_hosts=[value]).allowed_hosts == [entry]
+
+
+@pytest.mark.parametrize(
+    "value", ["http://127.0.0.1:18081", "127.0.0.1:port", "files.example/images", "", "user@host"]
+)
+def test_an_allow_host_it_cannot_use_is_refused_with_the_reason(value):
+    from pydantic import ValidationError
+
+    from totask_ray import RunOptions
+
+    with pytest.raises(ValidationError, match=r"is not a host or host:port \(e\.g\. files\.example"):
+        RunOptions(allowed_hosts=[value])
 
 
 # -- byte caps -------------------------------------------------------------------------------------

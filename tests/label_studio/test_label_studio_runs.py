@@ -255,6 +255,10 @@ def test_bad_token_and_unknown_project_fail_fast_without_the_token(label_studio,
         _run(_params(pid), _config(ls, bad))
     assert time.monotonic() - t0 < 15
     assert "401" in str(err.value) and bad not in str(err.value)
+    # it says what to set, and which kind of token Label Studio takes
+    assert "check LABEL_STUDIO_API_KEY (or --token): Label Studio takes a Personal Access Token" in str(
+        err.value
+    )
     with pytest.raises(ToTaskError) as err:
         _run(_params(987654), _config(ls))
     assert "Project not found" in str(err.value)

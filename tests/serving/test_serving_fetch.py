@@ -298,7 +298,11 @@ def test_fetch_options_split_and_check():
     )
     assert fetch.allowed_hosts == ("files.example", "::1") and rest == {"min_neighbors": 3}
     assert fetch.policy().host_allowed("files.example") and not fetch.policy().host_allowed("other")
-    for bad in (["http://files.example"], ["files.example:9000"], [""], "files.example"):
+    # host:port trusts that port only
+    one_port, _ = FetchOptions.split({"allowed_hosts": ["files.example:9000"]})
+    assert one_port.policy().host_allowed("files.example", 9000)
+    assert not one_port.policy().host_allowed("files.example", 9001)
+    for bad in (["http://files.example"], ["files.example:port"], ["files.example/x"], [""], "files.example"):
         with pytest.raises(ValueError, match="allowed_hosts"):
             FetchOptions.split({"allowed_hosts": bad})
     with pytest.raises(ValueError, match="allow_private_urls"):

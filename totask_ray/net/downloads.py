@@ -64,23 +64,70 @@ def parse_json_bytes(body: bytes, what: str = "file") -> Any:
         raise DownloadError(f"Invalid JSON format in {what}: nested too deeply") from None
 
 
+ALLOW_HOST_HINT = (
+    "if it is trusted, add it to the allow-list: --allow-host {entry} (allowed_hosts in Python and in a "
+    "serve app's options)"
+)
+
+
+def host_entry(host: str, port: int | None = None) -> str:
+    """How the allow-list writes a host, or a host on one port: ``files.example``, ``10.0.0.5:9000``,
+    ``[fd00::1]:9000``."""
+    host = host.lower()
+    if port is None:
+        return host
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def allowed_host(value: str) -> str:
+    """One allow-list entry, ``host`` (every port) or ``host:port`` (that port only), checked and
+    written as :func:`host_entry` does; ``ValueError`` says what was wrong with it."""
+    raw = str(value).strip()
+    example = "e.g. files.example, 10.0.0.5 or 127.0.0.1:8080"
+    if not raw or any(c in raw for c in "/?#@ \t") or "://" in raw:
+        raise ValueError(f"{value!r} is not a host or host:port ({example}); give no scheme, path or user")
+    if raw.count(":") > 1 and not raw.startswith("["):  # a bare IPv6 address: no port
+        return host_entry(raw)
+    try:
+        parts = urlsplit(f"//{raw}")
+        host, port = parts.hostname, parts.port
+    except ValueError as exc:
+        raise ValueError(f"{value!r} is not a host or host:port ({example}): {exc}") from None
+    if not host:
+        raise ValueError(f"{value!r} is not a host or host:port ({example})")
+    return host_entry(host, port)
+
+
 @dataclass(frozen=True)
 class UrlPolicy:
-    """Which hosts may be fetched. The platform's own host is always allowed."""
+    """Which hosts may be fetched when they resolve to a private address: the platform's own host
+    and the allow-list's entries (a host on every port, or ``host:port``)."""
 
     allowed_hosts: frozenset[str] = field(default_factory=frozenset)
     allow_private: bool = False
+    platform_entry: str | None = None
 
     @classmethod
     def for_platform(
         cls, platform_url: str | None, extra_hosts: Iterable[str] = (), allow_private: bool = False
     ) -> UrlPolicy:
-        hosts = {h.lower() for h in extra_hosts}
+        hosts = {allowed_host(h) for h in extra_hosts}
+        own = None
         if platform_url:
-            host = urlsplit(platform_url).hostname
-            if host:
-                hosts.add(host.lower())
-        return cls(allowed_hosts=frozenset(hosts), allow_private=allow_private)
+            parts = urlsplit(platform_url)
+            if parts.hostname:
+                own = host_entry(parts.hostname)
+                hosts.add(own)
+        return cls(allowed_hosts=frozenset(hosts), allow_private=allow_private, platform_entry=own)
+
+    def describe(self) -> str:
+        """Which private hosts file URLs may point at, and why, for the run's log."""
+        if self.allow_private:
+            return "file URLs may point at any private or loopback address (allow_private_urls)"
+        given = sorted(self.allowed_hosts - {self.platform_entry})
+        parts = [f"{self.platform_entry} (the platform's own host)"] if self.platform_entry else []
+        parts += [f"{h} (--allow-host)" for h in given]
+        return "private file hosts trusted: " + (", ".join(parts) or "none")
 
     def check_url(self, url: str) -> tuple[str, int]:
         """Scheme and shape; returns (host, port). Addresses are checked separately, after DNS."""
@@ -96,17 +143,21 @@ class UrlPolicy:
             raise DownloadError("the file URL has no host")
         return parts.hostname.lower(), port or (443 if parts.scheme == "https" else 80)
 
-    def host_allowed(self, host: str) -> bool:
-        return self.allow_private or host in self.allowed_hosts
+    def host_allowed(self, host: str, port: int | None = None) -> bool:
+        return (
+            self.allow_private
+            or host in self.allowed_hosts
+            or (port is not None and host_entry(host, port) in self.allowed_hosts)
+        )
 
-    def check_addresses(self, host: str, addresses: Iterable[str]) -> None:
-        if self.host_allowed(host):
+    def check_addresses(self, host: str, addresses: Iterable[str], port: int | None = None) -> None:
+        if self.host_allowed(host, port):
             return
         for addr in addresses:
             if not _is_public(ipaddress.ip_address(addr.split("%", 1)[0])):
                 raise DownloadError(
                     f"refusing to fetch from {host}: it resolves to a private, loopback or link-local address; "
-                    "add the host to the allow-list if it is trusted"
+                    + ALLOW_HOST_HINT.format(entry=host_entry(host, port))
                 )
 
 
@@ -139,7 +190,7 @@ def _policy_resolver(policy: UrlPolicy) -> Any:
 
         async def resolve(self, host: str, port: int = 0, family: Any = socket.AF_INET) -> Any:
             results = await self._inner.resolve(host, port, family)
-            policy.check_addresses(host.lower(), [r["host"] for r in results])
+            policy.check_addresses(host.lower(), [r["host"] for r in results], port or None)
             return results
 
         async def close(self) -> None:
@@ -220,9 +271,9 @@ class Downloader:
         current = url
         for _ in range(MAX_REDIRECTS + 1):
             host, port = self.policy.check_url(current)
-            if not self.policy.host_allowed(host) and (self._httpx is not None or _ip_literal(host)):
+            if not self.policy.host_allowed(host, port) and (self._httpx is not None or _ip_literal(host)):
                 # aiohttp never asks its resolver about an IP literal; without aiohttp, nothing does
-                self.policy.check_addresses(host, await _resolve(host, port))
+                self.policy.check_addresses(host, await _resolve(host, port), port)
             got = await self._get(current, max_bytes, content_types)
             if isinstance(got, str):  # a redirect: the next hop is checked like the first
                 current = got

@@ -16,7 +16,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from totask_ray.action import ToTask
-from totask_ray.net.downloads import DEFAULT_MAX_JSON_BYTES, UrlPolicy
+from totask_ray.net.downloads import DEFAULT_MAX_JSON_BYTES, UrlPolicy, allowed_host
 from totask_ray.net.images import MAX_IMAGE_BYTES
 from totask_ray.params import ToTaskParams
 from totask_ray.platform.connect import PlatformConfig
@@ -98,7 +98,8 @@ class RunOptions(BaseModel):
     allowed_hosts: list[str] = Field(
         json_schema_extra=_cli("allow-host"),
         default_factory=list,
-        description="Private hosts file URLs may point at besides the platform's own.",
+        description="A private host file URLs may point at besides the platform's own: `host` (every port) "
+        "or `host:port`; repeat for more.",
     )
     allow_private_urls: bool = Field(
         default=False, description="Allow file URLs on any private or loopback address (trusted networks)."
@@ -155,6 +156,12 @@ class RunOptions(BaseModel):
     @classmethod
     def _none_is_empty(cls, value: object) -> object:
         return [] if value is None else value
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _hosts(cls, hosts: list[str]) -> list[str]:
+        # a value the allow-list cannot use is refused, never kept to match nothing
+        return [allowed_host(h) for h in hosts]
 
 
 @dataclass(frozen=True)

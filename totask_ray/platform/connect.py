@@ -33,6 +33,7 @@ class PlatformKind:
     async_: Callable[[Any], AsyncPlatform]
     named_by_env: Callable[[Mapping[str, str]], bool]  # the environment's variables point at it
     options: tuple[CliOption, ...]  # what `totask-ray run` takes for it
+    auth_hint: str = ""  # what to set when the platform answers 401/403
 
     @property
     def title(self) -> str:
@@ -45,10 +46,14 @@ KINDS: tuple[PlatformKind, ...] = (
         "label-studio", LabelStudioConfig, LabelStudioClient, AsyncLabelStudioClient,
         named_by_env=lambda env: bool(env.get(ENV_URL) and env.get(ENV_KEY) and not env.get("SYNAPSE_HOST")),
         options=LS_OPTIONS,
+        auth_hint=f"check {ENV_KEY} (or --token): Label Studio takes a Personal Access Token (Account & "
+        "Settings > Personal Access Token) or a legacy token, of a user who can open the project",
     ),
     PlatformKind(
         "synapse", SynapseConfig, SynapseClient, AsyncSynapseClient,
         named_by_env=lambda env: True, options=SYNAPSE_OPTIONS,
+        auth_hint="check SYNAPSE_ACCESS_TOKEN (or --token): an access token of the platform at SYNAPSE_HOST, "
+        "and SYNAPSE_PLUGIN_RUN_TENANT (or --tenant) where the platform has tenants",
     ),
 )  # fmt: skip
 PLATFORMS = tuple(k.name for k in reversed(KINDS))  # synapse first: the default
@@ -59,6 +64,11 @@ def _kind(config: PlatformConfig) -> PlatformKind:
         if isinstance(config, kind.config):
             return kind
     raise PlatformError(f"No client for platform settings of type {type(config).__name__}")
+
+
+def auth_hint(config: PlatformConfig) -> str:
+    """What to set when ``config``'s platform refuses the credentials (a 401 or 403)."""
+    return _kind(config).auth_hint
 
 
 def connect(config: PlatformConfig) -> Platform:

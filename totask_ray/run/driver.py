@@ -22,8 +22,8 @@ from totask_ray.methods.inference import InferenceMethod
 from totask_ray.params import Method, ToTaskParams
 from totask_ray.pipeline.spec import RunOptions, RunSpec, documented_options
 from totask_ray.platform.base import job_records
-from totask_ray.platform.connect import PlatformConfig, config_from_env, connect
-from totask_ray.platform.errors import PlatformError
+from totask_ray.platform.connect import PlatformConfig, auth_hint, config_from_env, connect
+from totask_ray.platform.errors import AuthenticationError, PlatformError
 from totask_ray.result import RunStatus, ToTaskResult
 from totask_ray.run.context import RunContext
 from totask_ray.run.jobs import JobSink
@@ -72,6 +72,7 @@ def run_to_task(
     # the config a run uses (Label Studio: `model_version` defaults to the job's name)
     config = (platform or config_from_env()).for_job(params.name, params.project)
     spec = RunSpec(params=params, options=opts, platform=config, action_cls=action_cls)
+    log.info("%s", spec.url_policy.describe())
     client = connect(config)
     ctx = RunContext(spec=spec, client=client, method=method_for(spec))
     executed: list[Step] = []
@@ -98,6 +99,8 @@ def run_to_task(
         return outcome
     except (CriticalError, PlatformError) as exc:
         message = str(exc)
+        if isinstance(exc, AuthenticationError):
+            message = f"{message} ({auth_hint(config)})"
         step_name = current.name if current is not None else "initialize"
         for step in reversed([*executed, *([current] if current is not None else [])]):
             with contextlib.suppress(Exception):
