@@ -155,7 +155,10 @@ def fake_autoscaling_cluster(
     head = subprocess.Popen(
         [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", f"--port={port}",
          "--node-ip-address=127.0.0.1", f"--num-cpus={head_cpus:g}", "--num-gpus=0", f"--temp-dir={temp}",
-         f"--autoscaling-config={config}", "--include-dashboard=false", "--disable-usage-stats", "--block"],
+         f"--autoscaling-config={config}", "--include-dashboard=false", "--disable-usage-stats", "--block",
+         # ports of its own: another head on this machine (a suite's, a bench's) holds the defaults
+         "--dashboard-host=127.0.0.1", f"--dashboard-port={_free_port()}",
+         f"--ray-client-server-port={_free_port()}", f"--dashboard-agent-listen-port={_free_port()}"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )  # fmt: skip
     try:

@@ -188,6 +188,33 @@ def test_capacity_shortfall_is_refused_at_dispatch(platform, images):
     assert platform.store.history_counts(task_ids=ids) == {}
 
 
+@pytest.mark.parametrize(
+    ("tag", "filters", "words"),
+    [
+        ("none", {"status__in": ["done"]}, "No tasks found matching filters"),  # every task is pending
+        ("bad", {"no_such_filter": 1}, "task filters"),
+    ],
+)
+def test_nothing_to_do_and_bad_filters_are_refused_before_the_model_starts(
+    platform, images, tag, filters, words, caplog
+):
+    """No matching task, or a filter the platform refuses: the run ends at prepare, and the
+    pre-processor was never deployed (not started and torn down)."""
+    from ray import serve
+
+    project, ids = _project(platform, [images["astronaut"]])
+    version = f"9.0.0-refused-{tag}"
+    release = faces_release(platform, version)
+    with caplog.at_level(logging.INFO, logger="totask_ray"), pytest.raises(ToTaskError) as info:
+        run_to_task(_params(project, release, task_filters=filters), platform=config_for(platform), **FAST)
+    assert words in str(info.value)
+    assert f"faces@{version}" not in serve.status().applications
+    assert not [
+        r for r in caplog.records if "dispatching" in r.getMessage() or "tearing down" in r.getMessage()
+    ]
+    assert platform.store.history_counts(task_ids=ids) == {}
+
+
 @pytest.mark.slow
 def test_an_app_that_fails_to_deploy_fails_fast_and_is_torn_down(platform, images):
     import time

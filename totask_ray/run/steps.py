@@ -77,14 +77,35 @@ class Initialize(Step):
             ) from None
 
 
+def count_tasks(ctx: RunContext) -> None:
+    """How many tasks the filters select, refusing filters the platform cannot apply and a job
+    with nothing to do."""
+    p = ctx.spec.params
+    try:
+        ctx.total = ctx.client.count_tasks(p.project, p.task_filters)
+    except PlatformFilterError as exc:
+        raise CriticalError(f"The task filters cannot be used: {exc}") from exc
+    except PlatformError as exc:
+        if getattr(exc, "status_code", None) == 400:
+            raise CriticalError(f"The platform refused the task filters: {exc}") from exc
+        raise
+    if ctx.total == 0:
+        raise CriticalError("No tasks found matching filters: check task_filters and that the tasks exist")
+
+
 class Prepare(Step):
     """The method's own check before any task is read (file: the specification; inference: the
-    pre-processor is up); its rollback is the method's."""
+    params and labels, then the pre-processor is up); its rollback is the method's.
+
+    The tasks are counted first (the SDK's step order is kept; fetch_tasks reuses the count): a
+    filter the platform cannot apply, or no task to do, is refused before a pre-processor is
+    deployed, not after it was started and torn down."""
 
     name = "prepare"
 
     def run(self, ctx: RunContext) -> None:
         assert ctx.project is not None and ctx.collection is not None
+        count_tasks(ctx)
         ctx.method.prepare(PrepareInput(ctx.spec.params, ctx.client, ctx.project, ctx.collection))
 
     def rollback(self, ctx: RunContext) -> None:
@@ -97,19 +118,8 @@ class FetchTasks(Step):
     name = "fetch_tasks"
 
     def run(self, ctx: RunContext) -> None:
-        p = ctx.spec.params
-        try:
-            ctx.total = ctx.client.count_tasks(p.project, p.task_filters)
-        except PlatformFilterError as exc:
-            raise CriticalError(f"The task filters cannot be used: {exc}") from exc
-        except PlatformError as exc:
-            if getattr(exc, "status_code", None) == 400:
-                raise CriticalError(f"The platform refused the task filters: {exc}") from exc
-            raise
-        if ctx.total == 0:
-            raise CriticalError(
-                "No tasks found matching filters: check task_filters and that the tasks exist"
-            )
+        if not ctx.total:  # counted at prepare; a step list without it counts here
+            count_tasks(ctx)
         if ctx.spec.options.resume is not None:
             ctx.exclude = done_in_report(ctx.spec.options.resume)
             log.info(
