@@ -133,3 +133,30 @@ def test_the_autoscalers_report_says_what_runs_and_where_its_config_is():
     cmd = ["python", "monitor.py", "--gcs-address=127.0.0.1:6379", "--autoscaling-config=~/c.yaml"]
     assert monitor_config_path(cmd).name == "c.yaml" and "~" not in str(monitor_config_path(cmd))
     assert monitor_config_path(["python", "monitor.py"]) is None
+
+
+def test_node_types_from_a_kuberay_raycluster_manifest(tmp_path):
+    """`--cluster-yaml` also takes a KubeRay RayCluster: worker groups, their CPUs and GPUs as Ray
+    sees them (rayStartParams first, else the container's limits) and their maxReplicas."""
+    manifest = {
+        "apiVersion": "ray.io/v1",
+        "kind": "RayCluster",
+        "metadata": {"name": "totask"},
+        "spec": {
+            "headGroupSpec": {"rayStartParams": {"num-cpus": "0"}, "template": {"spec": {"containers": [{}]}}},
+            "workerGroupSpecs": [
+                {"groupName": "cpu", "minReplicas": 1, "maxReplicas": 10, "rayStartParams": {},
+                 "template": {"spec": {"containers": [{"resources": {"limits": {"cpu": "8", "memory": "32Gi"}}}]}}},
+                {"groupName": "gpu", "minReplicas": 0, "maxReplicas": 4, "rayStartParams": {"num-cpus": "3500m"},
+                 "template": {"spec": {"containers": [{"resources": {"limits": {"cpu": "4", "nvidia.com/gpu": 1}}}]}}},
+            ],
+        },
+    }  # fmt: skip
+    path = tmp_path / "raycluster.yaml"
+    path.write_text(yaml.safe_dump(manifest))
+    types = {t.name: t for t in node_types_from_cluster_yaml(path)}
+    assert types["cpu"] == NodeType("cpu", {"CPU": 8.0}, max_workers=10, min_workers=1)
+    assert types["gpu"] == NodeType("gpu", {"CPU": 3.5, "GPU": 1.0}, max_workers=4, min_workers=0)
+    # a GPU release on this cluster, with no GPU node up, plans for the gpu group
+    s = snapshot([{"CPU": 8.0}], types=list(types.values()), running={"cpu": 1})
+    assert sum(node.get("GPU", 0) * n for node, n in s.grown()) == 4

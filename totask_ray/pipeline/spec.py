@@ -62,8 +62,8 @@ class RunOptions(BaseModel):
     cluster_yaml: Path | None = Field(
         json_schema_extra=_cli("cluster-yaml"),
         default=None,
-        description="The cluster's node types (a `ray up` config), when the cluster cannot say: pools and "
-        "replicas are sized on what its autoscaler can add.",
+        description="The cluster's node types (a `ray up` config or a KubeRay RayCluster), when the cluster "
+        "cannot say: pools and replicas are sized on what its autoscaler can add.",
     )
     num_actors: int | None = Field(
         json_schema_extra=_cli("num-actors"),

@@ -53,7 +53,8 @@ class DiscoveredTypes:
 
 
 def node_types_from_cluster_yaml(source: str | Path | Mapping[str, Any]) -> list[NodeType]:
-    """Node types declared in a Ray cluster launcher config (``available_node_types``).
+    """Node types declared in a Ray cluster launcher config (``available_node_types``), or in a
+    KubeRay ``RayCluster`` manifest (see :func:`node_types_from_raycluster`).
 
     The head node type is counted with its ``max_workers`` (usually 0): it is already running, so
     it is in the alive nodes. Per-type counts are capped by the top-level ``max_workers``.
@@ -64,6 +65,8 @@ def node_types_from_cluster_yaml(source: str | Path | Mapping[str, Any]) -> list
         import yaml
 
         config = yaml.safe_load(Path(source).expanduser().read_text(encoding="utf-8")) or {}
+    if config.get("kind") == "RayCluster":
+        return node_types_from_raycluster(config)
     cap = config.get("max_workers")
     head = config.get("head_node_type")
     out: list[NodeType] = []
@@ -73,6 +76,42 @@ def node_types_from_cluster_yaml(source: str | Path | Mapping[str, Any]) -> list
         if cap is not None:
             max_workers = min(max_workers, int(cap))
         out.append(NodeType(str(name), resources, max_workers, int(spec.get("min_workers", 0))))
+    return out
+
+
+def _quantity(value: Any) -> float:
+    """A Kubernetes quantity as a number: ``"8"``, ``"500m"`` (0.5), ``2``."""
+    text = str(value).strip()
+    return float(text[:-1]) / 1000 if text.endswith("m") else float(text)
+
+
+def node_types_from_raycluster(manifest: Mapping[str, Any]) -> list[NodeType]:
+    """The worker groups of a KubeRay ``RayCluster`` (``spec.workerGroupSpecs``): each group's
+    ``maxReplicas``, and its CPUs and GPUs as Ray sees them: ``rayStartParams`` ``num-cpus`` /
+    ``num-gpus`` when set, else the Ray container's ``resources.limits`` (``cpu``,
+    ``nvidia.com/gpu``), which is what KubeRay passes to ``ray start``."""
+    spec = manifest.get("spec") or {}
+    out: list[NodeType] = []
+    for group in spec.get("workerGroupSpecs") or ():
+        params = group.get("rayStartParams") or {}
+        containers = ((group.get("template") or {}).get("spec") or {}).get("containers") or [{}]
+        limits = (containers[0].get("resources") or {}).get("limits") or {}
+        resources: dict[str, float] = {}
+        cpus = params.get("num-cpus", limits.get("cpu"))
+        gpus = params.get("num-gpus", limits.get("nvidia.com/gpu"))
+        if cpus is not None:
+            resources["CPU"] = _quantity(cpus)
+        if gpus is not None and _quantity(gpus) > 0:
+            resources["GPU"] = _quantity(gpus)
+        replicas = group.get("maxReplicas", group.get("replicas", 0))
+        out.append(
+            NodeType(
+                str(group.get("groupName", "workers")),
+                resources,
+                int(replicas),
+                int(group.get("minReplicas", 0)),
+            )
+        )
     return out
 
 
