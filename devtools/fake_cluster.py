@@ -150,6 +150,9 @@ def fake_autoscaling_cluster(
         RAY_FAKE_CLUSTER="1",
         AUTOSCALER_UPDATE_INTERVAL_S="1",
         RAY_enable_autoscaler_v2="0",
+        # a launched raylet waits this long for its dashboard agent, then exits: on a loaded 2-core box
+        # the default (~30 s) was not always enough (bench/scaleout.py saw it with static clusters)
+        RAY_agent_register_timeout_ms="120000",
         **DRIVER_ENV,
     )
     head = subprocess.Popen(

@@ -23,6 +23,9 @@ from helpers import REPO, cli_env, good_unit, make_project, read_report
 from devtools.fake_cluster import FakeCluster, fake_autoscaling_cluster
 from devtools.sized_run import gpu_ocr_release
 
+# Real clusters that add and release nodes: minutes on a loaded 2-core box, not the suite's 300 s default
+pytestmark = pytest.mark.timeout(600)
+
 
 def _plan_lines(stderr: str) -> list[str]:
     keys = ("annotator pool:", "pre-processor ", "autoscaler is adding", "scales with Serve")
@@ -44,11 +47,15 @@ def _run(
             }
         )
     )
-    proc = subprocess.run(
-        [sys.executable, "-m", "devtools.sized_run", str(path)],
-        env=cluster.driver_env(cli_env(platform, PYTHONPATH=str(REPO))), cwd=REPO,
-        capture_output=True, text=True, timeout=timeout,
-    )  # fmt: skip
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "devtools.sized_run", str(path)],
+            env=cluster.driver_env(cli_env(platform, PYTHONPATH=str(REPO))), cwd=REPO,
+            capture_output=True, text=True, timeout=timeout,
+        )  # fmt: skip
+    except subprocess.TimeoutExpired as exc:  # what the driver said so far, to see where it was
+        said = exc.stderr.decode(errors="replace") if isinstance(exc.stderr, bytes) else exc.stderr or ""
+        pytest.fail(f"the run's driver was still going after {timeout:g} s; its log:\n{said[-6000:]}")
     assert proc.returncode == 0, proc.stderr[-4000:]
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     print("\n".join(_plan_lines(proc.stderr)))
@@ -73,7 +80,8 @@ def test_a_gpu_pool_from_zero_serves_the_run_and_is_given_back(platform, tmp_pat
         {"cpu": {"CPU": 2}, "gpu": {"CPU": 2, "GPU": 1}}, max_workers={"cpu": 1, "gpu": 1}, idle_timeout_s=3
     ) as cluster:
         summary, stderr = _run(platform, tmp_path, cluster, params,
-                               options={"scale_down_delay_s": 2, "actor_cpus": 0.5},
+                               options={"scale_down_delay_s": 2, "actor_cpus": 0.5, "serve_ready_timeout_s": 120,
+                                        "node_boot_timeout_s": 150},
                                settle={"app": app, "nodes": 1, "timeout_s": 150})  # fmt: skip
     assert summary["error"] is None, stderr[-3000:]
     assert (summary["success"], summary["failed"]) == (6, 0), stderr[-3000:]
