@@ -16,7 +16,7 @@ import yaml
 from totask_ray.errors import CriticalError
 from totask_ray.pipeline.sizing import plan_pool
 from totask_ray.serving.capacity import ClusterSnapshot, most_replicas, plan_replicas
-from totask_ray.serving.lifecycle import autoscaling_for
+from totask_ray.serving.lifecycle import Scaling, autoscaling_for
 from totask_ray.serving.node_types import (
     NodeType,
     local_monitor,
@@ -94,10 +94,11 @@ def test_serve_autoscaling_starts_at_the_plan_and_gives_it_back_unless_kept_warm
     plan = plan_replicas({"CPU": 1.0}, [{"CPU": 8.0}], grown=[({"CPU": 8.0}, 5)])
     # the grown 40 CPU: 31 replicas first-fit leave the 16 decode actors theirs (8+8+8+7 on four nodes, the fifth left to them)
     assert (plan.replicas, plan.max_replicas) == (4, 31)
-    cfg = autoscaling_for(plan, keep_warm=False, target_ongoing=2, downscale_delay_s=60)
+    cfg = autoscaling_for(plan, Scaling(keep_warm=False, target_ongoing=2, downscale_delay_s=60))
     assert cfg == {"min_replicas": 0, "initial_replicas": 4, "max_replicas": 31,
                    "target_ongoing_requests": 2, "downscale_delay_s": 60}  # fmt: skip
-    assert autoscaling_for(plan, keep_warm=True, target_ongoing=2, downscale_delay_s=60)["min_replicas"] == 4
+    warm = Scaling(keep_warm=True, target_ongoing=2, downscale_delay_s=60)
+    assert autoscaling_for(plan, warm)["min_replicas"] == 4
 
 
 def test_node_types_from_a_cluster_yaml_give_the_head_no_workers(tmp_path):
@@ -159,4 +160,4 @@ def test_node_types_from_a_kuberay_raycluster_manifest(tmp_path):
     assert types["gpu"] == NodeType("gpu", {"CPU": 3.5, "GPU": 1.0}, max_workers=4, min_workers=0)
     # a GPU release on this cluster, with no GPU node up, plans for the gpu group
     s = snapshot([{"CPU": 8.0}], types=list(types.values()), running={"cpu": 1})
-    assert sum(node.get("GPU", 0) * n for node, n in s.grown()) == 4
+    assert s.grown_total("GPU") == 4

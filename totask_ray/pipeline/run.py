@@ -62,12 +62,10 @@ class PipelineSpec:
 def plan_actors(spec: PipelineSpec) -> PoolPlan:
     """The annotator pool of this run, sized on the cluster (`pipeline.sizing`), logged in one line."""
     from totask_ray.serving.capacity import read_cluster
-    from totask_ray.serving.node_types import node_types_from_cluster_yaml
 
     o = spec.run.options
-    declared = node_types_from_cluster_yaml(o.cluster_yaml) if o.cluster_yaml else None
     plan = plan_pool(
-        read_cluster(declared),
+        read_cluster(o.declared_node_types()),
         actor_cpus=o.actor_cpus,
         batches=math.ceil(spec.total / spec.run.params.batch_size),
         num_actors=o.num_actors,

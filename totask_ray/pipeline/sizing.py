@@ -64,8 +64,9 @@ def plan_pool(
     placed, now or on a node the autoscaler could add: Ray would otherwise wait with nothing to show."""
     bundle = {"CPU": actor_cpus}
     now = [(node, 1) for node in snapshot.available]
+    headroom = snapshot.headroom()
     fit_now = holds(now, bundle, READ_TASK_CPUS)
-    fit_new = holds(snapshot.headroom(), bundle, READ_TASK_CPUS)
+    fit_new = holds(headroom, bundle, READ_TASK_CPUS)
     if fit_now == 0 and fit_new == 0:
         biggest = max((n.get("CPU", 0.0) for n in snapshot.totals), default=0.0)
         held = sum(n.get("CPU", 0.0) for n in snapshot.totals) - sum(
@@ -90,5 +91,5 @@ def plan_pool(
     most = min(bounds.values())
     by = min(bounds, key=lambda k: bounds[k])
     why = f"{grown} fit the cluster once grown{held}, bounded by {by}; cluster: {cluster}{waiting}"
-    needs_nodes = most > fit_now and bool(snapshot.headroom())
+    needs_nodes = most > fit_now and bool(headroom)
     return PoolPlan(most if needs_nodes else 1, most, False, fit_now, why)

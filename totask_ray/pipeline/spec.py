@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -20,6 +20,9 @@ from totask_ray.net.downloads import DEFAULT_MAX_JSON_BYTES, UrlPolicy, allowed_
 from totask_ray.net.images import MAX_IMAGE_BYTES
 from totask_ray.params import ToTaskParams
 from totask_ray.platform.connect import PlatformConfig
+
+if TYPE_CHECKING:
+    from totask_ray.serving.node_types import NodeType
 
 
 def _cli(flag: str) -> dict[str, str]:
@@ -151,6 +154,14 @@ class RunOptions(BaseModel):
         description="inference: how to call the pre-processor (batched predict, or one Synapse request per "
         "task); default: as its release says.",
     )
+
+    def declared_node_types(self) -> list[NodeType] | None:
+        """The node types `--cluster-yaml` declares (None without it), for every sizing of the run."""
+        if self.cluster_yaml is None:
+            return None
+        from totask_ray.serving.node_types import node_types_from_cluster_yaml
+
+        return node_types_from_cluster_yaml(self.cluster_yaml)
 
     @field_validator("allowed_hosts", mode="before")
     @classmethod

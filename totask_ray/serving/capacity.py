@@ -83,29 +83,27 @@ class ClusterSnapshot:
     running: Mapping[str, int] = field(default_factory=dict)
     types_source: str = "no autoscaler"
 
+    def _room(self) -> list[tuple[NodeType, int]]:
+        """Each node type that can still add nodes, with how many (:func:`_more_of`)."""
+        return [(nt, more) for nt in self.node_types or () if (more := _more_of(nt, self.running)) > 0]
+
     def headroom(self) -> list[Group]:
         """The nodes the autoscaler may still add, one group per node type that can add any."""
-        out: list[Group] = []
-        for nt in self.node_types or ():
-            more = nt.max_workers - self.running.get(nt.name, 0)
-            if more > 0:
-                out.append((nt.resources, more))
-        return out
+        return [(nt.resources, more) for nt, more in self._room()]
 
     def grown(self) -> list[Group]:
         """The alive nodes' totals plus the headroom: the most this cluster can ever offer."""
         return [*((t, 1) for t in self.totals), *self.headroom()]
 
+    def grown_total(self, resource: str) -> float:
+        """How much of ``resource`` the cluster offers once grown (GPUs a pool from zero can add)."""
+        return _sum_of(self.grown()).get(resource, 0.0)
+
     def describe(self) -> str:
         """``4 nodes, 64 CPU + 2 GPU up; node types add up to 3 x (8 CPU) (cpu)`` for a plan's log line."""
         up = _sum_of((t, 1) for t in self.totals)
         text = f"{len(self.totals)} node{'s' if len(self.totals) != 1 else ''}, {_short(up)} up"
-        room = [
-            f"{n} x ({_short(r)}) ({nt.name})"
-            for nt in self.node_types or ()
-            for r, n in [(nt.resources, nt.max_workers - self.running.get(nt.name, 0))]
-            if n > 0
-        ]
+        room = [f"{more} x ({_short(nt.resources)}) ({nt.name})" for nt, more in self._room()]
         if room:
             return f"{text}; node types add up to {', '.join(room)} (from {self.types_source})"
         return f"{text}; nothing to add ({self.types_source})"
@@ -157,13 +155,17 @@ def max_replicas(bundle: Mapping[str, float], node: Mapping[str, float]) -> int:
 def _scaled_nodes(
     node_types: Sequence[NodeType], replicas: int, running: Mapping[str, int] | None = None
 ) -> list[Mapping[str, float]]:
-    # The nodes each type may still add (its most workers less those up), at most `replicas` per
-    # type: more never helps place `replicas` bundles.
+    # The nodes each type may still add, at most `replicas` per type: more never helps place
+    # `replicas` bundles.
     nodes: list[Mapping[str, float]] = []
     for nt in node_types:
-        more = nt.max_workers - (running or {}).get(nt.name, 0)
-        nodes.extend([nt.resources] * max(0, min(more, replicas)))
+        nodes.extend([nt.resources] * max(0, min(_more_of(nt, running or {}), replicas)))
     return nodes
+
+
+def _more_of(nt: NodeType, running: Mapping[str, int]) -> int:
+    """The nodes of type ``nt`` the autoscaler may still add: its most workers less those up."""
+    return nt.max_workers - running.get(nt.name, 0)
 
 
 def _amount(resource: str, amount: float) -> str:

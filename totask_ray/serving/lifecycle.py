@@ -204,8 +204,7 @@ def plan_for(
         grown_from=snapshot.describe(),
     )
     plan = replace(plan, gpus_widened=widen)
-    gpus = sum(node.get("GPU", 0.0) * n for node, n in grown)
-    if 0 < resources.num_gpus < 1 and plan.max_replicas > 1 and gpus >= 2:
+    if 0 < resources.num_gpus < 1 and plan.max_replicas > 1 and snapshot.grown_total("GPU") >= 2:
         log.warning(
             "%s: %d replicas x %g GPU: Ray packs fractional GPUs, so copies may share one device while the "
             "others idle; declare required_gpu_count: 1 to give each replica a GPU of its own",
@@ -219,17 +218,24 @@ def _declares_gpus(release: PreProcessorRelease) -> bool:
     return rr is not None and (rr.required_gpu_count is not None or rr.num_gpus is not None)
 
 
-def autoscaling_for(
-    plan: ReplicaPlan, *, keep_warm: bool, target_ongoing: int, downscale_delay_s: float
-) -> dict:
+@dataclass(frozen=True)
+class Scaling:
+    """How a run's planned replicas scale (``None`` on :func:`ensure_running` keeps a fixed count)."""
+
+    keep_warm: bool = False
+    target_ongoing: int = 2
+    downscale_delay_s: float = 60.0
+
+
+def autoscaling_for(plan: ReplicaPlan, scaling: Scaling) -> dict:
     """Serve autoscaling for a planned count: start with the plan, grow to what the grown cluster
     holds, and (unless ``keep_warm``) scale to zero once idle so the cluster can release the nodes."""
     return {
-        "min_replicas": plan.replicas if keep_warm else 0,
+        "min_replicas": plan.replicas if scaling.keep_warm else 0,
         "initial_replicas": plan.replicas,
         "max_replicas": max(plan.replicas, plan.max_replicas),
-        "target_ongoing_requests": target_ongoing,
-        "downscale_delay_s": downscale_delay_s,
+        "target_ongoing_requests": scaling.target_ongoing,
+        "downscale_delay_s": scaling.downscale_delay_s,
     }
 
 
@@ -247,15 +253,6 @@ def _capacity_gate(
     if report.verdict is Verdict.NEVER_FITS:
         raise CapacityError(report)
     return report
-
-
-@dataclass(frozen=True)
-class Scaling:
-    """How a run's planned replicas scale (``None`` on :func:`ensure_running` keeps a fixed count)."""
-
-    keep_warm: bool = False
-    target_ongoing: int = 2
-    downscale_delay_s: float = 60.0
 
 
 class ScalingTimeout(RuntimeError):
@@ -317,12 +314,7 @@ def ensure_running(
         if plan.planned:  # dispatched as if declared, so the agent and Serve deploy the same count
             resources = resources.model_copy(update={"num_replicas": plan.replicas})
             if scaling is not None:
-                autoscaling = autoscaling_for(
-                    plan,
-                    keep_warm=scaling.keep_warm,
-                    target_ongoing=scaling.target_ongoing,
-                    downscale_delay_s=scaling.downscale_delay_s,
-                )
+                autoscaling = autoscaling_for(plan, scaling)
     replicas = resources.replicas(rel.config.serve_options)
     report = _capacity_gate(snapshot, resources, replicas, rel, node_types) if check_capacity else None
     scaling_up = report is not None and report.verdict is Verdict.FITS_AFTER_SCALING

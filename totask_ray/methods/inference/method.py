@@ -60,7 +60,6 @@ class InferenceMethod(AnnotationMethod):
         from totask_ray.serving.capacity import CapacityError
         from totask_ray.serving.config import PreProcessorRelease, ReleaseConfigError, parse_release_config
         from totask_ray.serving.lifecycle import RayServeBackend, Scaling, ScalingTimeout, ensure_running
-        from totask_ray.serving.node_types import node_types_from_cluster_yaml
 
         release_id = job.params.pre_processor
         assert release_id is not None, "ToTaskParams requires pre_processor for the inference method"
@@ -86,7 +85,7 @@ class InferenceMethod(AnnotationMethod):
         spec = app_spec(release)
         from totask_ray.serving.resources import Resources
 
-        declared = node_types_from_cluster_yaml(o.cluster_yaml) if o.cluster_yaml else None
+        declared = o.declared_node_types()
         reserved = Resources.from_required(release.config.actions.inference.required_resources).num_gpus
         checked_params = check_job_params(spec, job.params.pre_processor_params, reserved, declared)
         try:
@@ -174,7 +173,7 @@ def cluster_gpus(declared: Any = None) -> float:
     """The GPUs the cluster has or its autoscaler can add (a GPU pool may start at zero nodes)."""
     from totask_ray.serving.capacity import read_cluster
 
-    return sum(node.get("GPU", 0.0) * n for node, n in read_cluster(declared).grown())
+    return read_cluster(declared).grown_total("GPU")
 
 
 def check_job_params(
