@@ -86,7 +86,8 @@ _LS_BUILD = pytest.StashKey[subprocess.Popen]()
 
 
 def _uses_the_server(item: pytest.Item) -> bool:
-    return "label_studio" in getattr(item, "fixturenames", ())
+    names = getattr(item, "fixturenames", ())
+    return "label_studio" in names or "label_studio_venv" in names
 
 
 @pytest.hookimpl(tryfirst=True)

@@ -368,3 +368,20 @@ def serve_in_thread(app: Any) -> Iterator[str]:
         server.should_exit = True
         th.join(10)
         sock.close()
+
+
+def face_jpegs(n: int, seed: int) -> list[tuple[bytes, list[list[float]], tuple[int, int]]]:
+    """`n` JPEGs from the faces demo (the last has no face): each with its truth boxes and size."""
+    import io
+
+    from totask_ray.embedded.seeds.faces import _compose_faces, _face_patch
+
+    rng = random.Random(seed)
+    patch, offset = _face_patch()
+    out = []
+    for i in range(n):
+        img, truth, _ = _compose_faces(rng, patch, offset, 0 if i == n - 1 else 1)
+        buf = io.BytesIO()
+        img.convert("RGB").save(buf, format="JPEG", quality=92)
+        out.append((buf.getvalue(), truth, img.size))
+    return out

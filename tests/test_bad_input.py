@@ -187,10 +187,11 @@ NEVER = ("/via-localhost.json", "/via-127-0-0-2.json", "/via-mapped.json", "/red
 @contextmanager
 def bad_input_project(
     platform, prefix: str
-) -> Iterator[tuple[int, list[int], dict[str, Case], list, RecordingRoutes]]:
+) -> Iterator[tuple[int, list[int], dict[str, Case], list, RecordingRoutes, str]]:
     """A project of good tasks followed by one task per bad-input case (files, URLs, platform).
 
-    Yields (project, good ids, {case: Case with .task_id}, good units, the file server's routes) while
+    Yields (project, good ids, {case: Case with .task_id}, good units, the file server's routes, the
+    allow-list entry for the file server and the closed port beside it: `127.0.0.1`, every port) while
     the file server (the second host) runs. Shared with tests/test_security.py's CLI run.
     """
     good_json = json.dumps({"objects": [box(oid="via")]}).encode()
@@ -294,18 +295,19 @@ def bad_input_project(
         bad_ids = ids[3 : 3 + len(cases)]
         for case, tid in zip(cases.values(), bad_ids, strict=True):
             case.task_id = tid
-        yield project, [*ids[:3], *ids[3 + len(cases) :]], cases, goods, routes
+        yield project, [*ids[:3], *ids[3 + len(cases) :]], cases, goods, routes, "127.0.0.1"
 
 
 @pytest.mark.slow
 def test_per_task_bad_input_fails_only_its_task(platform, ray_cluster, tmp_path):
     report = tmp_path / "report.jsonl"
     job_id = platform.store.create_job("to_task")
-    with bad_input_project(platform, "badinput") as (project, good_ids, cases, goods, routes):
+    with bad_input_project(platform, "badinput") as (project, good_ids, cases, goods, routes, files):
         result = run_to_task(
             {**FILE_PARAMS, "project": project},
             platform=config_for(platform),
             report=report,
+            allowed_hosts=[files],  # the second host: trusted on its port, as a user would say
             job_id=job_id,
             max_json_bytes=MAX_JSON_BYTES,
             num_actors=1,
@@ -460,7 +462,7 @@ def test_malformed_task_answers_fail_only_their_task(platform, monkeypatch):
         # the file server is on the platform's host (loopback): the platform's URL policy allows it
         spec = RunSpec(
             params=ToTaskParams.parse({**FILE_PARAMS, "project": 1}),
-            options=RunOptions(),
+            options=RunOptions(allowed_hosts=[f"127.0.0.1:{other.rsplit(':', 1)[1]}"]),
             platform=config_for(platform, retries=0),
         )
 

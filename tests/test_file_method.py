@@ -97,6 +97,7 @@ def test_per_task_failures_fail_only_their_task(platform, tmp_path):
             {**FILE_PARAMS, "project": project},
             platform=config_for(platform),
             report=report,
+            allowed_hosts=[f"127.0.0.1:{other.rsplit(':', 1)[1]}"],  # the file server beside the platform
             max_json_bytes=4096,
             num_actors=1,
             progress_bar=False,

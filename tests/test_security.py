@@ -57,7 +57,10 @@ def test_non_public_addresses_are_refused_unless_trusted(address):
         UrlPolicy().check_addresses("files.example", ["93.184.216.34", address])
     # trusted: the platform's own host, an allow-list entry (a host on every port, or host:port only
     # on that port), or private URLs allowed outright
-    UrlPolicy.for_platform("http://files.example:9000/api").check_addresses("files.example", [address], 9001)
+    platform_at = UrlPolicy.for_platform("http://files.example:9000/api")
+    platform_at.check_addresses("files.example", [address], 9000)
+    with pytest.raises(DownloadError, match=r"--allow-host files\.example:9001 "):  # its origin only
+        platform_at.check_addresses("files.example", [address], 9001)
     UrlPolicy.for_platform(PLATFORM, ["FILES.example"]).check_addresses("files.example", [address], 1234)
     one_port = UrlPolicy.for_platform(PLATFORM, ["files.example:9000"])
     one_port.check_addresses("files.example", [address], 9000)
@@ -231,7 +234,7 @@ def test_an_allow_list_entry_with_a_port_trusts_that_port_only():
     assert routes.requested == ["/ok.json"] * 2
     assert (
         policy.describe()
-        == f"private file hosts trusted: localhost (the platform's own host), 127.0.0.1:{port} (--allow-host)"
+        == f"private file hosts trusted: localhost:8080 (the platform itself), 127.0.0.1:{port} (--allow-host)"
     )
 
 
@@ -337,13 +340,13 @@ def test_cli_over_the_bad_input_project_leaks_no_token(platform, ray_cluster, tm
     gcs = ray_cluster.get_runtime_context().gcs_address
     job_id = store.create_job("to_task")
     report = tmp_path / "report.jsonl"
-    with bad_input_project(platform, "security") as (project, good_ids, cases, goods, routes):
+    with bad_input_project(platform, "security") as (project, good_ids, cases, goods, routes, files):
         job = tmp_path / "job.yaml"
         job.write_text(yaml.safe_dump({"name": "Security_Job", "project": project,
                                        "target_specification_name": "annotation_data"}))  # fmt: skip
         run = subprocess.run(
             [str(BIN / "totask-ray"), "run", str(job), "--address", gcs, "--report", str(report),
-             "--job-id", str(job_id), "--num-actors", "1", "--allow-host", "localhost"],
+             "--job-id", str(job_id), "--num-actors", "1", "--allow-host", "localhost", "--allow-host", files],
             env=cli_env(platform), capture_output=True, text=True, timeout=300,
         )  # fmt: skip
     bad_job = tmp_path / "bad.yaml"

@@ -83,11 +83,16 @@ class LabelStudio:
 
 
 @pytest.fixture(scope="session")
-def label_studio() -> Iterator[LabelStudio]:
+def label_studio_venv() -> Path:
+    """The python of `.venv-ls` (what README's install line makes), built when missing."""
     try:
-        ensure_ls_venv(REPO)
+        return ensure_ls_venv(REPO)
     except LsEnvError as exc:
         pytest.skip(f"label-studio {LS_VERSION} could not be installed: {str(exc).splitlines()[0]}")
+
+
+@pytest.fixture(scope="session")
+def label_studio(label_studio_venv: Path) -> Iterator[LabelStudio]:
     with LabelStudioServer(REPO) as server:
         yield LabelStudio(
             server.url, server.legacy_token, server.personal_token, Admin(server.url, server.legacy_token)

@@ -8,7 +8,6 @@ exist, a task deleted while the run is under way, a model label the labeling con
 
 from __future__ import annotations
 
-import io
 import json
 import random
 import threading
@@ -19,7 +18,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from helpers import png
+from helpers import face_jpegs, png
 
 from totask_ray import ToTask, run_to_task
 from totask_ray.errors import ToTaskError
@@ -265,20 +264,6 @@ def test_bad_token_and_unknown_project_fail_fast_without_the_token(label_studio,
     assert ls.personal_token not in str(err.value)
 
 
-def _faces(n: int, seed: int) -> list[tuple[bytes, list[list[float]], tuple[int, int]]]:
-    from totask_ray.embedded.seeds.faces import _compose_faces, _face_patch
-
-    rng = random.Random(seed)
-    patch, offset = _face_patch()
-    out = []
-    for i in range(n):
-        img, truth, _ = _compose_faces(rng, patch, offset, 0 if i == n - 1 else 1)
-        buf = io.BytesIO()
-        img.convert("RGB").save(buf, format="JPEG", quality=92)
-        out.append((buf.getvalue(), truth, img.size))
-    return out
-
-
 def test_inference_on_uploaded_images(label_studio):
     """Images uploaded to Label Studio (`/data/upload/...`, fetched with the token) through the faces
     pre-processor; each face found where it was pasted, the face-free image given an empty result."""
@@ -287,7 +272,7 @@ def test_inference_on_uploaded_images(label_studio):
 
     ls = label_studio
     project = ls.admin.create_project(f"faces-{random.randrange(10**9)}", FACES_CONFIG)
-    images = _faces(5, seed=3)
+    images = face_jpegs(5, seed=3)
     ids = ls.admin.upload_images(
         project["id"], [(f"f{i}.jpg", body) for i, (body, _, _) in enumerate(images)]
     )
@@ -321,18 +306,22 @@ def test_inference_on_uploaded_images(label_studio):
 
 
 def test_a_model_label_missing_from_the_config_is_refused_at_prepare(label_studio):
+    from ray import serve
+
     from totask_ray.embedded.seeds.registry import release_config
 
     ls = label_studio
     project = ls.admin.create_project(
         f"nofaces-{random.randrange(10**9)}", FACES_CONFIG.replace('value="face"', 'value="person"')
     )
-    ls.admin.upload_images(project["id"], [("a.jpg", _faces(1, seed=1)[0][0])])
+    ls.admin.upload_images(project["id"], [("a.jpg", face_jpegs(1, seed=1)[0][0])])
     params = {"name": "faces_job", "project": project["id"], "method": "inference", "pre_processor": 7}
+    version = "9.9.9-unmapped"
     with pytest.raises(ToTaskError) as err:
-        _run(params, _config(ls, releases={7: release_config("faces")}))
+        _run(params, _config(ls, releases={7: {**release_config("faces"), "version": version}}))
     assert "'face'" in str(err.value) and "'person'" in str(err.value)
     assert ls.admin.predictions(project["id"]) == []
+    assert f"faces@{version}" not in serve.status().applications  # refused before it was deployed
 
 
 def test_the_access_token_is_renewed_before_it_expires_and_after_a_401(label_studio, media):
@@ -430,3 +419,34 @@ def test_the_cli_finds_label_studio_in_the_environment(label_studio, media, tmp_
     preds = ls.admin.predictions(pid)
     assert sorted(p["task"] for p in preds) == sorted(ids)
     assert {p["model_version"] for p in preds} == {"cli_job"}
+
+
+@pytest.mark.parametrize(
+    ("filters", "words"),
+    [
+        ({"status__in": ["pending"]}, "cannot filter tasks by 'status__in'"),
+        ({"id__gt": 10**9}, "No tasks found matching filters"),
+    ],
+    ids=["a Synapse filter", "nothing to do"],
+)
+def test_inference_refusals_come_before_the_model_starts(label_studio, filters, words):
+    """README's Synapse filter on Label Studio, or no task to do: refused at prepare, and the
+    pre-processor was never deployed (not started and torn down)."""
+    from ray import serve
+
+    from totask_ray.embedded.seeds.faces import FACES_PARAMS
+    from totask_ray.embedded.seeds.registry import release_config
+
+    ls = label_studio
+    project = ls.admin.create_project(f"refused-{random.randrange(10**9)}", FACES_CONFIG)
+    ls.admin.upload_images(project["id"], [("a.jpg", face_jpegs(1, seed=2)[0][0])])
+    before = set(serve.status().applications)
+    params = {"name": "refused", "project": project["id"], "method": "inference", "pre_processor": 7,
+              "pre_processor_params": FACES_PARAMS, "task_filters": filters}  # fmt: skip
+    config = _config(ls, releases={7: {**release_config("faces"), "version": "9.9.9-refused"}})
+    with pytest.raises(ToTaskError) as err:
+        _run(params, config)
+    assert words in str(err.value)
+    assert set(serve.status().applications) == before
+    assert not any(name.startswith("faces@9.9.9") for name in serve.status().applications)
+    assert ls.admin.predictions(project["id"]) == []

@@ -98,10 +98,14 @@ def allowed_host(value: str) -> str:
     return host_entry(host, port)
 
 
+DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
 @dataclass(frozen=True)
 class UrlPolicy:
-    """Which hosts may be fetched when they resolve to a private address: the platform's own host
-    and the allow-list's entries (a host on every port, or ``host:port``)."""
+    """Which hosts may be fetched when they resolve to a private address: the platform's own origin
+    (its host on its port: another port on a loopback host is another server) and the allow-list's
+    entries (a host on every port, or ``host:port``)."""
 
     allowed_hosts: frozenset[str] = field(default_factory=frozenset)
     allow_private: bool = False
@@ -115,8 +119,8 @@ class UrlPolicy:
         own = None
         if platform_url:
             parts = urlsplit(platform_url)
-            if parts.hostname:
-                own = host_entry(parts.hostname)
+            if parts.hostname:  # its own origin only: another port on its host is another server
+                own = host_entry(parts.hostname, parts.port or DEFAULT_PORTS.get(parts.scheme))
                 hosts.add(own)
         return cls(allowed_hosts=frozenset(hosts), allow_private=allow_private, platform_entry=own)
 
@@ -125,7 +129,7 @@ class UrlPolicy:
         if self.allow_private:
             return "file URLs may point at any private or loopback address (allow_private_urls)"
         given = sorted(self.allowed_hosts - {self.platform_entry})
-        parts = [f"{self.platform_entry} (the platform's own host)"] if self.platform_entry else []
+        parts = [f"{self.platform_entry} (the platform itself)"] if self.platform_entry else []
         parts += [f"{h} (--allow-host)" for h in given]
         return "private file hosts trusted: " + (", ".join(parts) or "none")
 
