@@ -531,35 +531,46 @@ def test_bad_model_output_is_named(case, output, words):
     assert_clean(str(info.value))
 
 
-class _Answer:
-    """What `handle.predict.remote(...)` returns: awaitable, cancellable."""
+class _Stream:
+    """What `handle.options(stream=True).predict_timed.remote(...)` returns: the replica's "started"
+    mark, then the answer; cancellable."""
 
     def __init__(self, value: Any):
-        self.value = value
+        from totask_ray.serving.batch_entry import STARTED
 
-    def __await__(self):
-        async def get() -> Any:
-            return self.value
+        self.items = iter([STARTED, value])
 
-        return get().__await__()
+    def __aiter__(self) -> _Stream:
+        return self
+
+    async def __anext__(self) -> Any:
+        try:
+            return next(self.items)
+        except StopIteration:
+            raise StopAsyncIteration from None
 
     def cancel(self) -> None:
         pass
 
 
 class StubHandle:
-    """Stands in for the Serve handle: answers from the image's first pixel (its "colour")."""
+    """Stands in for the Serve handle: answers from the image's first pixel (its "colour"), decoding
+    the file's bytes as the replica does."""
 
     def __init__(self, by_colour: dict[int, Any] | None = None, whole: Any = None):
         self.calls = 0
+        self.sent: list[Any] = []
 
-        def remote(images: list[np.ndarray], params: dict[str, Any]) -> _Answer:
+        def remote(images: list[Any], params: dict[str, Any]) -> _Stream:
+            from totask_ray.net.images import decode_image
+
             self.calls += 1
+            self.sent.extend(images)
             if by_colour is None:
-                return _Answer(whole)
-            return _Answer([by_colour[int(img[0, 0, 0])] for img in images])
+                return _Stream(whole)
+            return _Stream([by_colour[int(decode_image(img)[0, 0, 0])] for img in images])
 
-        self.predict = type("Method", (), {"remote": staticmethod(remote)})()
+        self.predict_timed = type("Method", (), {"remote": staticmethod(remote)})()
 
     def options(self, **_: Any) -> StubHandle:  # a real handle's options() returns a handle
         return self
@@ -628,6 +639,8 @@ def test_bad_model_output_fails_only_its_task_through_the_inference_worker(platf
     per_image = StubHandle({c: answer for c, (answer, _) in MODEL_ANSWERS.items()})
     outcomes = asyncio.run(run(per_image, list(ids.values())))
     assert per_image.calls == 1  # one call for the batch
+    # the files' bytes went to the model, not decoded pixels
+    assert {type(img).__name__ for img in per_image.sent} == {"EncodedImage"}
     for colour, (_, words) in MODEL_ANSWERS.items():
         o, data = outcomes[ids[colour]], store.get_task(ids[colour])["data"]
         if not words:

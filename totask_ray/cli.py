@@ -1,4 +1,4 @@
-"""`totask-ray`: run, demo, platform, serve.
+"""`totask-ray`: run, demo, platform, serve, kube.
 
 Exit codes of `run`: 0 every task succeeded, 2 some tasks failed, 1 the run failed (bad params,
 a critical error, or every task failed). Messages go to stderr without tokens or stack traces.
@@ -17,6 +17,7 @@ from typing import Annotated, Any
 import typer
 
 from totask_ray.embedded.cli import platform_app
+from totask_ray.kube.cli import kube_app
 from totask_ray.platform.cli_options import CliOption
 from totask_ray.result import EXIT_FAILED, EXIT_STOPPED
 from totask_ray.serving.cli import serve_app
@@ -31,7 +32,8 @@ app = typer.Typer(
     add_completion=False,
 )
 app.add_typer(platform_app, name="platform", help="The embedded Synapse-compatible platform.")
-app.add_typer(serve_app, name="serve", help="Pre-processors on Ray Serve: deploy, status, delete.")
+app.add_typer(serve_app, name="serve", help="Pre-processors on Ray Serve: deploy, config, status, delete.")
+app.add_typer(kube_app, name="kube", help="Kubernetes with KubeRay: render a job's manifests and image.")
 
 
 def _setup_logging(verbose: bool) -> None:

@@ -55,6 +55,10 @@ class ToTaskResult(BaseModel):
     empty_count: int = 0  # of success_count: written with no object (an image the model saw nothing in)
     workflow_applied_count: int = 0
     workflow_failed_count: int = 0
+    # Calls to the pre-processor sent again: after an infrastructure fault (a replica lost), and
+    # after a full queue refused them (back-pressure); neither failed a task while its budget lasted.
+    call_retries: int = 0
+    call_backoffs: int = 0
     elapsed_s: float = 0.0
 
     def __getitem__(self, key: str) -> Any:

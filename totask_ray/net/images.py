@@ -1,13 +1,19 @@
 """Images from downloaded bytes: the one decoder, pixel cap and byte cap of the package.
 
-The annotators (a task's primary image, before a batched call) and the Serve apps (an
-``image_path`` they fetch themselves) take images from the same untrusted places, so they refuse
-the same ones with the same words.
+The annotators (a task's primary image, checked before a batched call), the Serve replicas (which
+decode what the annotators send, and an ``image_path`` they fetch themselves) take images from the
+same untrusted places, so they refuse the same ones with the same words.
+
+A batched call carries :class:`EncodedImage` (the file's bytes, its format and its size read from
+the header), not pixels: a 512x512 JPEG is ~50 kB where its RGB array is 0.8 MB, and the call's
+arguments cross the object store, usually to another node. The annotator checks what it can from the
+header (:func:`sniff_image`: an image at all, a format PIL reads, the pixel cap); the replica decodes.
 """
 
 from __future__ import annotations
 
 import io
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -31,13 +37,50 @@ class ImageDecodeError(ValueError):
 NOT_AN_IMAGE = "is not an image: it cannot be decoded"
 
 
-def decode_image(body: bytes, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
+@dataclass(frozen=True, slots=True)
+class EncodedImage:
+    """An image file's bytes as downloaded, with what its header says: what a batched call sends.
+
+    ``shape`` is the decoded array's (height, width, 3), so code that only needs an image's size
+    (the output checks, the coordinates' size for Label Studio) takes either form alike.
+    """
+
+    data: bytes
+    format: str  # PIL's name for it: "JPEG", "PNG", ...
+    width: int
+    height: int
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (self.height, self.width, 3)
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.data)
+
+
+def sniff_image(body: bytes, max_pixels: int = MAX_IMAGE_PIXELS) -> EncodedImage:
+    """The bytes as an :class:`EncodedImage` once the header says they are an image PIL reads, within
+    the pixel cap; no pixel is decoded (a header read: microseconds, where a decode takes ms). A file
+    whose header is sound but whose pixels are not fails later, where it is decoded, in the same words."""
+    with _open(body, max_pixels) as img:
+        width, height = img.size
+        if width * height > max_pixels:
+            raise ImageDecodeError(f"is {width}x{height}, over the {max_pixels:,}-pixel limit")
+        if width <= 0 or height <= 0:
+            raise ImageDecodeError(f"is {width}x{height}: it has no pixels")
+        return EncodedImage(bytes(body), str(img.format or "unknown"), int(width), int(height))
+
+
+def decode_image(body: bytes | EncodedImage, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
     """HxWx3 uint8 RGB, or :class:`ImageDecodeError` saying why not (never PIL's own traceback).
 
     The size is checked from the header before any pixel is decoded.
     """
     from PIL import Image
 
+    if isinstance(body, EncodedImage):
+        body = body.data
     with _open(body, max_pixels) as img:
         width, height = img.size
         if width * height > max_pixels:

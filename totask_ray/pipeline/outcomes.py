@@ -119,6 +119,10 @@ class Outcome:
     finished_at: float = 0.0  # unix time: lets a report be plotted as throughput over the run
     node: str = ""
     would_write: str = ""  # JSON of the payload, in dry-run mode only
+    # The pre-processor call behind this task, on the first task of each call only (so they add up):
+    # tries sent again after an infrastructure fault, and after a full queue's refusal.
+    retries: int = 0
+    backoffs: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> str:
@@ -127,6 +131,9 @@ class Outcome:
         d["stage"] = self.stage.value
         d.pop("extra")
         d.pop("critical")
+        for quiet in ("retries", "backoffs"):  # most tasks: none, and nothing said
+            if not d[quiet]:
+                d.pop(quiet)
         if not self.would_write:
             d.pop("would_write")
         else:
@@ -151,6 +158,8 @@ _COLUMNS: dict[str, tuple[Any, Callable[[Any], Any]]] = {
     "finished_at": (np.float64, float),
     "node": (object, lambda v: v or ""),
     "would_write": (object, lambda v: v or ""),
+    "retries": (np.int32, int),
+    "backoffs": (np.int32, int),
 }
 assert list(_COLUMNS) == [f.name for f in fields(Outcome)][:-1], "Outcome's fields and their columns differ"
 

@@ -121,6 +121,8 @@ class RunTracker:
         self.workflow = workflow
         self.workflow_applied = 0
         self.workflow_failed = 0
+        self.call_retries = 0  # issue 25: pre-processor calls sent again (outcomes' retries, backoffs)
+        self.call_backoffs = 0
         self.duplicates = 0
         self.failures: list[TaskFailure] = []
         self.failures_dropped = 0
@@ -164,6 +166,8 @@ class RunTracker:
             self.duplicates += 1
             return
         self.counts[o.status] += 1
+        self.call_retries += o.retries
+        self.call_backoffs += o.backoffs
         if counts.workflow:
             if o.workflow_error:
                 self.workflow_failed += 1

@@ -253,6 +253,8 @@ def result(ctx: RunContext, status: RunStatus | None = None, message: str | None
         **n,
         workflow_applied_count=t.workflow_applied,
         workflow_failed_count=t.workflow_failed,
+        call_retries=t.call_retries,
+        call_backoffs=t.call_backoffs,
         failures=list(t.failures),
         metrics=metrics,
         elapsed_s=round(time.monotonic() - ctx.started, 3),

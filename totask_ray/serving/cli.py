@@ -14,6 +14,7 @@ from typing import Annotated
 
 import typer
 
+from totask_ray.serving.application import ServeAppError, serve_application, serve_config
 from totask_ray.serving.capacity import CapacityError, node_types_from_cluster_yaml
 from totask_ray.serving.config import PreProcessorRelease, ReleaseConfigError, load_release_config
 from totask_ray.serving.lifecycle import RayServeBackend, ensure_running
@@ -126,6 +127,47 @@ def deploy(
         raise typer.Exit(EXIT_FAILED) from exc
     verb = "started" if result.started else "already running"
     typer.echo(f"{result.app_name}: RUNNING ({verb}, {result.elapsed_s:.1f} s)")
+
+
+@serve_app.command("config")
+def config_(
+    app: Annotated[
+        Path,
+        typer.Argument(
+            metavar="APP_DIR_OR_CONFIG", help="An app directory with a config.yaml, or the config file."
+        ),
+    ],
+    output: Annotated[str, typer.Option("--format", help="yaml or json.")] = "yaml",
+) -> None:
+    """Print the Serve config of a pre-processor (what `serve deploy` and a RayService's serveConfigV2 take).
+
+    It is the application `totask-ray serve deploy` deploys, described by the same code: name, route
+    prefix, import path and builder args (replica resources, count or autoscaling, batching, options).
+    """
+    import json
+
+    import yaml
+
+    if output not in ("yaml", "json"):
+        typer.echo(f"error: --format {output!r}: use yaml or json", err=True)
+        raise typer.Exit(EXIT_CONFIG)
+    try:
+        release = PreProcessorRelease.from_config(load_release_config(app))
+        body = serve_config(serve_application(release))
+    except (ReleaseConfigError, ServeAppError, OSError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(EXIT_CONFIG) from exc
+    except (ImportError, AttributeError) as exc:
+        typer.echo(
+            f"error: the release's entrypoint cannot be imported here ({type(exc).__name__}: {exc}); "
+            "run this where the app's package is installed",
+            err=True,
+        )
+        raise typer.Exit(EXIT_CONFIG) from exc
+    if output == "json":
+        typer.echo(json.dumps(body, indent=2))
+    else:
+        typer.echo(yaml.safe_dump(body, sort_keys=False), nl=False)
 
 
 @serve_app.command()

@@ -43,11 +43,12 @@ from totask_ray.annotation import detections_to_task_data
 from totask_ray.net import images
 from totask_ray.net.downloads import Downloader, DownloadError, UrlPolicy, allowed_host
 from totask_ray.net.redact import safe_error
+from totask_ray.serving.batch_entry import DEFAULT_MAX_QUEUED_REQUESTS, BatchEntry
 from totask_ray.serving.interface import Detection, PreProcessor, PreProcessorOutputError
 from totask_ray.serving.params import InferenceParams
 from totask_ray.serving.params_check import check_device
 from totask_ray.serving.postprocess import detections_to_dicts
-from totask_ray.serving.validation import validate_images, validate_output
+from totask_ray.serving.validation import validate_output
 
 __all__ = [
     "DEPLOYMENT",
@@ -154,7 +155,7 @@ def replica_cpus() -> int:
     return max(1, round(cpus))
 
 
-class PreProcessorDeployment:
+class PreProcessorDeployment(BatchEntry):
     """One replica = one model; model calls run one at a time on a worker thread.
 
     ``model_cls`` is the app's model class (or any factory of a :class:`PreProcessor`), called with the
@@ -204,12 +205,12 @@ class PreProcessorDeployment:
             out.extend(validate_output(chunk, dets, labels=self.labels))
         return out
 
-    async def predict(
-        self, images: list[np.ndarray], params: dict[str, Any] | None = None
-    ) -> list[list[dict[str, Any]]]:
-        """The batch entry point for handles: one list of detection dicts per image."""
+    async def predict(self, images: list[Any], params: dict[str, Any] | None = None) -> list[Any]:
+        """The batch entry point for handles: one list of detection dicts per image. ``images`` are
+        arrays or encoded images (``batch_entry``: an image that does not decode answers
+        ``{"error": ...}`` in its place); the annotators call :meth:`BatchEntry.predict_timed`."""
         p = InferenceParams.model_validate(params or {})
-        return detections_to_dicts(await self._run(validate_images(images), p))
+        return await self.answer(images, p)
 
     async def _infer_grouped(
         self, items: list[tuple[np.ndarray, str]]
@@ -286,7 +287,10 @@ def build_application(
         else deployment_args(load_release_config(config_path))
     )
     FetchOptions.split(parsed.options)
-    return DEPLOYMENT.options(name=name, **parsed.deployment_options()).bind(
+    options = parsed.deployment_options()
+    # issue 25: a bounded queue per caller unless the release sets one (callers back off on refusal)
+    options.setdefault("max_queued_requests", DEFAULT_MAX_QUEUED_REQUESTS)
+    return DEPLOYMENT.options(name=name, **options).bind(
         model_cls,
         max_batch_size=parsed.max_batch_size,
         batch_wait_timeout_s=parsed.batch_wait_timeout_s,

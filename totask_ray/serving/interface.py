@@ -21,7 +21,7 @@ from __future__ import annotations
 from typing import Annotated, Literal, Protocol, runtime_checkable
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from totask_ray.serving.params import CommonParams, InferenceParams, ModelSettings, PostProcessing
 
@@ -77,6 +77,17 @@ class PreProcessorSpec(BaseModel):
     ``devices`` is where the model can run (``None``: not declared). ``honours_batch_size`` is true for
     every app on the shared deployment, which chunks model calls by ``model_config.batch_size``; an app
     that cannot sets it false, and the key is then refused rather than silently ignored.
+
+    ``payload`` is what a batched call carries to the replica. ``"encoded"`` (the default): the image
+    file's bytes, checked by the annotator from the header and decoded on the replica, beside the
+    model; a call then moves about what the file weighs instead of its pixels (a 512x512 JPEG ~50 kB
+    against a 0.8 MB array). ``"decoded"``: the annotators decode and send RGB arrays, as before;
+    for a replica whose reserved CPUs are too few to decode at the model's pace (a fast GPU model on
+    one CPU), where the annotators' CPUs are the spare ones and the bytes are worth moving.
+
+    ``input`` is what ``detect`` receives: ``"arrays"`` (the default: decoded HxWx3 uint8 RGB, the
+    contract below) or ``"encoded"`` (:class:`~totask_ray.net.images.EncodedImage`, for a model that
+    decodes itself, on a GPU say); the replica's wrapper decodes for an ``"arrays"`` model.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -87,6 +98,17 @@ class PreProcessorSpec(BaseModel):
     # Where the model can run; "auto" is a request, not a place.
     devices: tuple[Literal["cpu", "cuda"], ...] | None = Field(None, min_length=1)
     honours_batch_size: bool = True
+    payload: Literal["encoded", "decoded"] = "encoded"
+    input: Literal["arrays", "encoded"] = "arrays"
+
+    @model_validator(mode="after")
+    def _encoded_input_needs_an_encoded_payload(self) -> PreProcessorSpec:
+        if self.input == "encoded" and self.payload == "decoded":
+            raise ValueError(
+                "input='encoded' takes the file's bytes, which payload='decoded' no longer sends: "
+                "leave payload at 'encoded'"
+            )
+        return self
 
     @field_validator("params")
     @classmethod
@@ -115,7 +137,9 @@ class PreProcessorInputError(ValueError):
 class PreProcessor(Protocol):
     """A model that pre-annotates images.
 
-    ``detect(images, params)`` receives a batch of HxWx3 ``uint8`` RGB arrays and must return:
+    ``detect(images, params)`` receives a batch of HxWx3 ``uint8`` RGB arrays (or, where
+    ``spec.input`` is ``"encoded"``, :class:`~totask_ray.net.images.EncodedImage` whose ``shape`` is
+    the decoded one) and must return:
 
     - a list with exactly one entry per input image, in input order;
     - each entry a list (possibly empty) of :class:`Detection`;

@@ -19,7 +19,6 @@ status; the cause stays on ``__cause__`` for logs (no token, URL or stack in the
 from __future__ import annotations
 
 import hashlib
-import importlib
 import inspect
 import logging
 import os
@@ -29,6 +28,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Literal, Protocol, runtime_checkable
 
 from totask_ray.platform.base import Agents
+from totask_ray.serving.application import serve_application
 from totask_ray.serving.capacity import (
     CapacityError,
     CapacityReport,
@@ -42,7 +42,7 @@ from totask_ray.serving.capacity import (
     read_cluster,
 )
 from totask_ray.serving.config import PreProcessorRelease, ReleaseConfig
-from totask_ray.serving.resources import DeploymentArgs, Resources, deployment_args
+from totask_ray.serving.resources import DeploymentArgs, Resources
 
 __all__ = [
     "FAILED_STATUSES",
@@ -487,34 +487,22 @@ class RayServeBackend:
         from ray import serve
 
         self._connect()
-        target = release.deploy_target
-        if target is None:
-            raise LookupError(
-                f"{release.app_name} declares nothing to deploy "
-                "(actions.deployment.entrypoint or actions.inference.entrypoint)"
-            )
-        module_name, _, attr = target.entrypoint.partition(":")
-        entry = getattr(importlib.import_module(module_name), attr)
-        args = deployment_args(release.config, payload)
-        if autoscaling_config is not None:
-            args = args.model_copy(update={"autoscaling_config": dict(autoscaling_config)})
-        if inspect.isclass(entry) or isinstance(entry, serve.Deployment):
-            app = bind_deployment_class(entry, args, batch=target.serve_options.batch_declared)
-        else:
-            app = entry(args.model_dump())
-            if model_threads and "threads" not in args.options and _model_takes_threads(app):
-                args = args.model_copy(update={"options": {**args.options, "threads": model_threads}})
-                app = entry(args.model_dump())
-                log.info("%s: %d model threads per replica", release.app_name, model_threads)
+        # The one description of the app that `totask-ray serve config` prints too, so they cannot drift.
+        spec = serve_application(release, payload, autoscaling_config=autoscaling_config)
+        app = spec.build()
+        if model_threads and "threads" not in spec.args.get("options", {}) and _model_takes_threads(app):
+            spec = spec.with_model_options(threads=model_threads)
+            app = spec.build()
+            log.info("%s: %d model threads per replica", release.app_name, model_threads)
         if self.http_options is not None:
             serve.start(http_options=self.http_options)
         serve.run_many(
             [
                 serve.RunTarget(
                     target=app,
-                    name=release.app_name,
-                    route_prefix=release.route_prefix,
-                    logging_config={"enable_access_log": False},
+                    name=spec.name,
+                    route_prefix=spec.route_prefix,
+                    logging_config=spec.logging_config,
                 )
             ],
             wait_for_applications_running=False,

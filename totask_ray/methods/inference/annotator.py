@@ -1,10 +1,12 @@
 """The inference method's annotator: each task's primary image through the pre-processor, into its data.
 
-The annotator downloads and decodes each task's primary image in the Data actor (async, bounded),
-then calls the Serve application through a `DeploymentHandle` once per batch (measured on Ray 2.60:
-~7,000 items/s that way against ~570 with one call per item), converts and validates each task's
-detections, and writes them. A failed call is retried once; then that batch's tasks fail with the
-reason and other batches go on.
+The annotator downloads each task's primary image in the Data actor (async, bounded) and checks it
+from its header (an image, within the caps), then calls the Serve application through a
+`DeploymentHandle` once per batch (measured on Ray 2.60: ~7,000 items/s that way against ~570 with
+one call per item) with the files' bytes, which the replica decodes; converts and validates each
+task's detections, and writes them. A call refused by a full queue or lost to a fault is sent again
+within a budget (`callers`), counted in the outcomes (`retries`, `backoffs`); a model failure is
+retried once; then that batch's tasks fail with the reason and other batches go on.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from totask_ray.methods.inference.callers import BatchedCaller, Caller, SynapseC
 from totask_ray.methods.inference.items import Ready, split_request
 from totask_ray.methods.labels import LabelMapError, LabelMapping
 from totask_ray.net.downloads import DownloadError
-from totask_ray.net.images import ImageDecodeError, decode_image
+from totask_ray.net.images import ImageDecodeError, decode_image, sniff_image
 from totask_ray.pipeline.annotator import Annotator, TaskFailed, safe_error
 from totask_ray.pipeline.outcomes import Outcome, Stage
 from totask_ray.pipeline.spec import RunSpec
@@ -36,8 +38,9 @@ class InferenceAnnotator(Annotator):
     """Inference method: fetch task → model → map labels → `convert_data_from_inference` → validate
     → PUT.
 
-    Two calling conventions, one caller each (`callers`): *batched* (`predict(images, params)` once
-    per batch, the images decoded here) and *synapse* (the app's own `POST /` route, one request per
+    Two calling conventions, one caller each (`callers`): *batched* (`predict_timed(images, params)`
+    once per batch, the images checked here and decoded on the replica, or decoded here where the
+    app's spec asks for arrays: `payload`) and *synapse* (the app's own `POST /` route, one request per
     task). The caller is picked here, once, from the convention prepare settled on.
     """
 
@@ -55,6 +58,7 @@ class InferenceAnnotator(Annotator):
         labels: LabelMapping | None = None,
         release: dict[str, Any] | None = None,
         app_params: dict[str, Any] | None = None,
+        payload: str = "encoded",
     ):
         super().__init__(spec, stop_flag)
         from ray import serve
@@ -67,7 +71,7 @@ class InferenceAnnotator(Annotator):
         self.caller: Caller = (
             SynapseCaller(handle, timeout_s, route, body_model, spec.platform)
             if convention == "synapse"
-            else BatchedCaller(handle, timeout_s)
+            else BatchedCaller(handle, timeout_s, payload)
         )
         self.action.context.inference = release
         self.empty_policy = spec.params.empty_result
@@ -106,7 +110,11 @@ class InferenceAnnotator(Annotator):
             self._isolated(item.task.id, self._finish, item, response, new_task=False)
             for item, response in answered
         ]
-        outcomes.extend(await asyncio.gather(*finishing))
+        finished = await asyncio.gather(*finishing)
+        for (item, _), outcome in zip(answered, finished, strict=True):
+            if item.counts is not None:  # a call's cost, on its first task's outcome: the sums are exact
+                outcome.retries, outcome.backoffs = item.counts.retries, item.counts.backoffs
+        outcomes.extend(finished)
         return outcomes
 
     async def _prepare(self, task_id: int) -> Ready | Outcome:
@@ -141,9 +149,12 @@ class InferenceAnnotator(Annotator):
                 body = await self._downloader.fetch_image(primary.url, max_bytes=self.options.max_image_bytes)
             except DownloadError as exc:
                 raise TaskFailed(Stage.CONVERT, safe_error(exc)) from exc
-            loop = asyncio.get_running_loop()
             try:
-                image = await loop.run_in_executor(self._threads, decode_image, body)
+                if self.caller.decode:
+                    loop = asyncio.get_running_loop()
+                    image = await loop.run_in_executor(self._threads, decode_image, body)
+                else:  # a header read: the replica decodes
+                    image = sniff_image(body)
             except ImageDecodeError as exc:
                 raise TaskFailed(Stage.CONVERT, exc.about("the primary file")) from None
         return Ready(task, primary.url, image, params, model, key)

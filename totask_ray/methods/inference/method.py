@@ -37,6 +37,8 @@ class InferencePlan:
     route: str | None = None
     body_model: str | None = None
     labels: LabelMapping | None = None
+    # batched: what a call carries, the files' bytes or decoded arrays (`PreProcessorSpec.payload`)
+    payload: str = "encoded"
 
     @property
     def app_name(self) -> str:
@@ -126,6 +128,7 @@ class InferenceMethod(AnnotationMethod):
             route=route,
             body_model=body_model,
             labels=labels,
+            payload=payload_of(spec),
         )
         verb = "started" if result.started else "found running"
         log.info("pre-processor %s %s (%.1f s)", release.app_name, verb, result.elapsed_s)
@@ -151,6 +154,7 @@ class InferenceMethod(AnnotationMethod):
                 "body_model": self.plan.body_model,
                 "labels": self.plan.labels,
                 "app_params": self.plan.params,
+                "payload": self.plan.payload,
                 "release": {
                     "code": self.plan.release.code,
                     "version": self.plan.release.version,
@@ -160,6 +164,14 @@ class InferenceMethod(AnnotationMethod):
             },
             reserved_cpus=self._reserved_cpus,
         )
+
+
+def payload_of(spec: Any) -> str:
+    """What a batched call carries to the app: the files' bytes, decoded on the replica, where the
+    app is built on the pre-processor contract (its module declares a `PreProcessorSpec`: the shared
+    deployment decodes), unless that spec asks for arrays; decoded arrays for an app with no spec,
+    whose own `predict` may expect them."""
+    return spec.payload if spec is not None else "decoded"
 
 
 def _replica_cpus(plan: Any) -> float:
