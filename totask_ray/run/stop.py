@@ -21,7 +21,7 @@ import time
 from types import FrameType, TracebackType
 from typing import Any
 
-from totask_ray.pipeline.stop import create_flag
+from totask_ray.pipeline.stop import create_flag, finish
 
 log = logging.getLogger("totask_ray")
 
@@ -84,9 +84,4 @@ class GracefulStop:
             signal.signal(sig, handler)
         self._previous.clear()
         if self.flag is not None:
-            import ray
-
-            try:
-                ray.kill(self.flag)
-            except Exception as exc:
-                log.debug("could not remove the stop flag: %s", exc)
+            finish(self.flag)  # every annotator hears the run is over; then the flag is removed
