@@ -27,16 +27,49 @@ def ensure_ray(address: str | None = None, *, verbose: bool = False) -> bool:
         # line, which Ray Data's own actors trigger on every run (C++, only silenced below error).
         logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
         os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
-    kwargs: dict[str, Any] = {"log_to_driver": verbose, "configure_logging": verbose}
+    # Workers' output reaches the driver (and so `ray job logs`): their warnings and errors, Python
+    # warnings included. Not Serve's own components', which keep their logs in Serve's files.
+    kwargs: dict[str, Any] = {"log_to_driver": True, "configure_logging": verbose}
     target = address or os.environ.get("RAY_ADDRESS") or running_here()
-    if target and target != "local":
+    started = not (target and target != "local")
+    if started:  # "local": a fresh cluster; a bare ray.init() would attach to what `ray start` left running
+        ray.init(address="local", include_dashboard=False, **kwargs)
+    else:
         ray.init(address=target, **kwargs)
-        return False
-    # "local": start a fresh cluster; a bare ray.init() would attach to whatever `ray start` left running.
-    ray.init(address="local", include_dashboard=False, **kwargs)
+    if not verbose:
+        _without_serve_components()
     global _started_local
-    _started_local = True
-    return True
+    _started_local = _started_local or started
+    return started
+
+
+# Serve's controller, proxies and replicas: their INFO lines are for whoever runs the cluster, and
+# they go to Serve's log files all the same.
+SERVE_ACTORS = ("ServeController", "ProxyActor", "ServeReplica")
+# What each new worker's raylet says of RAY_BACKEND_LOG_LEVEL (set above): an INFO line per worker.
+LOG_LEVEL_NOTICE = "Set ray log level from environment variable"
+
+
+def _without_serve_components() -> None:
+    """Replace Ray's printer of workers' output with one that leaves out Serve's components (a
+    run that starts Serve would otherwise print its controller's and proxy's INFO lines) and the
+    raylet's notice of the log level, once per worker started."""
+    import functools
+
+    from ray._private import worker as ray_worker
+
+    dispatcher = ray_worker.global_worker_stdstream_dispatcher
+    printer = functools.partial(ray_worker.print_to_stdstream, ignore_prefix=False)
+
+    def print_unless_serve(data: dict[str, Any]) -> None:
+        if str(data.get("actor_name") or "").startswith(SERVE_ACTORS):
+            return
+        lines = [line for line in data.get("lines", ()) if LOG_LEVEL_NOTICE not in line]
+        if lines:
+            printer({**data, "lines": lines})
+
+    dispatcher.remove_handler("ray_print_logs")
+    dispatcher.add_handler("ray_print_logs", print_unless_serve)
 
 
 _started_local = False

@@ -22,7 +22,7 @@ log = logging.getLogger("totask_ray")
 RUNNING, STOPPED, OVER = "running", "stopped", "over"
 # Calls the flag holds at once: one outstanding wait per annotator actor, plus the reads' checks.
 MAX_WAITERS = 100_000
-# How long `finish` waits for its waiters to be answered before the driver removes the flag.
+# How long `finish` waits for its waiters to say they heard before the driver removes the flag.
 FINISH_DRAIN_S = 2.0
 
 
@@ -38,8 +38,8 @@ def _flag_class() -> Any:
             self._state = RUNNING
             self._changed = asyncio.Event()
             self._waiting = 0
-            self._drained = asyncio.Event()
-            self._drained.set()
+            self._to_ack = 0
+            self._acked = asyncio.Event()
             self.calls = 0
 
         def _move(self, state: str) -> None:
@@ -53,10 +53,19 @@ def _flag_class() -> Any:
 
         async def finish(self) -> None:
             """The run is over (said by the driver, not inferred from a lost actor): every wait
-            returns OVER; returns once they were answered, or after FINISH_DRAIN_S."""
+            returns OVER. Returns once each watcher that was waiting said it heard (`ack`), or after
+            FINISH_DRAIN_S: removing the flag sooner could lose an answer on its way."""
+            self._to_ack = self._waiting
+            if not self._to_ack:
+                self._acked.set()
             self._move(OVER)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._drained.wait(), FINISH_DRAIN_S)
+                await asyncio.wait_for(self._acked.wait(), FINISH_DRAIN_S)
+
+        async def ack(self) -> None:
+            self._to_ack -= 1
+            if self._to_ack <= 0:
+                self._acked.set()
 
         async def is_set(self) -> bool:
             self.calls += 1
@@ -65,15 +74,12 @@ def _flag_class() -> Any:
         async def wait(self, known: str) -> str:
             self.calls += 1
             self._waiting += 1
-            self._drained.clear()
             try:
                 while self._state == known:
                     await self._changed.wait()
                 return self._state
             finally:
                 self._waiting -= 1
-                if not self._waiting:
-                    self._drained.set()
 
         async def stats(self) -> dict[str, int]:
             """Calls taken so far and waits outstanding (what the tests and the bench read)."""
@@ -150,6 +156,9 @@ class StopWatch:
                 await asyncio.sleep(RETRY_S)
                 continue
             self.stopped = self.stopped or state != RUNNING
+        else:  # heard the driver's word: say so, so that it can remove the flag
+            with contextlib.suppress(Exception):
+                self.flag.ack.remote()
         self.run_over = True
         if self._on_run_over is not None:
             with contextlib.suppress(Exception):

@@ -42,3 +42,24 @@ def let_go() -> int:
         except Exception as exc:
             log.debug("could not stop a Serve long poll: %s", exc)
     return cancelled
+
+
+class _ClientNoise(logging.Filter):
+    """On Serve's logger in a caller's process: drops what is not a problem of the caller's (INFO
+    lines such as "Started <...LongPollClient>", and the "LongPollHost errored" records of the polls
+    `let_go` cancelled itself, a cancelled task's traceback once per poll). A filter rather than a
+    level, because Serve sets that logger's level itself when it makes a router."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING:
+            return False
+        text = record.getMessage()
+        return not (text.startswith("LongPollHost errored") and "TaskCancelledError" in text)
+
+
+def quiet_client_logs() -> None:
+    """A caller's process hears from Serve's client side only what goes wrong (`_ClientNoise`);
+    errors of the calls themselves reach the run through their outcomes."""
+    serve_log = logging.getLogger("ray.serve")
+    if not any(isinstance(f, _ClientNoise) for f in serve_log.filters):
+        serve_log.addFilter(_ClientNoise())

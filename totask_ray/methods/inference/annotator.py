@@ -66,6 +66,9 @@ class InferenceAnnotator(Annotator):
         self.app_name = app_name
         self.pre_processor_config = pre_processor_config
         self.labels = labels
+        from totask_ray.serving.handles import quiet_client_logs
+
+        quiet_client_logs()  # this actor's output reaches the driver: Serve's INFO lines stay out of it
         handle = serve.get_app_handle(app_name)
         timeout_s = self.options.inference_call_timeout_s
         self.caller: Caller = (
