@@ -15,15 +15,17 @@ import re
 import sqlite3
 import threading
 from array import array
+from bisect import bisect_left, bisect_right
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime, time
 from pathlib import Path
 from typing import Any
 
 _ID_CACHE_SIZE = 16
+_ALL = 2**62  # "no limit" for a page read
 TASK_FIELDS = ("id", "project", "data_unit", "status", "assignee", "created_at", "updated_at", "data")
 JOB_STATUSES = ("PENDING", "RUNNING", "SUCCEEDED", "FAILED", "STOPPED")
 SERVE_STATUSES = (
@@ -204,7 +206,22 @@ class TaskQuery:
     created_gte: str | None = None
     created_lte: str | None = None
     ids: list[int] | None = None
-    limit: int | None = None
+    limit: int | None = None  # the first N matching tasks in id order, before any id bound below
+    id__gt: int | None = None
+    id__gte: int | None = None
+    id__lt: int | None = None
+    id__lte: int | None = None
+    descending: bool = False  # `ordering=-id`
+
+    @property
+    def ranged(self) -> bool:
+        """An id-bounded or descending listing (a keyset read), answered without the id cache."""
+        bounds = (self.id__gt, self.id__gte, self.id__lt, self.id__lte)
+        return self.descending or any(b is not None for b in bounds)
+
+    def unranged(self) -> TaskQuery:
+        """The same filters without the id bounds and the ordering: the set the bounds cut."""
+        return replace(self, id__gt=None, id__gte=None, id__lt=None, id__lte=None, descending=False)
 
     def where(self) -> tuple[str, list[Any]]:
         clauses = ["project_id = ?"]
@@ -238,7 +255,25 @@ class TaskQuery:
             else:
                 clauses.append(f"id IN ({','.join('?' * len(self.ids))})")
                 args.extend(self.ids)
+        for op, bound in ((">", self.id__gt), (">=", self.id__gte), ("<", self.id__lt), ("<=", self.id__lte)):
+            if bound is not None:
+                clauses.append(f"id {op} ?")
+                args.append(bound)
         return " AND ".join(clauses), args
+
+    def cut(self, ids: array) -> array:
+        """The part of the sorted `ids` inside this query's id bounds, in its order."""
+        lo, hi = 0, len(ids)
+        if self.id__gt is not None:
+            lo = max(lo, bisect_right(ids, self.id__gt))
+        if self.id__gte is not None:
+            lo = max(lo, bisect_left(ids, self.id__gte))
+        if self.id__lt is not None:
+            hi = min(hi, bisect_left(ids, self.id__lt))
+        if self.id__lte is not None:
+            hi = min(hi, bisect_right(ids, self.id__lte))
+        part = ids[lo : max(lo, hi)]
+        return part[::-1] if self.descending else part
 
 
 class Store:
@@ -605,10 +640,14 @@ class Store:
 
     def count_tasks(self, query: TaskQuery) -> int:
         """How many tasks match (capped by `query.limit`)."""
+        if query.ranged:
+            return self._ranged_page(query, 0, 0)[0]
         return len(self._matching_ids(query))
 
     def task_ids(self, query: TaskQuery, offset: int = 0, limit: int | None = 100) -> list[int]:
-        """Ids matching the query, in id order, from `offset` (at most `limit`; None = all)."""
+        """Ids matching the query, in its order, from `offset` (at most `limit`; None = all)."""
+        if query.ranged:
+            return self._ranged_page(query, offset, _ALL if limit is None else limit)[1]
         ids = self._matching_ids(query)
         return list(ids[offset : None if limit is None else offset + limit])
 
@@ -619,10 +658,38 @@ class Store:
         (no commit by another connection, per `PRAGMA data_version`, and no task write of ours
         other than annotation data), so paging through 200,000 tasks is not quadratic.
         """
+        if query.ranged:
+            return self._ranged_page(query, offset, limit)
         ids = self._matching_ids(query)
         return len(ids), list(ids[offset : offset + limit])
 
-    def _matching_ids(self, query: TaskQuery) -> array:
+    def _ranged_page(self, query: TaskQuery, offset: int, limit: int) -> tuple[int, list[int]]:
+        """An id-bounded (keyset) page: from the cached id list when it is current (a bisection),
+        else by the `tasks_project` index, one page and the range's count, never the whole
+        listing: tasks written while a run reads (`on_success`) make the cache stale on every page,
+        and rebuilding it per page would cost the whole listing each time."""
+        base = query.unranged()
+        with self._lock:
+            ids = self._cached_ids(base)
+            if ids is None and base.limit is not None:
+                ids = self._matching_ids(base)  # `limit` cuts the whole listing before the bounds
+            if ids is not None:
+                part = query.cut(ids)
+                return len(part), list(part[offset : offset + limit])
+            where, args = query.where()
+            # (project_id, id, ...) covers every filter: a range scan in id order, whatever the
+            # planner would guess for a status filter without statistics (a sort of the project)
+            table = "tasks INDEXED BY tasks_project"
+            count = self.conn.execute(f"SELECT COUNT(*) FROM {table} WHERE {where}", args).fetchone()[0]
+            order = "DESC" if query.descending else "ASC"
+            rows = self.conn.execute(
+                f"SELECT id FROM {table} WHERE {where} ORDER BY id {order} LIMIT ? OFFSET ?",
+                [*args, limit, offset],
+            )
+            return int(count), [r[0] for r in rows]
+
+    def _cached_ids(self, query: TaskQuery) -> array | None:
+        """The cached id list of `query`'s filters, if it is still current."""
         where, args = query.where()
         key = (where, tuple(args), query.limit)
         with self._lock:
@@ -631,6 +698,17 @@ class Store:
             if hit is not None and hit[0] == version:
                 self._id_cache.move_to_end(key)
                 return hit[1]
+            return None
+
+    def _matching_ids(self, query: TaskQuery) -> array:
+        assert not query.ranged, "an id-bounded query is cut from its unranged listing (_ranged_page)"
+        where, args = query.where()
+        key = (where, tuple(args), query.limit)
+        with self._lock:
+            hit = self._cached_ids(query)
+            if hit is not None:
+                return hit
+            version = (self.conn.execute("PRAGMA data_version").fetchone()[0], self._task_gen)
             sql = f"SELECT id FROM tasks WHERE {where} ORDER BY id"
             if query.limit is not None:
                 sql += " LIMIT ?"

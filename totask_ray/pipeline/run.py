@@ -6,10 +6,15 @@ reserves `actor_cpus`, read tasks a tenth of a CPU, and the pool is sized on wha
 once grown and checked before anything starts (`pipeline.sizing`: a pipeline whose actors cannot be
 placed would otherwise wait forever). Ray Data's no-progress timeout is set so a mis-budgeted run fails with a clear message
 instead of hanging.
+
+Ray Data's settings are the run's own: a copy of the caller's `DataContext` that only this run's
+datasets carry (`run_data_context`), and Ray Data's log levels and the one warning a run silences are
+set only while the run iterates (`quiet_ray_data`); a notebook's own pipelines see none of it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import warnings
@@ -18,13 +23,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 
 from totask_ray.errors import CriticalError
 from totask_ray.params import OnSuccess
 from totask_ray.pipeline.sizing import PoolPlan, plan_pool
-from totask_ray.pipeline.source import TaskIdSource, id_block, task_dataset
+from totask_ray.pipeline.source import PAGES_PER_READ_TASK, Exclusion, TaskIdSource, list_ids, task_dataset
 from totask_ray.pipeline.spec import RunSpec
-from totask_ray.platform.base import Platform
+from totask_ray.platform.base import Platform, id_bounds
 
 log = logging.getLogger("totask_ray")
 
@@ -111,25 +117,38 @@ def listing_moves_under_us(on_success: OnSuccess | None, task_filters: Mapping[s
     return any(key.split("__", 1)[0] in moved for key in task_filters)
 
 
-def snapshot_dataset(spec: PipelineSpec, source: TaskIdSource) -> Any:
-    """Every matching id read before anything is written (8 bytes a task), as a dataset."""
+def snapshot_dataset(spec: PipelineSpec, source: TaskIdSource, actors: int) -> Any:
+    """Every matching id read before anything is written (8 bytes a task), as a dataset of blocks
+    that keep every actor busy (`snapshot_blocks`).
+
+    Only where the listing is read by offset pages: id ranges skip nothing while tasks leave the
+    filters (`pipeline.source`), so such a run streams its ids as any other."""
     import ray.data
 
-    assert spec.lister is not None, "a snapshot of the ids needs a platform client to list them"
-    ids = np.fromiter(
-        spec.lister.iter_task_ids(
-            spec.run.params.project, spec.run.params.task_filters, page_size=spec.run.options.page_size
-        ),
-        dtype=np.int64,
-    )
+    ids = list_ids(source)
     log.info("on_success changes a filtered field: listed %d task id(s) before writing", len(ids))
-    return ray.data.from_arrow(id_block(ids.tolist(), source.exclude))
+    ids_per_read = PAGES_PER_READ_TASK * spec.run.options.page_size
+    return ray.data.from_arrow(snapshot_blocks(ids, spec.run.params.batch_size, actors, ids_per_read))
 
 
-def configure_data_context(no_progress_timeout_s: float, verbose: bool) -> None:
+def snapshot_blocks(ids: np.ndarray, batch_size: int, actors: int, ids_per_read: int) -> list[pa.Table]:
+    """`ids` cut into blocks: as many as the streaming reads would make, and at least two per
+    batch in flight on every actor, none smaller than a batch. A block goes to one actor whole (one
+    table made one block, and one actor did all the work while the others idled)."""
+    n = len(ids)
+    if n == 0:
+        return [pa.table({"task_id": np.zeros(0, dtype=np.int64)})]
+    want = max(math.ceil(n / ids_per_read), actors * IN_FLIGHT_PER_ACTOR * 2)
+    rows = max(batch_size, math.ceil(n / want))
+    return [pa.table({"task_id": ids[i : i + rows]}) for i in range(0, n, rows)]
+
+
+def run_data_context(no_progress_timeout_s: float, verbose: bool) -> Any:
+    """The run's own Ray Data settings: a copy of the caller's current `DataContext` (what a user
+    set there still holds) that only the run's datasets carry; the caller's is left as it was."""
     from ray.data import DataContext
 
-    dc = DataContext.get_current()
+    dc = DataContext.get_current().copy()
     dc.enable_progress_bars = verbose
     dc.enable_operator_progress_bars = verbose
     dc.enable_auto_log_stats = False
@@ -142,40 +161,79 @@ def configure_data_context(no_progress_timeout_s: float, verbose: bool) -> None:
     # on a cluster that is adding nodes, an actor waiting for one dies with a node that failed to come
     # up. A few such deaths are replaced; a constructor that always fails still ends the run.
     dc.max_consecutive_actor_init_deaths = ACTOR_INIT_DEATHS_TOLERATED
-    if not verbose:
-        logging.getLogger("ray.data").setLevel(logging.WARNING)
-        # "Progress bars disabled": we disabled them (our own progress is the driver's)
-        logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
-        # a run with fewer id blocks than actors is normal (small projects, resumes): not news
-        warnings.filterwarnings(
-            "ignore", message="The (minimum|maximum) number of concurrent", category=UserWarning
-        )
+    return dc
+
+
+# Ray Data warns (warnings.warn, from its executor's thread) when an operator got fewer blocks than
+# its pool's minimum size or its read concurrency: normal for small projects and resumes, not news.
+_FEW_BLOCKS = r"The (minimum|maximum) number of concurrent"
+
+
+@contextlib.contextmanager
+def quiet_ray_data(verbose: bool) -> Iterator[None]:
+    """While the run iterates, unless `verbose`: Ray Data's info lines and its few-blocks warning
+    left out (our own progress is the driver's). Both are put back as they were when the run ends.
+
+    Python keeps one warnings filter list per process; `catch_warnings` restores it at the end, so
+    the filter lasts only as long as the run, and it matches only that message from Ray Data."""
+    if verbose:
+        yield
+        return
+    names = ("ray.data", "ray.data._internal.progress")
+    levels = {name: logging.getLogger(name).level for name in names}
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    # "Progress bars disabled": we disabled them
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings(
+                "ignore", message=_FEW_BLOCKS, category=UserWarning, module=r"ray\.data\."
+            )
+            yield
+    finally:
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)
+
+
+def listing(spec: PipelineSpec) -> TaskIdSource:
+    """The run's task-id source: id ranges where the platform reads them, offset pages elsewhere;
+    a resume's done ids shared once in the object store (`source.Exclusion`)."""
+    p = spec.run.params
+    bounds = id_bounds(spec.lister, p.project, p.task_filters) if spec.lister is not None else None
+    exclusion = Exclusion.share(spec.exclude) if spec.exclude is not None and len(spec.exclude) else None
+    how = f"by id ranges over {bounds[0]}..{bounds[1]}" if bounds is not None else "by offset pages"
+    log.debug("task ids are listed %s", how)
+    return TaskIdSource(spec.run, spec.total, exclude=exclusion, stop_flag=spec.stop_flag, bounds=bounds)
 
 
 def run_pipeline(spec: PipelineSpec) -> Iterator[dict[str, Any]]:
     """Yield outcome batches (numpy columns) as the annotators produce them."""
+    from ray.data import DataContext
+
     p, o = spec.run.params, spec.run.options
-    configure_data_context(o.no_progress_timeout_s, o.verbose_ray)
     ship_plugin(spec.run.action_cls)
     pool = plan_actors(spec)
-    source = TaskIdSource(spec.run, spec.total, exclude=spec.exclude, stop_flag=spec.stop_flag)
-    moving = listing_moves_under_us(p.on_success, p.task_filters)
-    dataset = snapshot_dataset(spec, source) if moving else task_dataset(source)
+    source = listing(spec)
+    moving = listing_moves_under_us(p.on_success, p.task_filters) and source.bounds is None
     annotator = spec.annotator
-    ds = dataset.map_batches(
-        annotator.cls,
-        fn_constructor_kwargs=annotator.kwargs,
-        batch_size=p.batch_size,
-        batch_format="numpy",
-        compute=actor_pool(pool),
-        num_cpus=o.actor_cpus,
-    )
-    try:
-        yield from ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=1)
-    except CriticalError:
-        raise
-    except Exception as exc:
-        raise CriticalError(_explain(exc)) from exc
+    with quiet_ray_data(o.verbose_ray):
+        with DataContext.current(run_data_context(o.no_progress_timeout_s, o.verbose_ray)):
+            # datasets made here carry the run's context (Ray Data copies the current one)
+            dataset = snapshot_dataset(spec, source, pool.most) if moving else task_dataset(source)
+            ds = dataset.map_batches(
+                annotator.cls,
+                fn_constructor_kwargs=annotator.kwargs,
+                batch_size=p.batch_size,
+                batch_format="numpy",
+                compute=actor_pool(pool),
+                num_cpus=o.actor_cpus,
+            )
+        try:
+            yield from ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=1)
+        except CriticalError:
+            raise
+        except Exception as exc:
+            raise CriticalError(_explain(exc)) from exc
 
 
 def actor_pool(pool: PoolPlan) -> Any:

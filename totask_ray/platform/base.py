@@ -7,7 +7,10 @@ reads and writes of an annotator). What only some platforms have is a protocol o
 client implements or leaves out; nothing is stubbed to raise:
 - `JobRecords`: a job record the run reports status, progress and logs to (Synapse);
 - `Agents`: agents that deploy pre-processors onto their own Ray cluster (Synapse);
-- `TaskWorkflow`: a task's status, assignee and stage (`on_success`; Synapse's async client).
+- `TaskWorkflow`: a task's status, assignee and stage (`on_success`; Synapse's async client);
+- `IdRanges`: a listing read by id ranges (keyset: ordered by id, each page resuming after the last
+  id read), where the platform orders by id and filters `id__gt` / `id__lte` (Label Studio's Data
+  Manager always; a Synapse-contract server where it honours them: the embedded platform does).
 `job_records(client)` and `agents(client)` hand a client over as the protocol, or refuse with a
 message that names the platform and says what to leave out.
 
@@ -57,6 +60,44 @@ class Platform(Protocol):
     ) -> Iterator[int]: ...
     def get_plugin_release(self, release_id: int) -> PluginRelease: ...
     def close(self) -> None: ...
+
+
+@runtime_checkable
+class IdRanges(Protocol):
+    """A listing read by id ranges instead of offset pages.
+
+    Deep offset pages cost the server linear time each (it walks past every row before the page),
+    and rows that leave or join the filters while a run reads shift every later page: tasks are
+    skipped or listed twice. A range `(after, upto]` read in id order, each page resuming after the
+    last id it got, costs the same at any depth and skips and repeats nothing while tasks are
+    written under it.
+    """
+
+    def id_bounds(self, project_id: int, filters: Mapping[str, Any]) -> tuple[int, int] | None:
+        """The lowest and highest matching ids, or None when this listing cannot be read by id
+        ranges (the server does not honour the ordering or the id filters, or `filters` hold one
+        that ranges would change, such as `limit`): the caller then reads offset pages."""
+        ...
+
+    def task_id_range_page(
+        self,
+        project_id: int,
+        filters: Mapping[str, Any],
+        *,
+        after: int,
+        upto: int,
+        page_size: int | None = None,
+    ) -> TaskIdPage:
+        """The first page of matching ids in `(after, upto]`, in id order; `next` is set when more
+        follow in the range (the next page is asked with `after` = the last id of this one)."""
+        ...
+
+
+def id_bounds(client: Platform, project_id: int, filters: Mapping[str, Any]) -> tuple[int, int] | None:
+    """The listing's id bounds where `client` reads id ranges for these filters, else None."""
+    if isinstance(client, IdRanges):
+        return client.id_bounds(project_id, filters)
+    return None
 
 
 @runtime_checkable

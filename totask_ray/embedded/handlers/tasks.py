@@ -1,7 +1,10 @@
 """Tasks: the filtered listing a run pages through, one task, annotating it, and its workflow.
 
 A run first pages through the ids of its tasks (`fields=id`), then reads each task; that id
-listing answers from the id page alone, without loading a task row.
+listing answers from the id page alone, without loading a task row. It also takes DRF's
+`ordering=id` / `-id` and django-filter's `id__gt`, `id__gte`, `id__lt`, `id__lte`, so a run can read
+it by id ranges (keyset: each page resumes after the last id read) at the cost of one page at any
+depth, where an offset page walks past every row before it.
 """
 
 from __future__ import annotations
@@ -44,9 +47,14 @@ TASK_FILTERS = (
     "created_at__gte",
     "created_at__lte",
     "id__in",
+    "id__gt",
+    "id__gte",
+    "id__lt",
+    "id__lte",
     "limit",
 )
-_TASK_LIST_PARAMS = frozenset((*TASK_FILTERS, "fields", "expand", *PAGE_PARAMS))
+ORDERINGS = ("id", "-id")
+_TASK_LIST_PARAMS = frozenset((*TASK_FILTERS, "ordering", "fields", "expand", *PAGE_PARAMS))
 
 
 def task_query(request: Request, store: Store) -> TaskQuery:
@@ -91,6 +99,14 @@ def task_query(request: Request, store: Store) -> TaskQuery:
         q.ids = [int_param("id__in", v) for v in csv(qp.getlist("id__in"))]
         if len(q.ids) > MAX_ID_IN:
             raise invalid("id__in", f"Give at most {MAX_ID_IN} ids.")
+    for name in ("id__gt", "id__gte", "id__lt", "id__lte"):
+        if name in qp:
+            setattr(q, name, int_param(name, qp.getlist(name)[-1].strip()))
+    if "ordering" in qp:
+        ordering = qp.getlist("ordering")[-1].strip()
+        if ordering not in ORDERINGS:
+            raise invalid("ordering", f"Order by one of: {', '.join(ORDERINGS)}.")
+        q.descending = ordering == "-id"
     if "limit" in qp:
         q.limit = int_param("limit", qp.getlist("limit")[-1], minimum=0)
     return q

@@ -67,6 +67,17 @@ class _Endpoints:
         }
         return Call("GET", "api/tasks/", mapping.id_page(q.limit, page, size), params=params)
 
+    def _range_call(self, project_id: int, q: TaskQuery, size: int) -> Call[TaskIdPage]:
+        """The first page of an id-range query (its `limit` is None: ranges are not read with one)."""
+        params = {
+            "project": str(int(project_id)),
+            "page": "1",
+            "page_size": str(size),
+            "query": q.query,
+            "include": "id",
+        }
+        return Call("GET", "api/tasks/", mapping.id_page(None, 1, size), params=params)
+
     def _task_call(self, task_id: int) -> Call[dict[str, Any]]:
         return Call("GET", f"api/tasks/{int(task_id)}/", as_dict)
 
@@ -132,6 +143,29 @@ class LabelStudioClient(_Endpoints, BlockingHttp):
         self, project_id: int, filters: Mapping[str, Any], *, page: int = 1, page_size: int | None = None
     ) -> TaskIdPage:
         return self._execute(self._tasks_call(project_id, filters, page, page_size or self.config.page_size))
+
+    def id_bounds(self, project_id: int, filters: Mapping[str, Any]) -> tuple[int, int] | None:
+        """The lowest and highest matching ids (`IdRanges`): the Data Manager orders by id both
+        ways and filters id ranges; a job with `limit` is read by pages (None)."""
+        if self._query(filters).limit is not None:
+            return None
+        first = self._execute(self._range_call(project_id, to_query(filters), 1))
+        last = self._execute(self._range_call(project_id, to_query(filters, descending=True), 1))
+        if not first.ids or not last.ids:
+            return None
+        return first.ids[0], last.ids[0]
+
+    def task_id_range_page(
+        self,
+        project_id: int,
+        filters: Mapping[str, Any],
+        *,
+        after: int,
+        upto: int,
+        page_size: int | None = None,
+    ) -> TaskIdPage:
+        q = to_query(filters, after=after, upto=upto)
+        return self._execute(self._range_call(project_id, q, page_size or self.config.page_size))
 
     def iter_task_ids(
         self, project_id: int, filters: Mapping[str, Any], page_size: int | None = None

@@ -11,6 +11,10 @@ work, never ignored (ignoring one would run the job on tasks the user did not me
 | `id__in: [..]` | `selectedItems: {all: false, included: [..]}` |
 | `created_at__gte`, `created_at__lte` (ISO 8601) | `filter:tasks:created_at` |
 | `limit: N` | at most the first N tasks, in id order |
+
+A run reads the listing by id ranges (`IdRanges`): the Data Manager orders by `tasks:id` (or
+`-tasks:id` for the highest id) and each range adds `filter:tasks:id` greater / less_or_equal
+items, ANDed with the job's own. A job with `limit` is read by pages (a range would cut it).
 """
 
 from __future__ import annotations
@@ -71,7 +75,15 @@ def _when(key: str, value: Any) -> str:
     return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
-def to_query(filters: Mapping[str, Any]) -> TaskQuery:
+def to_query(
+    filters: Mapping[str, Any],
+    *,
+    after: int | None = None,
+    upto: int | None = None,
+    descending: bool = False,
+) -> TaskQuery:
+    """The query for `filters`; `after` / `upto` bound the ids to `(after, upto]` and `descending`
+    orders them highest first (an id range read, `IdRanges`)."""
     items: list[dict[str, Any]] = []
     selected: dict[str, Any] = {"all": True, "excluded": []}
     limit = None
@@ -122,7 +134,11 @@ def to_query(filters: Mapping[str, Any]) -> TaskQuery:
             f"Label Studio cannot filter tasks by {', '.join(repr(u) for u in unknown)}; "
             f"the filters it takes are: {', '.join(KNOWN)}"
         )
-    query: dict[str, Any] = {"ordering": ["tasks:id"], "selectedItems": selected}
+    for op, bound in (("greater", after), ("less_or_equal", upto)):
+        if bound is not None:
+            items.append({"filter": "filter:tasks:id", "operator": op, "type": "Number", "value": int(bound)})
+    ordering = "-tasks:id" if descending else "tasks:id"
+    query: dict[str, Any] = {"ordering": [ordering], "selectedItems": selected}
     if items:
         query["filters"] = {"conjunction": "and", "items": items}
     return TaskQuery(json.dumps(query, separators=(",", ":")), limit)

@@ -62,6 +62,10 @@ class SynapseConfig(HttpSettings):
     user_token: SecretStr | None = None
     tenant: SecretStr | None = None
     agent_token: SecretStr | None = None
+    # Whether the task listing is read by id ranges (`ordering=id` with `id__gt` / `id__lte`, not in
+    # the recorded contract): None checks, once per run on the driver, that the server honours them
+    # (the embedded platform does) and reads offset pages where it does not; False never asks.
+    id_ranges: bool | None = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> SynapseConfig:
@@ -234,6 +238,35 @@ class _Endpoints:
             params["page"] = str(page)
         return self._execute(Call("GET", "sdk/tasks/", _page_of_ids, params=params))
 
+    def _id_call(
+        self, project_id: int, filters: Mapping[str, Any], size: int, **extra: str
+    ) -> Call[TaskIdPage]:
+        """A listing page in id order; `extra` (`ordering`, `id__gt`, `id__lte`) replaces a filter
+        of the same name: a range is always inside the filters' own bounds (it is cut from them)."""
+        params = {
+            **encode_filters(filters),
+            "project": str(int(project_id)),
+            "fields": "id",
+            "page_size": str(size),
+            "ordering": "id",
+            **extra,
+        }
+        return Call("GET", "sdk/tasks/", _page_of_ids, params=params)
+
+    def task_id_range_page(
+        self,
+        project_id: int,
+        filters: Mapping[str, Any],
+        *,
+        after: int,
+        upto: int,
+        page_size: int | None = None,
+    ) -> Any:
+        size = page_size or self.config.page_size
+        return self._execute(
+            self._id_call(project_id, filters, size, id__gt=str(int(after)), id__lte=str(int(upto)))
+        )
+
     def next_task_id_page(self, next_url: str) -> Any:
         return self._execute(Call("GET", next_url, _page_of_ids))
 
@@ -291,6 +324,46 @@ class SynapseClient(_Endpoints, BlockingHttp):
 
     def count_tasks(self, project_id: int, filters: Mapping[str, Any]) -> int:
         return self.task_id_page(project_id, filters, page_size=1).count
+
+    def id_bounds(self, project_id: int, filters: Mapping[str, Any]) -> tuple[int, int] | None:
+        """The lowest and highest matching ids where the server orders by id and applies `id__gt`
+        and `id__lte` (`IdRanges`), else None (offset pages).
+
+        The Synapse contract records neither (`sdk/tasks/` is read by DRF page numbers), so unless
+        the config says `id_ranges=True` the answers are checked, 4 small requests once a run: the
+        first two ids ascending, the last id with `ordering=-id`, and `id__gt` / `id__lte` at the
+        first id giving the second id and a count of 1. A server that ignores any of them fails a
+        check and is read by offset pages, as before.
+        """
+        if self.config.id_ranges is False or {"limit", "ordering", "page", "page_size"} & set(filters):
+            return None  # `limit` keeps the first N of the whole listing: ranges would change it
+        try:
+            first = self._execute(self._id_call(project_id, filters, 2))
+            last = self._execute(self._id_call(project_id, filters, 1, ordering="-id"))
+            if not first.ids or not last.ids:
+                return None
+            lo, hi = first.ids[0], last.ids[0]
+            if self.config.id_ranges is None:
+                if first.count >= 2:
+                    after = self._execute(self._id_call(project_id, filters, 1, id__gt=str(lo)))
+                    upto = self._execute(self._id_call(project_id, filters, 1, id__lte=str(lo)))
+                    honoured = (
+                        len(first.ids) == 2
+                        and lo < first.ids[1] <= hi
+                        and after.ids == first.ids[1:]
+                        and after.count == first.count - 1
+                        and upto.ids == [lo]
+                        and upto.count == 1
+                    )
+                else:
+                    honoured = lo == hi and last.count == first.count == 1
+                if not honoured:
+                    return None
+        except PlatformError as exc:
+            if getattr(exc, "status_code", None) == 400:  # it refuses the parameters: offset pages
+                return None
+            raise
+        return lo, hi
 
 
 class AsyncSynapseClient(_Endpoints, AsyncHttp):
