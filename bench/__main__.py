@@ -11,6 +11,10 @@
 - scaleout   the file method on a simulated two-node cluster (2x2 CPUs) against one node (1x4), then
              an OCR run on a fake autoscaling cluster whose GPU pool starts at zero
 - all        every bench above, on one local Ray started once
+- ledger     (not in `all`) the run ledger's cost: file-method tasks/s with and without it, bytes
+             per task, and the undo of one run
+- scale      (not in `all`: minutes) listing 1M ids by offset pages and by id ranges, and a resume of
+             1M tasks with half done against a fresh run: object store and driver memory
 
 `--smoke` runs every bench quickly (few tasks, one run) so they cannot rot (tests/test_bench_smoke.py);
 its numbers mean nothing. Results and the commands used: BENCHMARKS.md.
@@ -26,11 +30,12 @@ import time
 from bench import local_ray, meters, tables
 
 BENCHES = ("file", "client-cpu", "inference", "memory", "startup", "label-studio", "accelerator", "scaleout")
+ALONE = ("scale", "ledger")  # run only when named
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
-    ap.add_argument("bench", choices=(*BENCHES, "all"))
+    ap.add_argument("bench", choices=(*BENCHES, *ALONE, "all"))
     ap.add_argument(
         "--tasks", type=int, default=None, help="tasks (file, startup: 10000; inference: 160 images)"
     )
@@ -64,13 +69,21 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     g.add_argument("--replicas", default=None, help="replica counts N, comma separated (default 1,2,4)")
     g.add_argument("--no-sdk", action="store_true", help="skip the SDK per-task contender (it takes minutes)")
     g = ap.add_argument_group("memory")
-    g.add_argument("--sizes", default=None, help="task counts, comma separated (default 10000,200000)")
+    g.add_argument(
+        "--sizes",
+        default=None,
+        help="task counts, comma separated (memory: 10000,200000; scale: 100000,300000,1000000)",
+    )
     g.add_argument(
         "--data-context",
         action="append",
         default=[],
         metavar="KEY=VALUE",
         help="diagnostic: set a Ray DataContext field in the measured driver (repeatable)",
+    )
+    g = ap.add_argument_group("scale")
+    g.add_argument(
+        "--resume-tasks", type=int, default=None, help="tasks of the resume run (default: the largest size)"
     )
     return ap.parse_args(argv)
 
@@ -105,6 +118,10 @@ def main(argv: list[str] | None = None) -> int:
                 from bench import label_studio as mod  # type: ignore[no-redef]
             elif name == "scaleout":
                 from bench import scaleout as mod  # type: ignore[no-redef]
+            elif name == "scale":
+                from bench import scale as mod  # type: ignore[no-redef]
+            elif name == "ledger":
+                from bench import ledger as mod  # type: ignore[no-redef]
             else:
                 from bench import startup as mod  # type: ignore[no-redef]
             mod.main(args, ray_started=True)

@@ -7,6 +7,7 @@ themselves by creating their own projects on the shared platform.
 from __future__ import annotations
 
 import os
+import tempfile
 
 # Before anything imports ray: nothing may report usage, and a stray RAY_ADDRESS breaks ray.init.
 os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
@@ -19,10 +20,11 @@ for _var in (
     "SYNAPSE_PLUGIN_RUN_TENANT",
 ):
     os.environ.pop(_var, None)
+# Runs without --report or --ledger keep their ledger here, not in the checkout (CLI runs inherit it).
+os.environ["TOTASK_LEDGER_DIR"] = os.path.join(tempfile.mkdtemp(prefix="totask-test-ledgers-"), "ledgers")
 
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest

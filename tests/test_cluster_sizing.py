@@ -213,6 +213,8 @@ def test_a_static_four_node_cluster_is_planned_from_its_64_cpus(platform, tmp_pa
     assert (summary["success"], summary["failed"]) == (len(ids), 0)
     for tid, unit in zip(ids, units, strict=True):
         assert platform.store.get_task(tid)["data"] == unit["expected"]
+    # each node's annotators append to the ledger where they run: the run says the path must be shared
+    assert "on this cluster of 4 nodes that path must be shared" in proc.stderr, proc.stderr[-3000:]
 
 
 JOIN = textwrap.dedent(

@@ -1,4 +1,4 @@
-"""`totask-ray`: run, demo, platform, serve, kube.
+"""`totask-ray`: run, preview, demo, platform, serve, kube.
 
 Exit codes of `run`: 0 every task succeeded, 2 some tasks failed, 1 the run failed (bad params,
 a critical error, or every task failed). Messages go to stderr without tokens or stack traces.
@@ -18,6 +18,8 @@ import typer
 
 from totask_ray.embedded.cli import platform_app
 from totask_ray.kube.cli import kube_app
+from totask_ray.ledger.cli import diff as ledger_diff
+from totask_ray.ledger.cli import undo as ledger_undo
 from totask_ray.platform.cli_options import CliOption
 from totask_ray.result import EXIT_FAILED, EXIT_STOPPED
 from totask_ray.serving.cli import serve_app
@@ -34,6 +36,8 @@ app = typer.Typer(
 app.add_typer(platform_app, name="platform", help="The embedded Synapse-compatible platform.")
 app.add_typer(serve_app, name="serve", help="Pre-processors on Ray Serve: deploy, config, status, delete.")
 app.add_typer(kube_app, name="kube", help="Kubernetes with KubeRay: render a job's manifests and image.")
+app.command(name="undo")(ledger_undo)
+app.command(name="diff")(ledger_diff)
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -150,6 +154,8 @@ def run(
     finally:
         shutdown_if_started()
     print_result(result)
+    if result.ledger is not None:
+        typer.echo(f"run {result.run_id}: undo with `totask-ray undo {result.ledger}`", err=True)
     raise typer.Exit(result.exit_code)
 
 
@@ -178,6 +184,67 @@ run.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
 )
 run.__annotations__ = {p.name: p.annotation for p in run.__signature__.parameters.values()}  # type: ignore[attr-defined]
 app.command()(run)
+
+
+def preview(
+    job: Path,
+    platform: str | None = None,
+    plugin: str | None = None,
+    sample: int = 20,
+    seed: int = 0,
+    first: bool = False,
+    out: Path = Path("preview.html"),
+    **options: Any,
+) -> None:
+    """Preview JOB on a sample of its tasks: what it would write, drawn on their images, as one HTML
+    page. Writes nothing to the platform (a dry run through the job's own prepare, hooks, label
+    mapping, thresholds and validation)."""
+    _setup_logging(bool(options.get("verbose_ray")))
+    from totask_ray.cluster import shutdown_if_started
+    from totask_ray.errors import ToTaskError
+    from totask_ray.params import ParamsError, ToTaskParams
+    from totask_ray.platform.connect import config_from_cli
+    from totask_ray.platform.errors import PlatformError
+    from totask_ray.preview import SampleError
+    from totask_ray.preview import preview as make_preview
+
+    given = {k[len(_PLATFORM) :].replace("_", "-"): v for k, v in options.items() if k.startswith(_PLATFORM)}
+    run_options = {k: v for k, v in options.items() if not k.startswith(_PLATFORM)}
+    try:
+        params = ToTaskParams.from_file(job)
+        config = config_from_cli(platform, given)
+        page = make_preview(
+            params, platform=config, action_cls=load_action_class(plugin), sample=sample, seed=seed,
+            first=first, out=out, progress_bar=False, **run_options,
+        )  # fmt: skip
+    except (ParamsError, PlatformError, SampleError) as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(EXIT_FAILED) from None
+    except ToTaskError as exc:
+        typer.echo(f"Preview failed: {exc}", err=True)
+        raise typer.Exit(EXIT_FAILED) from None
+    finally:
+        shutdown_if_started()
+    failed = sum(1 for o in page.outcomes.values() if o["status"] == "failed")
+    counts = ", ".join(f"{n} {c}" for c, n in page.counts.items()) or "nothing"
+    typer.echo(
+        f"{out}: {len(page.outcomes)} of {page.total} tasks, {failed} would fail; would write {counts}"
+    )
+
+
+_PREVIEW_SETS = {"report", "dry_run", "resume", "job_id"}  # a preview is a dry run with its own report
+preview.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+    [
+        *list(run.__signature__.parameters.values())[:3],  # type: ignore[attr-defined]
+        _option("sample", int, 20, "sample", "How many tasks to preview."),
+        _option("seed", int, 0, "seed", "The random sample's seed."),
+        _option("first", bool, False, "first", "The first tasks of the listing instead of a random sample."),
+        _option("out", Path, Path("preview.html"), "out", "Where to write the page."),
+        *(p for p in _run_options() if p.name not in _PREVIEW_SETS),
+    ]
+)
+preview.__annotations__ = {p.name: p.annotation for p in preview.__signature__.parameters.values()}  # type: ignore[attr-defined]
+app.command()(preview)
 
 
 @app.command()

@@ -60,6 +60,9 @@ class ToTaskResult(BaseModel):
     call_retries: int = 0
     call_backoffs: int = 0
     elapsed_s: float = 0.0
+    # the run's ledger (`totask-ray undo LEDGER`): None for a dry run or --no-ledger
+    run_id: str | None = None
+    ledger: str | None = None
 
     def __getitem__(self, key: str) -> Any:
         """`result['status']`, as the Synapse action's dict result is read."""

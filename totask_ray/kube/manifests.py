@@ -161,26 +161,23 @@ def report_path(job: JobInput) -> str:
 
 
 def entrypoint(job: JobInput, opts: KubeOptions) -> str:
-    """``python -m totask_ray run`` on the mounted job file, resuming from the report when one exists.
+    """``python -m totask_ray run`` on the mounted job file, resuming from its report when one is there.
 
-    KubeRay splices the entrypoint into its submitter's shell command (``ray job submit ... --
-    ENTRYPOINT``), so the condition travels as one ``sh -c`` word and runs on the head, where the
-    report volume is mounted. The same path for ``--report`` and ``--resume`` is safe: the new report
-    starts with what the earlier one held.
+    ``--report R --resume R --resume-if-exists``: the first try starts from the first task, a retry
+    (after the head died, or the RayJob applied again) skips what an earlier try reported. The run
+    itself checks whether R is there, not a shell, so the same entrypoint serves a report on a volume
+    or on an object store (an ``s3://`` URI). The same location for ``--report`` and ``--resume`` is
+    safe: the new report starts with what the earlier one held.
     """
+    report = report_path(job)
     run = [
-        "python", "-m", "totask_ray", "run", f"{JOB_MOUNT}/{JOB_FILE}",
-        "--platform", opts.platform, "--report", '"$R"',
+        "python", "-m", "totask_ray", "run", f"{JOB_MOUNT}/{JOB_FILE}", "--platform", opts.platform,
+        "--report", report, "--resume", report, "--resume-if-exists",
     ]  # fmt: skip
     if opts.platform == "label-studio" and job.release is not None:
         # Label Studio keeps no releases: the run reads the config the ConfigMap carries.
         run += ["--release", f"{job.release.id}={JOB_MOUNT}/{release_file(job.release.id)}"]
-    script = (
-        f"R={report_path(job)}; "
-        'if [ -s "$R" ]; then set -- --resume "$R"; else set --; fi; '
-        f'exec {" ".join(run)} "$@"'
-    )
-    return f"sh -c {shlex.quote(script)}"
+    return shlex.join(run)
 
 
 def ray_job(job: JobInput, opts: KubeOptions) -> Manifest:

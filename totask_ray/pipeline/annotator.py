@@ -25,6 +25,7 @@ import numpy as np
 
 from totask_ray.action import PluginContext
 from totask_ray.annotation import AnnotationError, validate_task_data
+from totask_ray.ledger.record import LedgerWriter
 from totask_ray.net import redact
 from totask_ray.net.downloads import Downloader, DownloadError
 from totask_ray.net.images import ImageDecodeError, read_image_size
@@ -70,6 +71,10 @@ class Annotator:
         self._sem: asyncio.Semaphore | None = None
         self.node = _node_id()
         self._stop = StopWatch(stop_flag, on_run_over=self.release)
+        # the run's ledger (what each write changed, for `totask-ray undo`); none in a dry run
+        self._ledger = (
+            LedgerWriter(spec.ledger) if spec.ledger is not None and not spec.options.dry_run else None
+        )
         # Ray Data kills its actors without a close hook, so pooled sessions are never closed;
         # the OS reclaims the sockets, and asyncio's "Unclosed client session" noise is dropped.
         logging.getLogger("asyncio").addFilter(lambda r: not r.getMessage().startswith("Unclosed"))
@@ -207,32 +212,47 @@ class Annotator:
             # again would be a second write of the same data, and a second workflow action.
             outcome = Outcome(task.id, Status.UNCHANGED, Stage.DONE, objects=n_objects)
             if not self.options.dry_run:
-                await self.apply_workflow(outcome, task)
+                if self._ledger is not None and self.params.on_success is not None:
+                    self._ledger.before(
+                        task.id, None, None, writes_data=False, workflow=_workflow_fields(task)
+                    )
+                wf = await self.apply_workflow(outcome, task)
+                if self._ledger is not None and wf is not None:
+                    self._ledger.written(task.id, workflow=wf)
             return outcome
         if self.options.dry_run:
             return Outcome(task.id, done, Stage.DONE, objects=n_objects, would_write=json.dumps(data))
         size = await self.image_size(image_url, image)
+        if self._ledger is not None:  # before the write is sent: a kill after it still leaves this
+            wf0 = _workflow_fields(task) if self.params.on_success is not None else None
+            self._ledger.before(task.id, task.data, data, workflow=wf0)
         try:
-            await self._client.annotate_task(task, data, schema, image_size=size)
+            answer = await self._client.annotate_task(task, data, schema, image_size=size)
         except AuthenticationError as exc:
             raise TaskFailed(Stage.WRITE, safe_error(exc), critical=True) from exc
         except PlatformError as exc:
             raise TaskFailed(Stage.WRITE, f"could not write the annotation: {safe_error(exc)}") from exc
         outcome = Outcome(task.id, done, Stage.DONE, written=True, objects=n_objects)
-        await self.apply_workflow(outcome, task)
+        wf = await self.apply_workflow(outcome, task)
+        if self._ledger is not None:
+            created = answer.get("created") if isinstance(answer, dict) else None
+            self._ledger.written(task.id, created=created, workflow=wf)
         return outcome
 
     empty_message = "the hook returned no data"
     # What an object list with nothing in it does (`empty_result`); only a model's result is judged.
     empty_policy: EmptyResultPolicy = EmptyResultPolicy.WRITE
 
-    async def apply_workflow(self, outcome: Outcome, task: Task) -> None:
+    async def apply_workflow(self, outcome: Outcome, task: Task) -> dict[str, Any] | None:
         """The optional `on_success` action, applied only where the task is not in its target state
         yet (`task` is as read before the write), so a re-run applies nothing twice. Its failure
-        is recorded but never undoes the write."""
+        is recorded but never undoes the write.
+
+        Returns the workflow fields as the action left them (for the run's ledger), or None when
+        it changed nothing."""
         action = self.params.on_success
         if action is None:
-            return
+            return None
         assert self._client is not None
         changes: dict[str, Any] = {}
         if action.status is not None and task.status != action.status:
@@ -242,16 +262,18 @@ class Annotator:
         # `submit` advances a stage each time: after a write of ours, or where the task still sits
         # where the job's status filter found it (an earlier run wrote it but never got to submit).
         submit = action.submit and (outcome.written or self._still_selected(task))
+        left = _workflow_fields(task)
         try:
             workflow = task_workflow(self._client)
             if changes:
-                await workflow.update_task(outcome.task_id, changes)
+                left.update(_workflow_fields(await workflow.update_task(outcome.task_id, changes)))
             if submit:
-                await workflow.submit_task(outcome.task_id)
+                left.update(_workflow_fields(await workflow.submit_task(outcome.task_id)))
         except PlatformError as exc:
             outcome.workflow_error = safe_error(exc)
         else:
             outcome.workflow_applied = bool(changes) or submit
+        return left if outcome.workflow_applied or outcome.workflow_error else None
 
     def _still_selected(self, task: Task) -> bool:
         filters = self.params.task_filters
@@ -262,6 +284,13 @@ class Annotator:
             values = wanted.split(",") if isinstance(wanted, str) else list(wanted)
             return task.status in values
         return False  # no status to tell: never advance a task this run did not write
+
+
+def _workflow_fields(task: Task | dict[str, Any]) -> dict[str, Any]:
+    """The fields `on_success` may change, as a task read or a workflow call's answer holds them."""
+    if isinstance(task, Task):
+        return {"status": task.status, "assignee": task.assignee}
+    return {k: task[k] for k in ("status", "assignee") if isinstance(task, dict) and k in task}
 
 
 def _node_id() -> str:

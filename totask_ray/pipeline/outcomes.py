@@ -185,13 +185,18 @@ def from_columns(batch: dict[str, Any]) -> Iterator[Outcome]:
 def read_report(path: str) -> Iterable[dict[str, Any]]:
     """The records of a `--report` file, skipping lines that are not records (a torn last line)."""
     with open(path, encoding="utf-8") as f:
-        for line in f:
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(rec, dict) and isinstance(rec.get("task_id"), int):
-                yield rec
+        yield from report_records(f)
+
+
+def report_records(lines: Iterable[str]) -> Iterator[dict[str, Any]]:
+    """The records among a report's lines (a file's, or an object's in `run/report_store.py`)."""
+    for line in lines:
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(rec, dict) and isinstance(rec.get("task_id"), int):
+            yield rec

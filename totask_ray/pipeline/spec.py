@@ -9,13 +9,15 @@ read where it acts, under its one name, and none is copied field by field into a
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from totask_ray.action import ToTask
+from totask_ray.ledger.record import LedgerSpec
 from totask_ray.net.downloads import DEFAULT_MAX_JSON_BYTES, UrlPolicy, allowed_host
 from totask_ray.net.images import MAX_IMAGE_BYTES
 from totask_ray.params import ToTaskParams
@@ -35,10 +37,24 @@ class RunOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    report: Path | None = Field(
+    report: str | None = Field(
         json_schema_extra=_cli("report"),
         default=None,
-        description="Write one JSON line per task outcome here.",
+        description="Write one JSON line per task outcome here: a path, or an object-store URI "
+        "(s3://bucket/key, or any URI pyarrow or fsspec resolves; credentials from the environment, "
+        "e.g. AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL).",
+    )
+    ledger: Path | None = Field(
+        json_schema_extra=_cli("ledger"),
+        default=None,
+        description="Where the run's ledger goes (what each write changed, for `totask-ray undo` and "
+        "`diff`): a directory holding one directory per run (default: <report>.ledger/ beside --report, "
+        "else ./totask-ledgers/).",
+    )
+    no_ledger: bool = Field(
+        json_schema_extra=_cli("no-ledger"),
+        default=False,
+        description="Keep no ledger: the run cannot be undone by `totask-ray undo`.",
     )
     job_id: int | None = Field(
         json_schema_extra=_cli("job-id"),
@@ -51,10 +67,16 @@ class RunOptions(BaseModel):
         default=False,
         description="Do everything except writing; the report shows what would be written.",
     )
-    resume: Path | None = Field(
+    resume: str | None = Field(
         json_schema_extra=_cli("resume"),
         default=None,
-        description="Skip the tasks that succeeded (or were skipped) in this earlier report.",
+        description="Skip the tasks that succeeded (or were skipped) in this earlier report (a path or URI).",
+    )
+    resume_if_exists: bool = Field(
+        json_schema_extra=_cli("resume-if-exists"),
+        default=False,
+        description="With --resume: a report not there yet is no error, the run starts from the first task "
+        "(a job that is retried with --report and --resume on the same report).",
     )
     ray_address: str | None = Field(
         json_schema_extra=_cli("address"),
@@ -163,6 +185,18 @@ class RunOptions(BaseModel):
 
         return node_types_from_cluster_yaml(self.cluster_yaml)
 
+    @field_validator("report", "resume", mode="before")
+    @classmethod
+    def _location(cls, value: object) -> object:
+        # a path as a `Path` or a string; a URI stays a string (a `Path` would fold its `//`)
+        return os.fspath(value) if isinstance(value, os.PathLike) else value
+
+    @model_validator(mode="after")
+    def _resume_if_exists_needs_resume(self) -> RunOptions:
+        if self.resume_if_exists and self.resume is None:
+            raise ValueError("resume_if_exists needs resume: the report to resume from when it exists")
+        return self
+
     @field_validator("allowed_hosts", mode="before")
     @classmethod
     def _none_is_empty(cls, value: object) -> object:
@@ -183,6 +217,7 @@ class RunSpec:
     options: RunOptions
     platform: PlatformConfig
     action_cls: type[ToTask] = ToTask
+    ledger: LedgerSpec | None = None  # the run's ledger, once the annotate step created it
 
     @property
     def url_policy(self) -> UrlPolicy:

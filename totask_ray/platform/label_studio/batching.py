@@ -22,6 +22,7 @@ from totask_ray.platform.errors import (
 )
 from totask_ray.platform.http import Call, as_dict
 from totask_ray.platform.label_studio.config import LabelStudioConfig
+from totask_ray.platform.label_studio.created import prediction_of
 from totask_ray.platform.label_studio.mapping import holds_prediction
 
 TASK_FIELDS = "id,data,predictions,annotations,project"  # what a run reads of a task (`include`)
@@ -180,7 +181,19 @@ class BulkWriter(_Gather):
             )
             await self._reconcile(project_id, batch, dropped, retried=True)
             return
-        _settle(batch, None)
+        await self._settle_created(project_id, batch)
+
+    async def _settle_created(self, project_id: int, batch: Pending) -> None:
+        """Each task's answer: the prediction the import created (its id and result digest, for the
+        run's ledger), read back in one listing per chunk: the import answers a count, not ids."""
+        reads = await asyncio.gather(
+            *(self.client._read_task(project_id, item["task"]) for item, _ in batch), return_exceptions=True
+        )
+        for (_, fut), raw in zip(batch, reads, strict=True):
+            if fut.done():
+                continue
+            created = prediction_of(raw, self.client.config.model_version) if isinstance(raw, dict) else None
+            fut.set_result(created)  # written either way; a failed read-back only loses the id
 
     async def _reconcile(self, project_id: int, batch: Pending, exc: Exception, retried: bool) -> None:
         """Settle what was written; send what was not once more (unless this was the second time)."""
@@ -192,7 +205,8 @@ class BulkWriter(_Gather):
                 _settle([(item, fut)], read_error)
                 continue
             if holds_prediction(raw, self.client.config.model_version):
-                _settle([(item, fut)], None)
+                if not fut.done():
+                    fut.set_result(prediction_of(raw, self.client.config.model_version))
             else:
                 missing.append((item, fut))
         if not missing:

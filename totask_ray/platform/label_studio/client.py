@@ -28,6 +28,7 @@ from totask_ray.platform.label_studio import mapping
 from totask_ray.platform.label_studio.auth import Refresh, TokenAuth, adrive, drive
 from totask_ray.platform.label_studio.batching import BulkWriter, TaskReader
 from totask_ray.platform.label_studio.config import LabelStudioConfig, WriteAs
+from totask_ray.platform.label_studio.created import annotation_created
 from totask_ray.platform.label_studio.filters import TaskQuery, to_query
 from totask_ray.platform.label_studio.mapping import ProjectInfo
 from totask_ray.platform.models import DataCollection, DataUnit, PluginRelease, Project, Task
@@ -183,6 +184,17 @@ class LabelStudioClient(_Endpoints, BlockingHttp):
         pid = raw.get("project")
         return mapping.to_task(raw, self.project_info(pid) if isinstance(pid, int) else None, self.config)
 
+    def task_raw(self, task_id: int) -> dict[str, Any]:
+        """A task as Label Studio holds it: its predictions and annotations (what an undo checks)."""
+        return self._execute(self._task_call(task_id))
+
+    def delete_prediction(self, prediction_id: int) -> None:
+        """Delete one prediction (an undo's write; a replay finds it gone: 404, which the undo reads)."""
+        self._execute(Call("DELETE", f"api/predictions/{int(prediction_id)}/", lambda b: b))
+
+    def delete_annotation(self, annotation_id: int) -> None:
+        self._execute(Call("DELETE", f"api/annotations/{int(annotation_id)}/", lambda b: b))
+
     def annotate_task(
         self,
         task: Task,
@@ -288,10 +300,12 @@ class AsyncLabelStudioClient(_Endpoints, AsyncHttp):
             pid = (await self._execute(self._task_call(task.id))).get("project")
         info = await self.project_info(int(pid))  # type: ignore[arg-type]
         result, score = mapping.convert(task.id, data, info, image_size)
+        # `created`: what the write made (id, result digest), for the run's ledger (`totask-ray undo`)
         if self.config.write is WriteAs.ANNOTATIONS:
-            return await self._execute(self._annotation_call(task.id, result))
-        await self._writer.put(int(pid), mapping.prediction(task.id, result, score, self.config))  # type: ignore[arg-type]
-        return {"task": task.id}
+            answer = await self._execute(self._annotation_call(task.id, result))
+            return {**answer, "created": annotation_created(answer)}
+        created = await self._writer.put(int(pid), mapping.prediction(task.id, result, score, self.config))  # type: ignore[arg-type]
+        return {"task": task.id, "created": created}
 
     async def iter_task_ids(
         self, project_id: int, filters: Mapping[str, Any], page_size: int | None = None

@@ -1,0 +1,122 @@
+"""`preview`: the job's method on a sample of its tasks, as a page, writing nothing.
+
+The sample goes through `run_to_task` itself with `dry_run=True` and the sample's ids added to the
+job's filters (`id__in`, which both platforms take): prepare, the hooks, the label mapping, the
+thresholds, the validation and the outcome records are the run's own code, not a copy of it, and
+the dry run is what already guarantees that nothing is written (tests/test_dry_run.py). What the
+page adds is read afterwards: the tasks' images and current data, and the drop counts.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from totask_ray.action import ToTask
+from totask_ray.params import ToTaskParams
+from totask_ray.pipeline.outcomes import read_report
+from totask_ray.pipeline.spec import RunOptions, RunSpec
+from totask_ray.platform.connect import PlatformConfig, config_from_env, connect
+from totask_ray.platform.errors import PlatformFilterError
+from totask_ray.preview.collect import fill_views, views_from_report
+from totask_ray.preview.drops import Drops, count_drops
+from totask_ray.preview.page import MAX_PAGE_BYTES, PreviewPage, render
+from totask_ray.preview.sample import SampleError, draw_sample
+from totask_ray.run.driver import run_to_task
+
+log = logging.getLogger("totask_ray")
+
+# Options a preview sets itself: it is a dry run with a report of its own, and no job record.
+_OWN = {"dry_run", "report", "resume", "job_id", "create_job"}
+
+
+def preview(
+    params: ToTaskParams | dict[str, Any],
+    platform: PlatformConfig | None = None,
+    action_cls: type[ToTask] = ToTask,
+    *,
+    sample: int = 20,
+    seed: int | None = 0,
+    first: bool = False,
+    out: str | Path | None = None,
+    max_bytes: int = MAX_PAGE_BYTES,
+    options: RunOptions | None = None,
+    **overrides: Any,
+) -> PreviewPage:
+    """Run the job on `sample` of the tasks its filters select (`first`: the first ones, else drawn
+    with `seed`) as a dry run, and return the page (`.save(path)`; Jupyter shows it inline).
+
+    `params`, `platform`, `action_cls`, `options` and the option keywords are `run_to_task`'s;
+    the dry run, its report and the job record are the preview's own. Writes `out` when given.
+    Raises `ToTaskError` when the run itself fails (a pre-processor that cannot start, say), and
+    `SampleError` when no sample can be drawn."""
+    params = ToTaskParams.parse(params)
+    given = set(overrides) & _OWN
+    if given:
+        raise SampleError(f"preview sets {', '.join(sorted(given))} itself: leave them out")
+    base = {} if options is None else options.model_dump(exclude_unset=True)
+    opts = RunOptions.model_validate({**{k: v for k, v in base.items() if k not in _OWN}, **overrides})
+    config = (platform or config_from_env()).for_job(params.name, params.project)
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    client = connect(config)
+    try:
+        try:
+            ids, total = draw_sample(
+                client, params.project, params.task_filters, sample, seed=seed, first=first,
+                page_size=opts.page_size,
+            )  # fmt: skip
+        except PlatformFilterError as exc:
+            raise SampleError(f"The task filters cannot be used: {exc}") from exc
+        timings["sample_s"] = time.perf_counter() - t0
+        t_list = time.perf_counter()
+        client.task_id_page(params.project, params.task_filters, page=1, page_size=opts.page_size)
+        timings["listing_page_s"] = time.perf_counter() - t_list
+        # The project's classes: Synapse's, or the labels of Label Studio's labeling config.
+        classes = [c.name for c in client.get_project(params.project).classes]
+        platform_name = client.name
+        sampled = params.model_copy(update={"task_filters": {**params.task_filters, "id__in": ids}})
+        with tempfile.TemporaryDirectory(prefix="totask-preview-") as tmp:
+            report = Path(tmp) / "preview.jsonl"
+            t1 = time.perf_counter()
+            result = run_to_task(
+                sampled, platform=config, action_cls=action_cls, options=opts,
+                dry_run=True, report=report,
+            )  # fmt: skip
+            timings["dry_run_s"] = time.perf_counter() - t1
+            views = views_from_report(read_report(str(report)))
+        spec = RunSpec(params=params, options=opts, platform=config, action_cls=action_cls)
+        t2 = time.perf_counter()
+        fill_views(spec, views)
+        timings["read_sample_s"] = time.perf_counter() - t2
+        t3 = time.perf_counter()
+        drops = _drops(params, client, [v.image for v in views if v.image is not None], opts)
+        timings["drops_s"] = time.perf_counter() - t3
+    finally:
+        client.close()
+    how = "the first ones" if first else f"drawn at random, seed {seed}"
+    page = render(
+        views, job=params.name, total=total, how=how, message=result.message, classes=classes,
+        drops=drops, timings=timings, platform_name=platform_name, max_bytes=max_bytes,
+    )  # fmt: skip
+    if out is not None:
+        page.save(out)
+    return page
+
+
+def _drops(params: ToTaskParams, client: Any, images: list[bytes], opts: RunOptions) -> Drops:
+    """The drop counts, or a note saying why there are none: a preview never fails on them."""
+    try:
+        return count_drops(
+            params, client, images, convention=opts.inference_convention,
+            timeout_s=opts.inference_call_timeout_s,
+        )  # fmt: skip
+    except Exception as exc:  # a model that will not answer the probe: the page says so
+        from totask_ray.net.redact import safe_error
+
+        reason = safe_error(exc).splitlines()[0][:300]
+        log.warning("preview: the drops could not be counted: %s", reason)
+        return Drops(note=f"not counted: {reason}")
