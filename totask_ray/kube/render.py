@@ -63,10 +63,25 @@ class Tree:
         for rel, content in sorted(self.files.items()):
             path = out / rel
             path.parent.mkdir(parents=True, exist_ok=True)
-            text = content if isinstance(content, str) else yaml.safe_dump(content, sort_keys=False)
+            text = (
+                content if isinstance(content, str) else yaml.dump(content, Dumper=_Dumper, sort_keys=False)
+            )
             path.write_text(text, encoding="utf-8")
             written.append(path)
         return written
+
+
+class _Dumper(yaml.SafeDumper):
+    """Multi-line strings (a RayService's serveConfigV2, a RayJob's runtimeEnvYAML, a patch) as
+    literal blocks, which a person reads as the YAML they hold; the values are the same strings."""
+
+
+def _block_strings(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
+    style = "|" if "\n" in value else None
+    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
+
+
+_Dumper.add_representer(str, _block_strings)
 
 
 def _patch(kind: str, name: str, ops: list[dict[str, Any]]) -> dict[str, Any]:
