@@ -12,7 +12,6 @@ Where the root is: `--ledger PATH`; else `<report>.ledger/` beside `--report`; e
 from __future__ import annotations
 
 import json
-import logging
 import os
 import secrets
 import time
@@ -23,9 +22,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from totask_ray.ledger.record import ENTRIES_GLOB, LEDGER_VERSION, LedgerSpec
-
-log = logging.getLogger("totask_ray")
+from totask_ray.ledger.record import ENTRIES_GLOB, LEDGER_VERSION, LedgerSpec, open_sink
 
 DEFAULT_ROOT = Path("totask-ledgers")
 # Where runs with neither `--ledger` nor `--report` keep theirs, when set (else DEFAULT_ROOT, in the
@@ -193,25 +190,7 @@ def start_run(root: Path, params: Any, platform: Any, release: str | None = None
         "write": str(write.value) if write is not None else None,
     }
     spec = create_run(root, header)
-    _warn_if_nodes_do_not_share(spec)
-    return spec
+    import ray
 
-
-def _warn_if_nodes_do_not_share(spec: LedgerSpec) -> None:
-    """Each annotator appends to the ledger on its own node: on a cluster of several nodes the path
-    must be one they all share, or undo sees only the writes made on the driver's node. Whether it
-    is shared cannot be told from here, so the run says so whenever the cluster has several."""
-    try:
-        import ray
-
-        nodes = sum(1 for n in ray.nodes() if n.get("Alive")) if ray.is_initialized() else 1
-    except Exception:
-        return
-    if nodes > 1:
-        log.warning(
-            "the run's ledger is written on each annotator's node at %s: on this cluster of %d nodes "
-            "that path must be shared by all of them (a mounted volume), or `totask-ray undo` sees only "
-            "the writes made on this node; --ledger PATH sets it",
-            spec.path,
-            nodes,
-        )
+    # The annotators may run on any node: their lines go to one writer on this one (`LedgerSink`).
+    return open_sink(spec) if ray.is_initialized() else spec

@@ -48,6 +48,9 @@ class TaskFailed(Exception):
         self.critical = critical
 
 
+log = logging.getLogger("totask_ray")
+
+
 def safe_error(exc: BaseException) -> str:
     """`net.redact.safe_error` for a task's outcome: errors worded for users are shown bare."""
     return redact.safe_error(exc, bare=(PlatformError, DownloadError, AnnotationError, TaskFailed))
@@ -216,9 +219,11 @@ class Annotator:
                     self._ledger.before(
                         task.id, None, None, writes_data=False, workflow=_workflow_fields(task)
                     )
+                    await self._recorded(task.id)
                 wf = await self.apply_workflow(outcome, task)
                 if self._ledger is not None and wf is not None:
                     self._ledger.written(task.id, workflow=wf)
+                    await self._confirmed(task.id)
             return outcome
         if self.options.dry_run:
             return Outcome(task.id, done, Stage.DONE, objects=n_objects, would_write=json.dumps(data))
@@ -226,6 +231,7 @@ class Annotator:
         if self._ledger is not None:  # before the write is sent: a kill after it still leaves this
             wf0 = _workflow_fields(task) if self.params.on_success is not None else None
             self._ledger.before(task.id, task.data, data, workflow=wf0)
+            await self._recorded(task.id)
         try:
             answer = await self._client.annotate_task(task, data, schema, image_size=size)
         except AuthenticationError as exc:
@@ -237,7 +243,27 @@ class Annotator:
         if self._ledger is not None:
             created = answer.get("created") if isinstance(answer, dict) else None
             self._ledger.written(task.id, created=created, workflow=wf)
+            await self._confirmed(task.id)
         return outcome
+
+    async def _recorded(self, task_id: int) -> None:
+        """The `b` line is in the run's ledger, or the write is not sent (undo could not take back
+        a write the ledger does not list)."""
+        assert self._ledger is not None
+        try:
+            await self._ledger.flush()
+        except Exception as exc:
+            raise TaskFailed(
+                Stage.WRITE, f"not written: the run's ledger could not record the task ({safe_error(exc)})"
+            ) from exc
+
+    async def _confirmed(self, task_id: int) -> None:
+        """The `w` line: the write happened either way; without it undo checks the task's digest."""
+        assert self._ledger is not None
+        try:
+            await self._ledger.flush()
+        except Exception as exc:
+            log.warning("[Task %d] written; the ledger could not confirm it: %s", task_id, safe_error(exc))
 
     empty_message = "the hook returned no data"
     # What an object list with nothing in it does (`empty_result`); only a model's result is judged.

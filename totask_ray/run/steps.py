@@ -18,6 +18,7 @@ import numpy as np
 
 from totask_ray.cluster import ensure_ray
 from totask_ray.errors import CriticalError, RunStopped
+from totask_ray.ledger.record import close_sink
 from totask_ray.ledger.store import ledger_root, start_run
 from totask_ray.methods.base import PrepareInput
 from totask_ray.pipeline.outcomes import COUNTS, DONE_STATUSES, from_columns, totals
@@ -160,6 +161,7 @@ class Annotate(Step):
                 ledger_root(o.ledger, local_report(o.report)), ctx.spec.params, ctx.spec.platform, release
             )
             ctx.spec = replace(ctx.spec, ledger=ledger)
+            ctx.cleanups.append(lambda: close_sink(ledger))
             log.info("run %s: ledger %s (undo: totask-ray undo %s)", ledger.run_id, ledger.path, ledger.path)
         ctx.tracker = RunTracker(
             max(total, 0),
