@@ -215,7 +215,7 @@ def preview(
         config = config_from_cli(platform, given)
         page = make_preview(
             params, platform=config, action_cls=load_action_class(plugin), sample=sample, seed=seed,
-            first=first, out=out, progress_bar=False, **run_options,
+            first=first, out=out, progress_bar=False, fresh_process=True, **run_options,
         )  # fmt: skip
     except (ParamsError, PlatformError, SampleError) as exc:
         typer.echo(str(exc), err=True)
@@ -227,12 +227,15 @@ def preview(
         shutdown_if_started()
     failed = sum(1 for o in page.outcomes.values() if o["status"] == "failed")
     counts = ", ".join(f"{n} {c}" for c, n in page.counts.items()) or "nothing"
-    typer.echo(
-        f"{out}: {len(page.outcomes)} of {page.total} tasks, {failed} would fail; would write {counts}"
-    )
+    line = f"{out}: {len(page.outcomes)} of {page.total} tasks, {failed} would fail; would write {counts}"
+    if page.estimate is not None and page.estimate.stages:
+        e = page.estimate
+        line += f". {e.summary()} (then: run it with --projected-s {e.projected_s:.0f})"
+    typer.echo(line)
 
 
-_PREVIEW_SETS = {"report", "dry_run", "resume", "job_id"}  # a preview is a dry run with its own report
+# a preview is a dry run with its own report, and makes the projection itself
+_PREVIEW_SETS = {"report", "dry_run", "resume", "job_id", "projected_s"}
 preview.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
     [
         *list(run.__signature__.parameters.values())[:3],  # type: ignore[attr-defined]

@@ -171,6 +171,13 @@ class RunOptions(BaseModel):
     inference_call_timeout_s: float = Field(
         default=120.0, gt=0, description="inference: how long one batch call to the pre-processor may take."
     )
+    projected_s: float | None = Field(
+        json_schema_extra=_cli("projected-s"),
+        default=None,
+        gt=0,
+        description="The wall time `totask-ray preview` projected for this job: the run ends by printing "
+        "what it achieved against it.",
+    )
     inference_convention: Literal["batched", "synapse"] | None = Field(
         default=None,
         description="inference: how to call the pre-processor (batched predict, or one Synapse request per "

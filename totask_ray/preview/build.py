@@ -23,6 +23,14 @@ from totask_ray.platform.connect import PlatformConfig, config_from_env, connect
 from totask_ray.platform.errors import PlatformFilterError
 from totask_ray.preview.collect import fill_views, views_from_report
 from totask_ray.preview.drops import Drops, count_drops
+from totask_ray.preview.estimate import (
+    Estimate,
+    dry_run_startup,
+    pool_most,
+    probe_platform,
+    running_replicas,
+    stage_rates,
+)
 from totask_ray.preview.page import MAX_PAGE_BYTES, PreviewPage, render
 from totask_ray.preview.sample import SampleError, draw_sample
 from totask_ray.run.driver import run_to_task
@@ -30,7 +38,7 @@ from totask_ray.run.driver import run_to_task
 log = logging.getLogger("totask_ray")
 
 # Options a preview sets itself: it is a dry run with a report of its own, and no job record.
-_OWN = {"dry_run", "report", "resume", "job_id", "create_job"}
+_OWN = {"dry_run", "report", "resume", "job_id", "create_job", "projected_s"}
 
 
 def preview(
@@ -44,6 +52,7 @@ def preview(
     out: str | Path | None = None,
     max_bytes: int = MAX_PAGE_BYTES,
     options: RunOptions | None = None,
+    fresh_process: bool = False,
     **overrides: Any,
 ) -> PreviewPage:
     """Run the job on `sample` of the tasks its filters select (`first`: the first ones, else drawn
@@ -51,6 +60,8 @@ def preview(
 
     `params`, `platform`, `action_cls`, `options` and the option keywords are `run_to_task`'s;
     the dry run, its report and the job record are the preview's own. Writes `out` when given.
+    `fresh_process`: the run will be a process of its own (the CLI's), so a Ray this preview started
+    and what its prepare deployed there are started again: the estimate counts them (`estimate`).
     Raises `ToTaskError` when the run itself fails (a pre-processor that cannot start, say), and
     `SampleError` when no sample can be drawn."""
     params = ToTaskParams.parse(params)
@@ -79,32 +90,80 @@ def preview(
         classes = [c.name for c in client.get_project(params.project).classes]
         platform_name = client.name
         sampled = params.model_copy(update={"task_filters": {**params.task_filters, "id__in": ids}})
+        spec = RunSpec(params=params, options=opts, platform=config, action_cls=action_cls)
+        ray_start_s, prepare_s, reserved, app = _start(spec, client)
         with tempfile.TemporaryDirectory(prefix="totask-preview-") as tmp:
             report = Path(tmp) / "preview.jsonl"
-            t1 = time.perf_counter()
+            t1, wall1 = time.perf_counter(), time.time()
             result = run_to_task(
                 sampled, platform=config, action_cls=action_cls, options=opts,
                 dry_run=True, report=report,
             )  # fmt: skip
             timings["dry_run_s"] = time.perf_counter() - t1
-            views = views_from_report(read_report(str(report)))
-        spec = RunSpec(params=params, options=opts, platform=config, action_cls=action_cls)
+            records = list(read_report(str(report)))
+            startup_s = dry_run_startup(records, wall1, time.time())
+            views = views_from_report(records)
         t2 = time.perf_counter()
         fill_views(spec, views)
         timings["read_sample_s"] = time.perf_counter() - t2
         t3 = time.perf_counter()
         drops = _drops(params, client, [v.image for v in views if v.image is not None], opts)
         timings["drops_s"] = time.perf_counter() - t3
+        most = pool_most(spec, total, reserved)
+        probe = probe_platform(spec, ids, most * opts.concurrency)
+        timings["write_probe_s"] = probe.wall_s / probe.chains
     finally:
         client.close()
+    per_image = drops.call_s / drops.call_images if drops.call_s is not None and drops.call_images else None
+    estimate = Estimate(
+        tasks=total, startup_s=startup_s, ray_start_s=ray_start_s, prepare_s=prepare_s,
+        fresh_process=fresh_process,
+        stages=stage_rates(
+            spec, total=total, probe=probe, pool_most=most, listing_page_s=timings.get("listing_page_s"),
+            model_per_image_s=per_image, replicas=running_replicas(app),
+        ),
+    )  # fmt: skip
+    log.info("preview: %s", estimate.summary())
     how = "the first ones" if first else f"drawn at random, seed {seed}"
     page = render(
         views, job=params.name, total=total, how=how, message=result.message, classes=classes,
-        drops=drops, timings=timings, platform_name=platform_name, max_bytes=max_bytes,
+        drops=drops, timings=timings, platform_name=platform_name, max_bytes=max_bytes, estimate=estimate,
     )  # fmt: skip
     if out is not None:
         page.save(out)
     return page
+
+
+def _start(spec: RunSpec, client: Any) -> tuple[float, float, float, str | None]:
+    """Ray and the method's prepare, each timed before the dry run (see `preview.estimate`): the
+    seconds Ray and Ray Data took to start in this process (about 0: both were up), the prepare's (the inference method: deploying its
+    pre-processor; 0 when it was up), the CPUs the method's services hold, and the app's name.
+
+    A prepare that fails is left for the dry run to report, with the run's own message."""
+    from totask_ray.cluster import ensure_ray
+    from totask_ray.methods.base import PrepareInput
+    from totask_ray.run.driver import method_for
+
+    o = spec.options
+    t0 = time.perf_counter()
+    ensure_ray(o.ray_address, verbose=o.verbose_ray)
+    # Ray Data's import (seconds on a small node): a process pays it once, before its first dataset
+    import ray.data  # noqa: F401
+
+    ray_start_s = time.perf_counter() - t0
+    method = method_for(spec)
+    try:
+        project = client.get_project(spec.params.project)
+        collection = client.get_data_collection(project.data_collection)
+        t1 = time.perf_counter()
+        method.prepare(PrepareInput(spec.params, client, project, collection))
+        prepare_s = time.perf_counter() - t1
+        reserved = method.annotator(spec).reserved_cpus
+    except Exception as exc:  # the dry run meets it again and fails with the run's own message
+        log.debug("preview: the prepare before the dry run failed: %s", type(exc).__name__)
+        return ray_start_s, 0.0, 0.0, None
+    plan = getattr(method, "plan", None)
+    return ray_start_s, prepare_s, reserved, getattr(plan, "app_name", None)
 
 
 def _drops(params: ToTaskParams, client: Any, images: list[bytes], opts: RunOptions) -> Drops:

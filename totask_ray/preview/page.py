@@ -21,6 +21,7 @@ from totask_ray.preview.charts import histograms
 from totask_ray.preview.collect import TaskView
 from totask_ray.preview.draw import THUMB_SIDE, colour_of, object_label, object_score, objects_of, thumbnail
 from totask_ray.preview.drops import Drops
+from totask_ray.preview.estimate import Estimate, duration
 from totask_ray.preview.template import PAGE
 
 MAX_PAGE_BYTES = 8 * 1024 * 1024
@@ -37,6 +38,7 @@ class PreviewPage:
     drops: list[tuple[str, str, int]] = field(default_factory=list)
     total: int = 0  # tasks the job's filters select
     timings: dict[str, float] = field(default_factory=dict)
+    estimate: Estimate | None = None  # the whole job's projected wall time (`preview.estimate`)
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
@@ -68,6 +70,7 @@ def render(
     timings: dict[str, float] | None = None,
     platform_name: str = "",
     max_bytes: int = MAX_PAGE_BYTES,
+    estimate: Estimate | None = None,
 ) -> PreviewPage:
     from jinja2 import Environment
 
@@ -123,7 +126,7 @@ def render(
         drops=drops.rows(), drops_note=drops.note or _drops_note(drops), charts=charts, footer=footer,
         stages=[(name, measured[k]) for k, name in STAGE_NAMES.items() if k in measured],
         classes=project_classes, colours=[colour_of(c, classes) for c in project_classes],
-        platform_name=platform_name,
+        platform_name=platform_name, estimate=_estimate_view(estimate),
     )  # fmt: skip
     if len(page.encode("utf-8")) > max_bytes:  # the reserve was not enough: never hand out more
         raise ValueError(f"the preview page came to {len(page):,} bytes, over its {max_bytes:,}-byte cap")
@@ -134,6 +137,7 @@ def render(
         drops=drops.rows(),
         total=total,
         timings={k: round(v, 4) for k, v in measured.items()},
+        estimate=estimate,
     )
 
 
@@ -175,7 +179,24 @@ STAGE_NAMES = {
     "model_call_s": "pre-processor: one call with every sampled image",
     "model_per_image_s": "pre-processor: per image in that call",
     "dry_run_s": "the sample's dry run, start-up included",
+    "write_probe_s": "platform round-trips of one task (read, download, write stand-in), under a burst",
 }
+
+
+def _estimate_view(e: Estimate | None) -> dict[str, Any] | None:
+    """What the page's "Whole job" section shows of the estimate."""
+    if e is None or not e.stages:
+        return None
+    start = f"{e.startup_s:.1f} s start-up (the sample's dry run)"
+    if e.fresh_process:
+        start += f" + {e.ray_start_s:.1f} s starting Ray + {e.prepare_s:.1f} s prepare"
+    return {
+        "summary": e.summary(),
+        "start": start,
+        "work": f"{e.tasks:,} tasks / {e.bound.per_s:,.1f} a second = {duration(e.work_s)}",
+        "projected_s": round(e.projected_s),
+        "stages": [(s.name, f"{s.per_s:,.1f}", s.how, s is e.bound) for s in e.stages],
+    }
 
 
 def _measured(views: list[TaskView], decodes: list[float], drops: Drops) -> dict[str, float]:

@@ -29,6 +29,7 @@ td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}
 .swatch{display:inline-block;width:10px;height:10px;margin-right:4px;vertical-align:middle}
 .charts{display:flex;flex-wrap:wrap;gap:8px}
 .note{color:#555}
+tr.bound td{font-weight:600}
 </style></head>
 <body data-tasks="{{ views|length }}">
 <header><h1>Preview of {{ job }}: {{ views|length }} of {{ total }} tasks ({{ how }})</h1>
@@ -69,7 +70,15 @@ td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}
 <table id="stages"><tr><th>stage</th><th>time</th></tr>
 {% for name, seconds in stages %}<tr><td>{{ name }}</td><td>{{ '%.1f'|format(seconds * 1000) }} ms</td></tr>{% endfor %}
 </table>
-<p class="note">What each stage took on this sample, on this cluster; not yet projected to the whole job.</p></section>
+<p class="note">What each stage took on this sample, on this cluster.</p></section>
+{% if estimate %}<section id="estimate"><h2>{{ estimate.summary }}</h2>
+<p>{{ estimate.start }} + {{ estimate.work }}.</p>
+<table id="capacities"><tr><th>stage</th><th>tasks a second</th><th>from</th></tr>
+{% for name, rate, how, bound in estimate.stages %}<tr{% if bound %} class="bound"{% endif %}><td>{{ name }}{% if bound %} (bounds the job){% endif %}</td><td>{{ rate }}</td><td>{{ how }}</td></tr>{% endfor %}
+</table>
+<p class="note">Projected with the cluster as it is now and the run's own pool plan; other work on a shared
+cluster and nodes still to come are not in it. After the run, compare: <code>totask-ray run JOB --projected-s {{ estimate.projected_s }}</code>
+(<code>projected_s={{ estimate.projected_s }}</code> in Python) prints what it achieved against this.</p></section>{% endif %}
 <section class="note">{{ footer }}</section>
 <script>
 for (const el of document.querySelectorAll('img.thumb, .card .reason')) {

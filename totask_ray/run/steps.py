@@ -221,6 +221,18 @@ def done_in_report(path: Location) -> np.ndarray:
     return np.unique(np.frombuffer(done, dtype=np.int64))
 
 
+def against_projected(elapsed_s: float, projected_s: float, done: int) -> str:
+    """What the run achieved against what `preview` projected (`--projected-s`). The run measures no
+    stage's rate, so it gives its own task rate; the preview's page names the stage it projected
+    would bound the job, and shows that stage's rate to compare with."""
+    off = (elapsed_s - projected_s) / projected_s * 100
+    rate = done / elapsed_s if elapsed_s > 0 else 0.0
+    return (
+        f"achieved {elapsed_s:.1f} s ({rate:.1f} tasks/s overall) against {projected_s:.1f} s projected "
+        f"by preview ({off:+.0f} %; the preview's page names the stage it expected to bound the run)"
+    )
+
+
 def result(ctx: RunContext, status: RunStatus | None = None, message: str | None = None) -> ToTaskResult:
     """The run's result from what the tracker counted (finalize)."""
     t = ctx.tracker
@@ -245,6 +257,9 @@ def result(ctx: RunContext, status: RunStatus | None = None, message: str | None
         message = f"Annotated {n['success_count']} of {metrics.total} tasks: {counts}"
     else:
         message = f"{message} ({counts})"
+    elapsed = time.monotonic() - ctx.started
+    if ctx.spec.options.projected_s is not None:
+        message += "; " + against_projected(elapsed, ctx.spec.options.projected_s, t.done)
     return ToTaskResult(
         status=status,
         message=message,
@@ -256,7 +271,7 @@ def result(ctx: RunContext, status: RunStatus | None = None, message: str | None
         call_backoffs=t.call_backoffs,
         failures=list(t.failures),
         metrics=metrics,
-        elapsed_s=round(time.monotonic() - ctx.started, 3),
+        elapsed_s=round(elapsed, 3),
         run_id=ctx.spec.ledger.run_id if ctx.spec.ledger is not None else None,
         ledger=ctx.spec.ledger.path if ctx.spec.ledger is not None else None,
     )
