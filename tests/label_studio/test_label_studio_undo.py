@@ -5,21 +5,33 @@ box, a deleted region, a changed label: each a human edit); undo. Every untouche
 it held before the run (no prediction, no annotation), every edited task keeps its prediction and
 the person's annotation and is listed, and a second undo deletes nothing. Annotations
 (`write: annotations`): a person updates 20 % of the run's annotations; undo deletes exactly the
-others.
+others. And with the first run, made by the CLI, stopped by SIGTERM at about 30 %: the ledger it
+leaves undoes every prediction Label Studio holds, the unconfirmed ones included.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import os
 import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+import yaml
 from helpers import png
 
 from totask_ray import run_to_task
+from totask_ray.ledger.store import one_run, read_entries
 from totask_ray.ledger.undo import undo_run
 from totask_ray.platform.label_studio.config import LabelStudioConfig
 
@@ -143,3 +155,116 @@ def test_undo_deletes_the_runs_annotations_but_not_those_a_person_updated(label_
     assert {k.task_id for k in first.kept_tasks} == set(updated)
     second = undo_run(result.ledger, config.for_job("ls_undo_job", pid))
     assert second.restored == 0 and _held(ls, pid) == held
+
+
+class _SlowMedia(BaseHTTPRequestHandler):
+    """The media host (as conftest's), each answer held `delay_s` (set by the test): the run's
+    pace, so that a SIGTERM lands mid-run (Label Studio has no fault injection to slow its writes)."""
+
+    files: dict[str, tuple[str, bytes]] = {}
+    delay_s = 0.0
+
+    def do_GET(self) -> None:
+        time.sleep(type(self).delay_s)  # the slow network being simulated, not a wait in the test
+        ctype, body = self.files.get(self.path.split("?")[0], ("text/plain", b""))
+        self.send_response(200 if body else 404)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def slow_media() -> Iterator[tuple[str, type[_SlowMedia]]]:
+    handler = type("Slow", (_SlowMedia,), {"files": {}, "delay_s": 0.05})
+    server = type("S", (ThreadingHTTPServer,), {"request_queue_size": 256})(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", handler
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def _with_prediction(ls: Any, pid: int, model_version: str) -> set[int]:
+    return {p["task"] for p in ls.admin.predictions(pid) if p["model_version"] == model_version}
+
+
+def test_undo_after_sigterm_at_30_percent(label_studio, slow_media, ray_cluster, tmp_path):
+    """The CLI's run (LABEL_STUDIO_URL / LABEL_STUDIO_API_KEY) stopped by SIGTERM once about 30 % of
+    the tasks hold its prediction; a person makes annotations from the predictions of 20 % of the
+    tasks it wrote; undo. Every untouched task is as in the snapshot, every edited one keeps the
+    prediction and the person's annotation and is listed, and a second undo deletes nothing."""
+    ls = label_studio
+    n = 60
+    pid, ids = _project(ls, slow_media, n)
+    snap = _held(ls, pid)
+    job = tmp_path / "job.yaml"
+    name = "ls_undo_stop"
+    job.write_text(yaml.safe_dump({"name": name, "project": pid, "method": "file",
+                                   "target_specification_name": "annotation"}))  # fmt: skip
+    report = tmp_path / "first.jsonl"
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "SYNAPSE_", "LABEL_STUDIO_"))
+    }
+    env.update(LABEL_STUDIO_URL=ls.url, LABEL_STUDIO_API_KEY=ls.personal_token, RAY_USAGE_STATS_ENABLED="0")
+    exe = Path(sys.executable).with_name("totask-ray")
+    address = ray_cluster.get_runtime_context().gcs_address
+    proc = subprocess.Popen(
+        [str(exe), "run", str(job), "--allow-host", "127.0.0.1", "--address", address, "--report", str(report),
+         "--num-actors", "1", "--concurrency", "2"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 240
+        while len(_with_prediction(ls, pid, name)) < int(n * 0.3):
+            assert proc.poll() is None, (
+                f"the run ended before it could be stopped: {proc.stdout.read()[-2000:]}"
+            )
+            assert time.monotonic() < deadline, "the run wrote too little to be stopped at 30 %"
+            time.sleep(0.2)
+        slow_media[1].delay_s = 2.0  # the tasks in flight finish slowly: the stop lands mid-run
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=180)
+    finally:
+        slow_media[1].delay_s = 0.0
+        if proc.poll() is None:
+            proc.kill()
+    assert ls.personal_token not in out
+    written = _with_prediction(ls, pid, name)
+    assert 0 < len(written) < n, (
+        f"the stop did not land mid-run ({len(written)} of {n} written): {out[-2000:]}"
+    )
+    ledger = one_run(Path(str(report) + ".ledger"))
+    listed = set(read_entries(ledger))
+    assert written <= listed, f"predictions the ledger does not list: {sorted(written - listed)[:10]}"
+
+    tasks = {t["id"]: t for t in ls.admin.list_tasks(pid)}
+    edited = {}
+    for k, tid in enumerate(random.Random(30).sample(sorted(written), max(1, round(len(written) * 0.2)))):
+        pred = tasks[tid]["predictions"][0]
+        body = {"result": _edit(pred["result"], k), "parent_prediction": pred["id"], "was_cancelled": False}
+        r = ls.admin.http.post(f"/api/tasks/{tid}/annotations/", json=body)
+        assert r.status_code == 201, r.text
+        edited[tid] = r.json()["id"]
+
+    config = LabelStudioConfig(host=ls.url, api_key=ls.personal_token).for_job(name, pid)
+    first = undo_run(ledger, config)
+    assert first.failed == 0, first.failures
+    assert first.restored == len(written) - len(edited), (first.restored, len(written), len(edited))
+    held = _held(ls, pid)
+    for tid in ids:
+        if tid in edited:
+            assert held[tid][1] == [edited[tid]] and len(held[tid][0]) == 1, (
+                f"task {tid} lost the person's work"
+            )
+        else:
+            assert held[tid] == snap[tid], f"task {tid} differs from before the run"
+    kept = {k.task_id: k.detail for k in first.kept_tasks}
+    assert set(kept) == set(edited) and all("was made from prediction" in d for d in kept.values())
+    second = undo_run(ledger, config)
+    assert second.restored == 0 and second.failed == 0 and _held(ls, pid) == held
+    assert {k.task_id for k in second.kept_tasks} == set(edited)

@@ -108,10 +108,6 @@ def load_side(
         raise LedgerError("`current` needs a ledger on the other side: it says which tasks and where")
     run = one_run(other)
     header = read_header(run)
-    if header.platform == "label-studio":
-        raise LedgerError(
-            "diff against `current` reads Synapse-style task data; on Label Studio compare two ledgers"
-        )
     from totask_ray.platform.connect import connect
 
     ids = [tid for tid, e in read_entries(run).items() if e.writes_data]
@@ -125,6 +121,14 @@ def load_side(
 
 
 def diff_sides(a: str, b: str, token: str | None = None) -> DiffResult:
+    if (a == CURRENT) != (b == CURRENT):  # Label Studio: both sides read back as it holds them
+        run = one_run(Path(b if a == CURRENT else a))
+        if read_header(run).platform == "label-studio":
+            from totask_ray.ledger.ls_current import label_studio_sides
+
+            s = label_studio_sides(run, token)
+            pair = (s.current, s.wrote) if a == CURRENT else (s.wrote, s.current)
+            return compare(a, b, pairs_of(*pair))
     side_a = load_side(a, Path(b) if b != CURRENT else None, token)
     side_b = load_side(b, Path(a) if a != CURRENT else None, token)
     return compare(a, b, pairs_of(side_a, side_b))

@@ -5,8 +5,8 @@ A is the earlier side (what a run wrote), B the later (what the tasks hold now, 
 what another run wrote). Objects are matched per task, one to one:
 
 1. objects of the same type are paired greedily by overlap, best first: boxes and polygons by IoU
-   (polygons rasterised), other shapes by equal coordinates; a pair needs IoU >= `MATCH_IOU`
-   (0.3), the same class first, then any class;
+   (polygons rasterised), other shapes by equal coordinates (within `SAME_PX`, 0.01 px); a pair
+   needs IoU >= `MATCH_IOU` (0.3), the same class first, then any class;
 2. a pair of the same class is *kept* when its IoU is >= `KEEP_IOU` (0.9) and its text (OCR's
    `properties.text`) is equal, else *moved* (a box a reviewer dragged, resized or re-traced);
    a text that differs on an unmoved region counts as *relabelled*, as does a pair of different
@@ -32,6 +32,7 @@ from pydantic import BaseModel, Field
 
 KEEP_IOU = 0.9
 MATCH_IOU = 0.3
+SAME_PX = 0.01  # other shapes (keypoints, polylines) match where every coordinate is this close
 KINDS = ("kept", "moved", "relabelled", "deleted", "added")
 _RASTER = 256  # polygons are compared on a grid this many cells across their joint bounding box
 
@@ -120,7 +121,23 @@ def overlap(a: Obj, b: Obj) -> float:
         return _polygon_iou(pa, pb) if pa and pb and len(pa) >= 3 and len(pb) >= 3 else 0.0
     if a.type == "classification":
         return 1.0
-    return 1.0 if a.coords == b.coords else 0.0
+    return 1.0 if _close(a.coords, b.coords) else 0.0
+
+
+def _close(a: Any, b: Any) -> bool:
+    """Equal coordinates, numbers within `SAME_PX` (a point read back from Label Studio's
+    percentages is off by a rounding error, never by a person's move)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_close(a[k], b[k]) for k in a)
+    if isinstance(a, list | tuple) and isinstance(b, list | tuple):
+        return len(a) == len(b) and all(_close(x, y) for x, y in zip(a, b, strict=True))
+    if _is_number(a) and _is_number(b):
+        return abs(float(a) - float(b)) <= SAME_PX
+    return a == b
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
 
 
 class TaskDiff(BaseModel):

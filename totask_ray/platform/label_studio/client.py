@@ -188,6 +188,24 @@ class LabelStudioClient(_Endpoints, BlockingHttp):
         """A task as Label Studio holds it: its predictions and annotations (what an undo checks)."""
         return self._execute(self._task_call(task_id))
 
+    def tasks_raw(self, project_id: int, task_ids: list[int]) -> dict[int, dict[str, Any]]:
+        """Several tasks as Label Studio holds them, in one listing (`selectedItems`): by id; an id
+        the project no longer holds is left out. Without `include`: with it, a listing's
+        annotations are their ids alone (1.23.2), and a diff reads their results and parents."""
+        query = json.dumps({"selectedItems": {"all": False, "included": [int(t) for t in task_ids]}})
+        params = {
+            "project": str(int(project_id)),
+            "fields": "all",
+            "page_size": str(max(1, len(task_ids))),
+            "query": query,
+        }
+        body = self._execute(Call("GET", "api/tasks/", as_dict, params=params))
+        return {
+            t["id"]: t
+            for t in body.get("tasks") or []
+            if isinstance(t, dict) and isinstance(t.get("id"), int)
+        }
+
     def delete_prediction(self, prediction_id: int) -> None:
         """Delete one prediction (an undo's write; a replay finds it gone: 404, which the undo reads)."""
         self._execute(Call("DELETE", f"api/predictions/{int(prediction_id)}/", lambda b: b))

@@ -89,7 +89,9 @@ def _text(value: Mapping[str, Any]) -> str | None:
     return None
 
 
-def from_results(results: Any, classes: Mapping[int, str], fallback: tuple[float, float] | None = None) -> Objects:
+def from_results(
+    results: Any, classes: Mapping[int, str], fallback: tuple[float, float] | None = None
+) -> Objects:
     """One prediction's or annotation's `result` as objects. `classes`: the project's (id -> label,
     config order); `fallback`: the image size where a region states none."""
     ids = {name: cid for cid, name in classes.items()}
@@ -109,7 +111,13 @@ def from_results(results: Any, classes: Mapping[int, str], fallback: tuple[float
         if text is not None:
             props["text"] = text
         out.objects.append(
-            {"id": oid, "class_id": ids.get(str(label)), "type": kind, "coordinates": coords, "properties": props}
+            {
+                "id": oid,
+                "class_id": ids.get(str(label)),
+                "type": kind,
+                "coordinates": coords,
+                "properties": props,
+            }
         )
 
     for n, r in enumerate(regions):
@@ -138,7 +146,12 @@ def from_results(results: Any, classes: Mapping[int, str], fallback: tuple[float
                 points = [[_num(p[0]) * w / 100, _num(p[1]) * h / 100] for p in value["points"]]
                 add(oid, kind, labels[0], {"points": points})
             else:
-                add(oid, kind, labels[0], {"points": [[_num(value["x"]) * w / 100, _num(value["y"]) * h / 100]]})
+                add(
+                    oid,
+                    kind,
+                    labels[0],
+                    {"points": [[_num(value["x"]) * w / 100, _num(value["y"]) * h / 100]]},
+                )
         except (KeyError, TypeError, ValueError, IndexError):
             out.unread += 1
     return out
@@ -171,5 +184,7 @@ def as_stored(data: Any, labeling: LabelingConfig, classes: Mapping[int, str]) -
                 oid = str(o.get("id")) if len(points) == 1 else f"{o.get('id')}-{i + 1}"
                 objects.append({"id": oid, **base, "coordinates": {"points": [p]}})
             continue
-        objects.append({"id": str(o.get("id")), **base, "coordinates": None if kind == "classification" else coords})
+        objects.append(
+            {"id": str(o.get("id")), **base, "coordinates": None if kind == "classification" else coords}
+        )
     return {"objects": objects}
