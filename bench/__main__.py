@@ -30,7 +30,7 @@ import time
 from bench import local_ray, meters, tables
 
 BENCHES = ("file", "client-cpu", "inference", "memory", "startup", "label-studio", "accelerator", "scaleout")
-ALONE = ("scale", "ledger")  # run only when named
+ALONE = ("scale", "ledger", "onsuccess", "overload")  # run only when named
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -122,6 +122,10 @@ def main(argv: list[str] | None = None) -> int:
                 from bench import scale as mod  # type: ignore[no-redef]
             elif name == "ledger":
                 from bench import ledger as mod  # type: ignore[no-redef]
+            elif name == "overload":
+                from bench import overload as mod  # type: ignore[no-redef]
+            elif name == "onsuccess":
+                from bench import onsuccess as mod  # type: ignore[no-redef]
             else:
                 from bench import startup as mod  # type: ignore[no-redef]
             mod.main(args, ray_started=True)
