@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import numpy as np
@@ -176,57 +176,49 @@ class TaskIdSource(Datasource):
         return tasks
 
     def _page_reader(self, first_page: int, last_page: int) -> Callable[[], Iterable[pa.Table]]:
-        config, project, filters, size, exclude, flag = (
-            self.config,
-            self.project,
-            self.filters,
-            self.page_size,
-            self.exclude,
-            self.stop_flag,
-        )
+        project, filters, size = self.project, self.filters, self.page_size
 
-        def read() -> Iterable[pa.Table]:
-            skip = exclude.ids() if exclude is not None else None
-            with contextlib.closing(connect(config)) as client:
-                for page in range(first_page, last_page + 1):
-                    if is_set(flag):
-                        return  # stopped: no one will annotate what is listed now
-                    try:
-                        result = client.task_id_page(project, filters, page=page, page_size=size)
-                    except NotFoundError:
-                        return  # the listing shrank since it was counted: this page is gone
-                    if result.ids:
-                        yield id_block(result.ids, skip)
-                    if not result.next:
-                        return
+        def pages(client: Any) -> Iterator[Any]:
+            for page in range(first_page, last_page + 1):
+                try:
+                    result = client.task_id_page(project, filters, page=page, page_size=size)
+                except NotFoundError:
+                    return  # the listing shrank since it was counted: this page is gone
+                yield result
+                if not result.next:
+                    return
 
-        return read
+        return self._reader(pages)
 
     def _range_reader(self, after: int, upto: int) -> Callable[[], Iterable[pa.Table]]:
-        config, project, filters, size, exclude, flag = (
-            self.config,
-            self.project,
-            self.filters,
-            self.page_size,
-            self.exclude,
-            self.stop_flag,
-        )
+        project, filters, size = self.project, self.filters, self.page_size
+
+        def pages(client: Any) -> Iterator[Any]:
+            last = after
+            while True:
+                result = client.task_id_range_page(project, filters, after=last, upto=upto, page_size=size)
+                yield result
+                if not result.next or not result.ids:
+                    return
+                last = result.ids[-1]
+
+        return self._reader(pages)
+
+    def _reader(self, pages: Callable[[Any], Iterator[Any]]) -> Callable[[], Iterable[pa.Table]]:
+        """A read task over one walk of pages: the stop flag checked before each page, a resume's
+        done ids left out. It captures these few values, not the source (it travels pickled)."""
+        config, exclude, flag = self.config, self.exclude, self.stop_flag
 
         def read() -> Iterable[pa.Table]:
             skip = exclude.ids() if exclude is not None else None
-            last = after
             with contextlib.closing(connect(config)) as client:
-                while True:
-                    if is_set(flag):
+                walk = pages(client)
+                while not is_set(flag):  # stopped: no one will annotate what is listed now
+                    result = next(walk, None)
+                    if result is None:
                         return
-                    result = client.task_id_range_page(  # type: ignore[attr-defined]
-                        project, filters, after=last, upto=upto, page_size=size
-                    )
                     if result.ids:
                         yield id_block(result.ids, skip)
-                    if not result.next or not result.ids:
-                        return
-                    last = result.ids[-1]
 
         return read
 
