@@ -231,6 +231,7 @@ def run_autoscaling(bp: local_platform.BenchPlatform, job: dict[str, Any], k: in
     """One run on a fresh fake autoscaling cluster, driven by a child process; its summary plus the
     first write on the platform (the platform's own timestamps against the driver's start)."""
     from devtools.fake_cluster import fake_autoscaling_cluster
+    from devtools.sized_run import read_summary
 
     local_platform.clear_task_data(bp.store, job["project"])
     wm = local_platform.history_watermark(bp.store)
@@ -249,10 +250,8 @@ def run_autoscaling(bp: local_platform.BenchPlatform, job: dict[str, Any], k: in
             )  # fmt: skip
         except subprocess.TimeoutExpired as exc:
             return {"tasks": job["tasks"], "error": f"the driver ran past {exc.timeout:g} s"}
-    last = proc.stdout.strip().splitlines()[-1:] or [""]
-    try:
-        res = json.loads(last[0])
-    except json.JSONDecodeError:
+    res = read_summary(spec_path)
+    if res is None:
         return {
             "tasks": job["tasks"],
             "error": f"driver exit {proc.returncode}",

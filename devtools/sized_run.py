@@ -8,8 +8,10 @@ its own (or to none), and Ray allows one per process. SPEC:
 - "await_app": {"app": NAME, "timeout_s": S} (optional): after the run, wait until an app the run left
   deployed has a running replica, then delete it.
 
-While the run goes, a thread records the nodes that come up. The last stdout line is a JSON summary;
-the plan's log lines go to stderr with the rest of totask-ray's log.
+While the run goes, a thread records the nodes that come up. The JSON summary goes to the file
+SPEC's "summary" names (default: SPEC with `.summary.json`), not to stdout: the driver prints its
+workers' and the autoscaler's lines there (`log_to_driver`), at any time, the last line included.
+The plan's log lines go to stderr with the rest of totask-ray's log.
 """
 
 from __future__ import annotations
@@ -155,7 +157,21 @@ def main() -> None:
         level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s"
     )
     logging.getLogger("totask_ray").setLevel(logging.INFO)
-    print(json.dumps(drive(json.loads(Path(sys.argv[1]).read_text()))), flush=True)
+    path = Path(sys.argv[1])
+    spec = json.loads(path.read_text())
+    summary = drive(spec)
+    summary_path(path, spec).write_text(json.dumps(summary))
+
+
+def summary_path(spec_path: Path, spec: dict[str, Any]) -> Path:
+    """Where the driver of SPEC writes its summary (read it back with `read_summary`)."""
+    return Path(spec.get("summary") or spec_path.with_suffix(".summary.json"))
+
+
+def read_summary(spec_path: Path) -> dict[str, Any] | None:
+    """The summary the driver of SPEC wrote, or None when it wrote none (it failed first)."""
+    path = summary_path(spec_path, json.loads(spec_path.read_text()))
+    return json.loads(path.read_text()) if path.exists() else None
 
 
 if __name__ == "__main__":

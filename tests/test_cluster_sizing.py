@@ -21,7 +21,7 @@ import pytest
 from helpers import REPO, cli_env, good_unit, make_project, read_report
 
 from devtools.fake_cluster import FakeCluster, fake_autoscaling_cluster
-from devtools.sized_run import gpu_ocr_release
+from devtools.sized_run import gpu_ocr_release, read_summary
 
 # Real clusters that add and release nodes: minutes on a loaded 2-core box, not the suite's 300 s default
 pytestmark = pytest.mark.timeout(600)
@@ -57,7 +57,8 @@ def _run(
         said = exc.stderr.decode(errors="replace") if isinstance(exc.stderr, bytes) else exc.stderr or ""
         pytest.fail(f"the run's driver was still going after {timeout:g} s; its log:\n{said[-6000:]}")
     assert proc.returncode == 0, proc.stderr[-4000:]
-    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    summary = read_summary(path)
+    assert summary is not None, f"the driver exited 0 without writing its summary; its log:\n{proc.stderr[-4000:]}"
     print("\n".join(_plan_lines(proc.stderr)))
     print(json.dumps({k: v for k, v in summary.items() if k != "seen"}))
     return summary, proc.stderr
@@ -209,7 +210,7 @@ def test_a_static_four_node_cluster_is_planned_from_its_64_cpus(platform, tmp_pa
     # 200 tasks in batches of 5 bound the pool at 40; what the cluster holds is stated beside it
     assert "124 fit the cluster once grown" in pool and "growing to at most 40" in pool, pool
     assert "64 CPU" in pool, pool
-    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])  # its own driver, log_to_driver=False
     assert (summary["success"], summary["failed"]) == (len(ids), 0)
     for tid, unit in zip(ids, units, strict=True):
         assert platform.store.get_task(tid)["data"] == unit["expected"]

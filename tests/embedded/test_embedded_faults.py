@@ -57,6 +57,23 @@ def test_error_rate_retry_after_and_nothing_applied(faults, client):
     assert all(client.put(path, json={"action": "submit", "data": {}}).status_code == 200 for _ in range(20))
 
 
+def test_max_in_a_row_bounds_a_run_of_errors_on_one_request(faults, client):
+    """At error_rate 1 every request fails, except that one method and path never fails more than
+    `max_in_a_row` times in a row: the next try gets through, and the count starts again."""
+    platform = faults
+    tid = _task(platform)
+    path = f"/tasks/{tid}/"
+    platform.set_faults(error_rate=1.0, statuses=[503], retry_after_s=0, path_regex="^/tasks/", max_in_a_row=2)
+    codes = [client.get(path).status_code for _ in range(6)]
+    assert codes == [503, 503, 200, 503, 503, 200], codes
+    assert client.get(f"/tasks/{tid}/?other=1").status_code == 503  # the query is not the path: same run
+    other = _task(platform)
+    assert client.get(f"/tasks/{other}/").status_code == 503  # another path has its own run
+    bad = client.post("/_local/faults/", json={"max_in_a_row": -1})
+    assert bad.status_code == 400 and "max_in_a_row" in bad.json(), bad.text
+    platform.clear_faults()
+
+
 def test_health_and_admin_are_never_faulted(faults, client, anon):
     faults.set_faults(error_rate=1.0, statuses=[500])
     for _ in range(10):

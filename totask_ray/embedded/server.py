@@ -401,7 +401,7 @@ class LocalPlatform:
 
     def set_faults(self, **cfg: Any) -> dict[str, Any]:
         """Configure injected faults (see `gate.FaultConfig`): error_rate, statuses, retry_after_s,
-        slow_rate, slow_s, path_regex, methods, seed."""
+        slow_rate, slow_s, path_regex, methods, seed, max_in_a_row."""
         return self._admin("POST", "/_local/faults/", cfg)
 
     def clear_faults(self) -> dict[str, Any]:

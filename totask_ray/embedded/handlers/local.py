@@ -110,6 +110,12 @@ def parse_fault_config(body: Any) -> FaultConfig:
             errors["methods"] = ["Must be a list of HTTP method names."]
         else:
             cfg.methods = [m.upper() for m in ms]
+    if body.get("max_in_a_row") is not None:
+        n = body["max_in_a_row"]
+        if not is_int(n) or n < 0:
+            errors["max_in_a_row"] = ["Must be a whole number, 0 or more."]
+        else:
+            cfg.max_in_a_row = n
     if "seed" in body:
         if not is_int(body["seed"]):
             errors["seed"] = ["A valid integer is required."]
