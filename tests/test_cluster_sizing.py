@@ -58,7 +58,9 @@ def _run(
         pytest.fail(f"the run's driver was still going after {timeout:g} s; its log:\n{said[-6000:]}")
     assert proc.returncode == 0, proc.stderr[-4000:]
     summary = read_summary(path)
-    assert summary is not None, f"the driver exited 0 without writing its summary; its log:\n{proc.stderr[-4000:]}"
+    assert summary is not None, (
+        f"the driver exited 0 without writing its summary; its log:\n{proc.stderr[-4000:]}"
+    )
     print("\n".join(_plan_lines(proc.stderr)))
     print(json.dumps({k: v for k, v in summary.items() if k != "seen"}))
     return summary, proc.stderr

@@ -171,7 +171,11 @@ def _alive(pid: int) -> bool:
 def test_platform_answers_503_and_429_for_one_request_in_ten(platform, tmp_path):
     project, ids, expected = _project(platform, 300, "f503")
     platform.set_faults(
-        error_rate=0.1, statuses=[503, 429], retry_after_s=0.05, seed=3, path_regex="^/(tasks|media)/",
+        error_rate=0.1,
+        statuses=[503, 429],
+        retry_after_s=0.05,
+        seed=3,
+        path_regex="^/(tasks|media)/",
         max_in_a_row=3,  # fewer than the 4 retries of downloads and 5 of platform calls: none is exhausted
     )
     report = tmp_path / "r.jsonl"

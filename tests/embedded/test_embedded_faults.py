@@ -63,7 +63,9 @@ def test_max_in_a_row_bounds_a_run_of_errors_on_one_request(faults, client):
     platform = faults
     tid = _task(platform)
     path = f"/tasks/{tid}/"
-    platform.set_faults(error_rate=1.0, statuses=[503], retry_after_s=0, path_regex="^/tasks/", max_in_a_row=2)
+    platform.set_faults(
+        error_rate=1.0, statuses=[503], retry_after_s=0, path_regex="^/tasks/", max_in_a_row=2
+    )
     codes = [client.get(path).status_code for _ in range(6)]
     assert codes == [503, 503, 200, 503, 503, 200], codes
     assert client.get(f"/tasks/{tid}/?other=1").status_code == 503  # the query is not the path: same run
