@@ -95,3 +95,26 @@ def test_a_wrong_token_says_which_variable_to_set(platform):
     assert (
         "check SYNAPSE_ACCESS_TOKEN (or --token): an access token of the platform at SYNAPSE_HOST" in message
     )
+
+
+@pytest.mark.usefixtures("ray_cluster")
+def test_a_fixed_pool_that_leaves_no_room_to_read_is_refused_at_once(platform):
+    """The suite's Ray has 4 CPUs: 8 actors of 0.5 would take all of them and leave none for the
+    reads that feed them (Ray Data then waits out its no-progress timeout). The run is refused when
+    the pool is planned, saying how many fit, and nothing is written."""
+    from helpers import config_for, good_unit, make_project
+
+    from totask_ray import ToTaskError
+    from totask_ray.result import RunStatus
+
+    units = [good_unit(platform, i, "roomless") for i in range(20)]
+    project, ids = make_project(platform, units)
+    params = {"name": "No_Room", "project": project, "target_specification_name": "annotation_data"}
+    try:
+        result = run_to_task(params, platform=config_for(platform), num_actors=8, progress_bar=False)
+        message, failed = result.message, result.status is RunStatus.FAILED
+    except ToTaskError as exc:
+        message, failed = str(exc), True
+    assert failed, message
+    assert "--num-actors 8 at 0.5 CPU each does not fit" in message and "at most 7 such actors" in message
+    assert platform.store.history_counts(task_ids=ids) == {}

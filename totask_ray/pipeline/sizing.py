@@ -18,12 +18,15 @@ they go and the nodes idle out.
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 
 from totask_ray.errors import CriticalError
 from totask_ray.pipeline.source import READ_TASK_CPUS
 from totask_ray.serving.capacity import ClusterSnapshot, holds
+
+log = logging.getLogger("totask_ray")
 
 
 @dataclass(frozen=True)
@@ -83,6 +86,15 @@ def plan_pool(
     cluster = snapshot.describe()
     waiting = "" if fit_now else "; none fits now: the first waits for a node the autoscaler adds"
     if num_actors is not None:
+        if num_actors > grown:
+            raise CriticalError(too_many_actors(num_actors, actor_cpus, grown, cluster))
+        if num_actors > ceiling:
+            log.warning(
+                "--num-actors %d leaves less than %g CPU for the pre-processor's replicas at their most: "
+                "they may not scale up while the pool runs",
+                num_actors,
+                reserved_cpus,
+            )
         return PoolPlan(num_actors, num_actors, True, fit_now, f"cluster: {cluster}{waiting}")
     bounds = {"the cluster once grown": ceiling, f"{batches} batch(es) of work": max(1, batches)}
     if max_actors is not None:
@@ -93,3 +105,15 @@ def plan_pool(
     why = f"{grown} fit the cluster once grown{held}, bounded by {by}; cluster: {cluster}{waiting}"
     needs_nodes = most > fit_now and bool(headroom)
     return PoolPlan(most if needs_nodes else 1, most, False, fit_now, why)
+
+
+def too_many_actors(num_actors: int, actor_cpus: float, most: int, cluster: str) -> str:
+    """Why a fixed pool cannot run: Ray would place every actor it can, then wait for room to read
+    the task ids that feed them (measured: 4 x 0.5 CPU on a 2-CPU Ray made no progress for 300 s)."""
+    return (
+        f"--num-actors {num_actors} at {actor_cpus:g} CPU each does not fit: keeping {READ_TASK_CPUS:g} CPU "
+        f"a node for reading task ids, the cluster holds at most {most} such actor{'s' if most != 1 else ''}, "
+        f"even with every node its autoscaler may add (cluster: {cluster}). The actors would take every CPU "
+        f"and the run would wait for a read that never starts. Use --num-actors {max(1, most)} or fewer, "
+        "lower actor_cpus, or leave --num-actors out to size the pool on the cluster."
+    )
