@@ -69,7 +69,9 @@ def test_a_fixed_pool_must_leave_room_for_the_reads():
     """4 actors of 0.5 on a 2-CPU Ray would take every CPU and starve the reads (measured: no
     progress for 300 s): refused, naming the 3 that fit; 3 are accepted."""
     two = snapshot([{"CPU": 2.0}])
-    with pytest.raises(CriticalError, match=r"--num-actors 4 at 0.5 CPU each does not fit.*at most 3 such actors"):
+    with pytest.raises(
+        CriticalError, match=r"--num-actors 4 at 0.5 CPU each does not fit.*at most 3 such actors"
+    ):
         plan_pool(two, actor_cpus=0.5, batches=100, num_actors=4)
     assert plan_pool(two, actor_cpus=0.5, batches=100, num_actors=3).most == 3
     # nodes the autoscaler may add count: the fixed pool waits for them rather than being refused
