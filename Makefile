@@ -19,7 +19,7 @@ demo: $(STAMP)
 	$(BIN)/totask-ray demo --method all
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -rs --durations=15
+	$(BIN)/python -m pytest -q -rs --durations=40
 
 # The inner loop: no `ray start` cluster, no Label Studio server, no benchmark smoke (`-m "not slow"`).
 test-fast: $(STAMP)

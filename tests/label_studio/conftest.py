@@ -7,15 +7,14 @@ if it is installed but the server does not start, they fail with the server's lo
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from ls_helpers import Media, media_host
 
 from devtools.ls_env import LS_VERSION, LabelStudioServer, LsEnvError, ensure_ls_venv
 
@@ -101,32 +100,8 @@ def label_studio(label_studio_venv: Path) -> Iterator[LabelStudio]:
         )
 
 
-class _Media(BaseHTTPRequestHandler):
-    files: dict[str, tuple[str, bytes]] = {}
-    auth_seen: list[str | None] = []
-
-    def do_GET(self) -> None:
-        type(self).auth_seen.append(self.headers.get("Authorization"))
-        ctype, body = self.files.get(self.path.split("?")[0], ("text/plain", b""))
-        self.send_response(200 if body else 404)
-        self.send_header("Content-Type", ctype)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args: Any) -> None:
-        pass
-
-
 @pytest.fixture(scope="module")
-def media() -> Iterator[tuple[str, type[_Media]]]:
+def media() -> Iterator[tuple[str, type[Media]]]:
     """A second loopback host for images and annotation files; it records the auth it was sent."""
-    handler = type("M", (_Media,), {"files": {}, "auth_seen": []})
-    # a listen backlog of 5 (the default) makes a burst of connections wait for SYN retries
-    server = type("S", (ThreadingHTTPServer,), {"request_queue_size": 256})(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}", handler
-    finally:
-        server.shutdown()
-        server.server_close()
+    with media_host() as host:
+        yield host

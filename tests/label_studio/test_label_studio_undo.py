@@ -18,10 +18,8 @@ import random
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +27,7 @@ import numpy as np
 import pytest
 import yaml
 from helpers import png
+from ls_helpers import media_host
 
 from totask_ray import run_to_task
 from totask_ray.ledger.store import one_run, read_entries
@@ -157,36 +156,12 @@ def test_undo_deletes_the_runs_annotations_but_not_those_a_person_updated(label_
     assert second.restored == 0 and _held(ls, pid) == held
 
 
-class _SlowMedia(BaseHTTPRequestHandler):
-    """The media host (as conftest's), each answer held `delay_s` (set by the test): the run's
-    pace, so that a SIGTERM lands mid-run (Label Studio has no fault injection to slow its writes)."""
-
-    files: dict[str, tuple[str, bytes]] = {}
-    delay_s = 0.0
-
-    def do_GET(self) -> None:
-        time.sleep(type(self).delay_s)  # the slow network being simulated, not a wait in the test
-        ctype, body = self.files.get(self.path.split("?")[0], ("text/plain", b""))
-        self.send_response(200 if body else 404)
-        self.send_header("Content-Type", ctype)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args: Any) -> None:
-        pass
-
-
 @pytest.fixture
-def slow_media() -> Iterator[tuple[str, type[_SlowMedia]]]:
-    handler = type("Slow", (_SlowMedia,), {"files": {}, "delay_s": 0.05})
-    server = type("S", (ThreadingHTTPServer,), {"request_queue_size": 256})(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}", handler
-    finally:
-        server.shutdown()
-        server.server_close()
+def slow_media() -> Iterator[tuple[str, Any]]:
+    """The media host, each answer held 0.05 s (the test raises it): the run's pace, so that a
+    SIGTERM lands mid-run."""
+    with media_host(delay_s=0.05) as host:
+        yield host
 
 
 def _with_prediction(ls: Any, pid: int, model_version: str) -> set[int]:
