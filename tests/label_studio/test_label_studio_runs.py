@@ -418,3 +418,27 @@ def test_inference_refusals_come_before_the_model_starts(label_studio, filters, 
     assert set(serve.status().applications) == before
     assert not any(name.startswith("faces@9.9.9") for name in serve.status().applications)
     assert ls.admin.predictions(project["id"]) == []
+
+
+def test_annotations_mode_counts_a_skipped_annotation_as_no_annotation(label_studio, media):
+    """A person skipped task A (LS keeps an annotation with `was_cancelled`) and annotated task B: a
+    run that writes annotations writes A and C (none) and leaves B, as the skip holds no labels."""
+    ls = label_studio
+    pid, ids = _shapes_project(ls, media, 3)
+    skipped, annotated, empty = sorted(ids)
+    http = ls.admin.http
+    http.post(
+        f"/api/tasks/{skipped}/annotations/", json={"result": [], "was_cancelled": True}
+    ).raise_for_status()
+    human = [{"from_name": "scene", "to_name": "img", "type": "choices", "value": {"choices": ["indoor"]}}]
+    http.post(f"/api/tasks/{annotated}/annotations/", json={"result": human}).raise_for_status()
+    result = _run(_params(pid), _config(ls, write="annotations"))
+    assert (result.success_count, result.skipped_count) == (2, 1), result.message
+    tasks = {t["id"]: t for t in ls.admin.list_tasks(pid)}
+    written = {
+        tid
+        for tid, t in tasks.items()
+        if any(a.get("result") and a["result"] != human for a in t["annotations"])
+    }
+    assert written == {skipped, empty}, {tid: t["annotations"] for tid, t in tasks.items()}
+    assert [a["result"] for a in tasks[annotated]["annotations"]] == [human]

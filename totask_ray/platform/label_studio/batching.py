@@ -25,7 +25,9 @@ from totask_ray.platform.label_studio.config import LabelStudioConfig
 from totask_ray.platform.label_studio.created import prediction_of
 from totask_ray.platform.label_studio.mapping import holds_prediction
 
-TASK_FIELDS = "id,data,predictions,annotations,project"  # what a run reads of a task (`include`)
+# What a run reads of a task (`include`). With `include`, LS 1.23.2 gives annotations as {id}
+# stubs, without `was_cancelled`: `total_annotations` counts those a person did not skip.
+TASK_FIELDS = "id,data,predictions,annotations,total_annotations,project"
 
 
 class Client(Protocol):

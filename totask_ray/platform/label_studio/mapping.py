@@ -107,10 +107,19 @@ def holds_prediction(raw: dict[str, Any], model_version: str | None) -> bool:
     )
 
 
+def kept_annotations(raw: dict[str, Any]) -> int:
+    """The task's annotations that a person did not skip (`was_cancelled`): a skip holds no labels.
+    A listing's tasks carry `total_annotations` (skips left out), and their annotations only as
+    stubs without `was_cancelled`; a task read alone carries whole annotations."""
+    total = raw.get("total_annotations")
+    if isinstance(total, int) and not isinstance(total, bool):
+        return total
+    return sum(1 for a in raw.get("annotations") or [] if isinstance(a, dict) and not a.get("was_cancelled"))
+
+
 def done_reason(raw: dict[str, Any], config: LabelStudioConfig) -> str | None:
     if config.write is WriteAs.ANNOTATIONS:
-        held = [a for a in raw.get("annotations") or [] if isinstance(a, dict) and not a.get("was_cancelled")]
-        return "the task already holds an annotation" if held else None
+        return "the task already holds an annotation" if kept_annotations(raw) else None
     if holds_prediction(raw, config.model_version):
         return f"the task already holds a prediction of model_version {config.model_version!r}"
     return None
