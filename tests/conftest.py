@@ -66,6 +66,19 @@ def platform(tmp_path_factory):
         yield lp
 
 
+@pytest.fixture(scope="module")
+def slow_platform(tmp_path_factory, request):
+    """A platform of the module's own with 15 ms per answer (fault injection on), so that a run
+    lasts long enough to be stopped or killed mid-way."""
+    from totask_ray.embedded.server import LocalPlatform
+
+    name = request.module.__name__.rsplit(".", 1)[-1]
+    with LocalPlatform(
+        data_dir=tmp_path_factory.mktemp(f"{name}-platform"), latency_ms=15, fault_injection=True
+    ) as lp:
+        yield lp
+
+
 @pytest.fixture(scope="session")
 def serve_http_port(ray_cluster) -> int:
     """Start Serve with its proxy on loopback and a free port; return the port actually in use.

@@ -27,7 +27,6 @@ from typer.testing import CliRunner
 
 from totask_ray import run_to_task
 from totask_ray.cli import app
-from totask_ray.embedded.server import LocalPlatform
 from totask_ray.ledger.store import one_run, read_entries
 from totask_ray.ledger.undo import undo_run
 
@@ -146,14 +145,6 @@ def test_undo_restores_untouched_tasks_and_spares_human_edits(platform, tmp_path
     assert dry_cli.exit_code == 0, dry_cli.output
     assert "dry run" in dry_cli.output and platform.store.history_counts(project_id=project) == history
     _check_undo(platform, project, ids, snap, edits, Path(result.ledger), set(ids))
-
-
-@pytest.fixture(scope="module")
-def slow_platform(tmp_path_factory):
-    with LocalPlatform(
-        data_dir=tmp_path_factory.mktemp("undo-platform"), latency_ms=15, fault_injection=True
-    ) as lp:
-        yield lp
 
 
 def test_undo_after_sigterm_at_30_percent(slow_platform, ray_cluster, tmp_path):

@@ -21,7 +21,6 @@ import pytest
 import yaml
 from helpers import BIN, cli_env, good_unit, job_submit, make_project, ray_head, read_report
 
-from totask_ray.embedded.server import LocalPlatform
 from totask_ray.platform.synapse import SynapseClient, SynapseConfig
 
 pytestmark = pytest.mark.slow
@@ -36,15 +35,6 @@ def _hold_writes(platform) -> None:
     real platform cannot be told to slow down on cue). Without it the signal races the run's last
     writes: on a fast machine the run ended before `ray job stop` had even started."""
     platform.set_faults(slow_rate=1.0, slow_s=HOLD_S, path_regex="annotate_task_data", methods=["PUT"])
-
-
-@pytest.fixture(scope="module")
-def slow_platform(tmp_path_factory):
-    """Its own platform with 15 ms per answer, so a run lasts long enough to be stopped mid-way."""
-    with LocalPlatform(
-        data_dir=tmp_path_factory.mktemp("stop-platform"), latency_ms=15, fault_injection=True
-    ) as lp:
-        yield lp
 
 
 @pytest.fixture(scope="module")

@@ -30,7 +30,11 @@ _LISTED = 20  # tasks listed in the terminal; every one is in the undo report
 
 def undo(
     ledger: Annotated[
-        Path, typer.Argument(help="A run's ledger directory, or a ledger root (every run in it).")
+        str,
+        typer.Argument(
+            help="A run's ledger directory, or a ledger root (every run in it); a path or an "
+            "object-store URI (s3://bucket/run.jsonl.ledger/<run id>, credentials from the environment)."
+        ),
     ],
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Say what would be undone; write nothing.")
@@ -98,11 +102,11 @@ def print_undo(r: UndoResult) -> None:
 
 
 def load_side(
-    name: str, other: Path | None, token: str | None = None, concurrency: int = 16
+    name: str, other: str | None, token: str | None = None, concurrency: int = 16
 ) -> dict[int, Any]:
     """A side of a diff: what a run's ledger says it wrote, or (`current`) what those tasks hold now."""
     if name != CURRENT:
-        run = one_run(Path(name))
+        run = one_run(name)
         return {tid: e.wrote for tid, e in read_entries(run).items() if e.writes_data}
     if other is None:
         raise LedgerError("`current` needs a ledger on the other side: it says which tasks and where")
@@ -122,15 +126,15 @@ def load_side(
 
 def diff_sides(a: str, b: str, token: str | None = None) -> DiffResult:
     if (a == CURRENT) != (b == CURRENT):  # Label Studio: both sides read back as it holds them
-        run = one_run(Path(b if a == CURRENT else a))
+        run = one_run(b if a == CURRENT else a)
         if read_header(run).platform == "label-studio":
             from totask_ray.ledger.ls_current import label_studio_sides
 
             s = label_studio_sides(run, token)
             pair = (s.current, s.wrote) if a == CURRENT else (s.wrote, s.current)
             return compare(a, b, pairs_of(*pair))
-    side_a = load_side(a, Path(b) if b != CURRENT else None, token)
-    side_b = load_side(b, Path(a) if a != CURRENT else None, token)
+    side_a = load_side(a, b if b != CURRENT else None, token)
+    side_b = load_side(b, a if a != CURRENT else None, token)
     return compare(a, b, pairs_of(side_a, side_b))
 
 

@@ -21,11 +21,11 @@ from __future__ import annotations
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
-from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, Field
 
+from totask_ray.ledger.place import Where
 from totask_ray.ledger.store import Entry, RunHeader, read_entries, read_header
 from totask_ray.platform.label_studio.to_objects import as_stored, from_results, image_size
 
@@ -90,7 +90,7 @@ def current_result(raw: dict[str, Any], entry: Entry, header: RunHeader) -> tupl
     return None
 
 
-def label_studio_sides(run_dir: Path, token: str | None = None, concurrency: int = 4) -> Sides:
+def label_studio_sides(run_dir: Where, token: str | None = None, concurrency: int = 4) -> Sides:
     """What the run in `run_dir` wrote and what its tasks hold now, both as objects."""
     from totask_ray.ledger.undo import platform_for
     from totask_ray.platform.connect import connect

@@ -3,10 +3,12 @@
 Layout: a ledger root holds one directory per run (`<root>/<run id>/`), so a resumed run that
 reports to the same place keeps the earlier run's ledger beside its own. A run's directory holds
 `run.json` (the run: id, when, params, model_version, release, platform; never a secret), the
-actors' `entries-*.jsonl` (`record.py`) and each undo's `undo-<when>.jsonl`.
+actors' `entries-*.jsonl` (`record.py`), on an object store the `parts/*.jsonl` a run wrote as it
+went, and each undo's `undo-<when>.jsonl`.
 
 Where the root is: `--ledger PATH`; else `<report>.ledger/` beside `--report`; else
-`./totask-ledgers/` under the working directory.
+`./totask-ledgers/` under the working directory. `--ledger` or `--report` may be a URI (s3://,
+gs://, ...): the ledger is then on that object store (`place.py`), read and undone from there.
 """
 
 from __future__ import annotations
@@ -18,21 +20,30 @@ import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from totask_ray.ledger.record import ENTRIES_GLOB, LEDGER_VERSION, LedgerSpec, open_sink
+from totask_ray.errors import CriticalError
+from totask_ray.ledger.place import (
+    LedgerError,
+    Location,
+    Where,
+    join,
+    location,
+    name_of,
+    open_place,
+    shown,
+)
+from totask_ray.ledger.record import LEDGER_VERSION, LedgerSpec, open_sink
+
+__all__ = ["LedgerError"]
 
 DEFAULT_ROOT = Path("totask-ledgers")
 # Where runs with neither `--ledger` nor `--report` keep theirs, when set (else DEFAULT_ROOT, in the
 # working directory): a notebook server or a test suite points it somewhere of its own.
 ROOT_ENV = "TOTASK_LEDGER_DIR"
 RUN_FILE = "run.json"
-
-
-class LedgerError(Exception):
-    """A ledger that cannot be used; the message says which path and what to give instead."""
 
 
 class RunHeader(BaseModel):
@@ -67,11 +78,12 @@ class Entry(BaseModel):
     wf: dict[str, Any] | None = None  # workflow fields as the run left them (confirmed only)
 
 
-def ledger_root(ledger: Path | None, report: Path | None) -> Path:
+def ledger_root(ledger: Where | None, report: Where | None) -> Location:
+    """`--ledger`, else `<report>.ledger` beside `--report` (a URI beside a URI), else the default."""
     if ledger is not None:
-        return ledger
+        return location(ledger)
     if report is not None:
-        return report.with_name(report.name + ".ledger")
+        return location(os.fspath(report) + ".ledger")
     return Path(os.environ.get(ROOT_ENV) or DEFAULT_ROOT)
 
 
@@ -80,60 +92,74 @@ def new_run_id() -> str:
     return f"{datetime.now(UTC).strftime('%Y%m%dT%H%M%SZ')}-{secrets.token_hex(3)}"
 
 
-def create_run(root: Path, header: dict[str, Any]) -> LedgerSpec:
-    """The run's directory with its `run.json`, written whole before any actor starts."""
+def create_run(root: Where, header: dict[str, Any]) -> LedgerSpec:
+    """The run's directory with its `run.json`, written whole before any actor starts (on a disk
+    through a temporary file; on an object store a PUT is whole by itself)."""
     run_id = new_run_id()
-    path = (root / run_id).resolve()
-    path.mkdir(parents=True, exist_ok=False)
     full = RunHeader(run_id=run_id, started_at=datetime.now(UTC).isoformat(timespec="seconds"), **header)
+    text = full.model_dump_json(indent=1)
+    where = join(root, run_id)
+    if isinstance(where, str):
+        place = open_place(where)
+        place.put(RUN_FILE, text.encode())  # also proves now, before any task, that the run may write there
+        return LedgerSpec(run_id=run_id, path=where)
+    path = where.resolve()
+    path.mkdir(parents=True, exist_ok=False)
     tmp = path / f".{RUN_FILE}.tmp"
-    tmp.write_text(full.model_dump_json(indent=1), encoding="utf-8")
+    tmp.write_text(text, encoding="utf-8")
     tmp.replace(path / RUN_FILE)
     return LedgerSpec(run_id=run_id, path=str(path))
 
 
-def run_dirs(path: Path) -> list[Path]:
-    """The runs a path names: a run directory itself, or every run under a ledger root (oldest first)."""
-    if (path / RUN_FILE).is_file():
-        return [path]
-    if path.is_dir():
-        runs = sorted(p for p in path.iterdir() if (p / RUN_FILE).is_file())
-        if runs:
-            return runs
+def run_dirs(path: Where) -> list[Location]:
+    """The runs a location names: a run directory itself, or every run under a ledger root (oldest
+    first), in the form it was given (a `Path`, or a URI)."""
+    loc = location(path)
+    place = open_place(loc)
+    if place.is_file(RUN_FILE):
+        return [loc]
+    runs = [join(loc, name) for name in place.subdirs() if open_place(join(loc, name)).is_file(RUN_FILE)]
+    if runs:
+        return runs
     raise LedgerError(
-        f"No run ledger at {path}: give a run's ledger directory (it holds {RUN_FILE}) or the ledger "
+        f"No run ledger at {shown(loc)}: give a run's ledger directory (it holds {RUN_FILE}) or the ledger "
         "root a run printed (`<report>.ledger/`, `--ledger PATH`, or ./totask-ledgers/)"
     )
 
 
-def one_run(path: Path) -> Path:
+def one_run(path: Where) -> Location:
     runs = run_dirs(path)
     if len(runs) > 1:
-        names = ", ".join(p.name for p in runs)
-        raise LedgerError(f"{path} holds {len(runs)} runs ({names}): give one of them, e.g. {runs[-1]}")
+        names = ", ".join(name_of(p) for p in runs)
+        raise LedgerError(
+            f"{shown(path)} holds {len(runs)} runs ({names}): give one of them, e.g. {shown(runs[-1])}"
+        )
     return runs[0]
 
 
-def read_header(run_dir: Path) -> RunHeader:
+def read_header(run_dir: Where) -> RunHeader:
+    where = f"{shown(run_dir)}/{RUN_FILE}"
     try:
-        return RunHeader.model_validate_json((run_dir / RUN_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise LedgerError(f"{run_dir / RUN_FILE} cannot be read: {exc}") from None
+        return RunHeader.model_validate_json(open_place(run_dir).read_bytes(RUN_FILE))
+    except LedgerError as exc:
+        raise LedgerError(f"{where} cannot be read: {exc}") from None
+    except ValueError as exc:
+        raise LedgerError(f"{where} cannot be read: {exc}") from None
 
 
-def _lines(run_dir: Path) -> Iterator[dict[str, Any]]:
-    for f in sorted(run_dir.glob(ENTRIES_GLOB)):
-        with open(f, encoding="utf-8") as fh:
-            for line in fh:
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError:
-                    continue  # a line torn by a kill: its write was never confirmed by a `w` line
-                if isinstance(rec, dict) and isinstance(rec.get("t"), int) and rec.get("e") in ("b", "w"):
-                    yield rec
+def _lines(run_dir: Where) -> Iterator[dict[str, Any]]:
+    place = open_place(run_dir)
+    for f, _ in place.entry_files():
+        for line in place.lines(f):
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line torn by a kill: its write was never confirmed by a `w` line
+            if isinstance(rec, dict) and isinstance(rec.get("t"), int) and rec.get("e") in ("b", "w"):
+                yield rec
 
 
-def read_entries(run_dir: Path) -> dict[int, Entry]:
+def read_entries(run_dir: Where) -> dict[int, Entry]:
     """Every task the run recorded, by id (a `w` line without its `b` line is dropped: its
     `b` line was torn, and nothing says what to restore)."""
     entries: dict[int, Entry] = {}
@@ -164,15 +190,18 @@ def read_entries(run_dir: Path) -> dict[int, Entry]:
     return entries
 
 
-def ledger_bytes(run_dir: Path) -> int:
-    return sum(f.stat().st_size for f in run_dir.glob(ENTRIES_GLOB))
+def ledger_bytes(run_dir: Where) -> int:
+    return sum(size for _, size in open_place(run_dir).entry_files())
 
 
-def undo_report_path(run_dir: Path) -> Path:
-    return run_dir / f"undo-{time.strftime('%Y%m%dT%H%M%S')}-{secrets.token_hex(2)}.jsonl"
+def undo_report(run_dir: Where) -> tuple[Location, IO[str]]:
+    """A new undo report in the run's directory: where it is, and the file to write its lines to
+    (on an object store it is put whole when closed)."""
+    name = f"undo-{time.strftime('%Y%m%dT%H%M%S')}-{secrets.token_hex(2)}.jsonl"
+    return join(run_dir, name), open_place(run_dir).text_writer(name)
 
 
-def start_run(root: Path, params: Any, platform: Any, release: str | None = None) -> LedgerSpec:
+def start_run(root: Where, params: Any, platform: Any, release: str | None = None) -> LedgerSpec:
     """Create a run's ledger from what the driver holds: the job's params (a `ToTaskParams`; they
     hold no secret), the platform's config (only its kind, host and Label Studio's write settings
     are kept: never a token) and the pre-processor's `code@version` for an inference run."""
@@ -189,7 +218,13 @@ def start_run(root: Path, params: Any, platform: Any, release: str | None = None
         "release": release,
         "write": str(write.value) if write is not None else None,
     }
-    spec = create_run(root, header)
+    try:
+        spec = create_run(root, header)
+    except (LedgerError, OSError) as exc:
+        raise CriticalError(
+            f"The run's ledger cannot be created: {exc}; give --ledger a place this run may write to, or "
+            "--no-ledger to keep none"
+        ) from None
     import ray
 
     # The annotators may run on any node: their lines go to one writer on this one (`LedgerSink`).

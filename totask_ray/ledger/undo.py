@@ -25,14 +25,14 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from enum import StrEnum
-from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from pydantic import BaseModel, Field
 
 from totask_ray.ledger.diff import compare_task
+from totask_ray.ledger.place import Where, shown
 from totask_ray.ledger.record import digest
-from totask_ray.ledger.store import Entry, RunHeader, read_entries, read_header, run_dirs, undo_report_path
+from totask_ray.ledger.store import Entry, RunHeader, read_entries, read_header, run_dirs, undo_report
 from totask_ray.net.redact import safe_error
 from totask_ray.platform.errors import PlatformError
 from totask_ray.result import EXIT_FAILED, EXIT_OK, EXIT_PARTIAL
@@ -109,14 +109,15 @@ def platform_for(header: RunHeader, token: str | None = None, host: str | None =
 
 
 def undo_run(
-    ledger: str | Path,
+    ledger: Where,
     platform: Any = None,
     *,
     dry_run: bool = False,
     concurrency: int = 16,
     progress: Callable[[int, int], None] | None = None,
 ) -> UndoResult:
-    """Undo every run under `ledger` (a run's directory, or a ledger root: its runs newest first).
+    """Undo every run under `ledger` (a run's directory, or a ledger root: its runs newest first;
+    a local path or an object-store URI such as ``s3://bucket/run.jsonl.ledger/<run id>``).
 
     `platform`: a `PlatformConfig` (default: the ledger's platform and host, the token from the
     environment). `dry_run`: say what would be done, write nothing (not even the undo report).
@@ -124,7 +125,7 @@ def undo_run(
     from totask_ray.platform.connect import connect
 
     out = UndoResult(dry_run=dry_run)
-    for run_dir in reversed(run_dirs(Path(ledger))):
+    for run_dir in reversed(run_dirs(ledger)):
         header = read_header(run_dir)
         entries = read_entries(run_dir)
         config = platform if platform is not None else platform_for(header)
@@ -134,14 +135,14 @@ def undo_run(
             if header.platform == "label-studio"
             else _DataUndo(client, header, dry_run)
         )
-        report_path = None if dry_run else undo_report_path(run_dir)
+        report_path, report = (None, None) if dry_run else undo_report(run_dir)
         try:
-            results = _undo_all(undoer, list(entries.values()), report_path, concurrency, progress)
+            results = _undo_all(undoer, list(entries.values()), report, concurrency, progress)
         finally:
             client.close()
         out.run_ids.append(header.run_id)
         if report_path is not None:
-            out.reports.append(str(report_path))
+            out.reports.append(shown(report_path))
         for r in results:
             out.total += 1
             setattr(out, r.status.value, getattr(out, r.status.value) + 1)
@@ -159,14 +160,14 @@ def undo_run(
 def _undo_all(
     undoer: _Undoer,
     entries: list[Entry],
-    report_path: Path | None,
+    report: IO[str] | None,
     concurrency: int,
     progress: Callable[[int, int], None] | None,
 ) -> list[TaskUndo]:
-    """Every entry on a thread pool, each task's outcome written to the undo report as it ends."""
+    """Every entry on a thread pool, each task's outcome written to the undo report as it ends
+    (`report` is closed here; on an object store that is when it is put)."""
     lock = threading.Lock()
     done = 0
-    report = open(report_path, "w", encoding="utf-8") if report_path is not None else None  # noqa: SIM115 - closed below
 
     def one(entry: Entry) -> TaskUndo:
         nonlocal done

@@ -44,12 +44,12 @@ class RunOptions(BaseModel):
         "(s3://bucket/key, or any URI pyarrow or fsspec resolves; credentials from the environment, "
         "e.g. AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL).",
     )
-    ledger: Path | None = Field(
+    ledger: str | None = Field(
         json_schema_extra=_cli("ledger"),
         default=None,
         description="Where the run's ledger goes (what each write changed, for `totask-ray undo` and "
-        "`diff`): a directory holding one directory per run (default: <report>.ledger/ beside --report, "
-        "else ./totask-ledgers/).",
+        "`diff`): a directory holding one directory per run, or an object-store URI as for --report "
+        "(default: <report>.ledger/ beside --report, else ./totask-ledgers/).",
     )
     no_ledger: bool = Field(
         json_schema_extra=_cli("no-ledger"),
@@ -192,7 +192,7 @@ class RunOptions(BaseModel):
 
         return node_types_from_cluster_yaml(self.cluster_yaml)
 
-    @field_validator("report", "resume", mode="before")
+    @field_validator("report", "resume", "ledger", mode="before")
     @classmethod
     def _location(cls, value: object) -> object:
         # a path as a `Path` or a string; a URI stays a string (a `Path` would fold its `//`)

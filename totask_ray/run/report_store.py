@@ -33,7 +33,6 @@ import io
 import json
 import logging
 import os
-import re
 import threading
 import time
 from collections.abc import Iterable, Iterator
@@ -42,6 +41,14 @@ from pathlib import Path
 from typing import IO, Any, cast
 
 from totask_ray.errors import CriticalError
+from totask_ray.net.object_store import (
+    StoreOpenError,
+    is_object_uri,
+    is_uri,
+    open_filesystem,
+    put_object,
+    store_hint,
+)
 from totask_ray.net.redact import redact_url, safe_error
 from totask_ray.pipeline.outcomes import DONE_STATUSES, read_report, report_records
 from totask_ray.run.progress import IdSet
@@ -52,20 +59,13 @@ Location = str | os.PathLike[str]
 
 EVERY_S = 10.0  # a part at least this often while outcomes come: what a SIGKILL may lose
 EVERY_LINES = 10_000  # and at most this many outcomes a part
-_URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+://")
 _CHUNK = 1 << 20
-
-
-def is_object_uri(location: Location) -> bool:
-    """A URI other than ``file://``: the report is objects in a store, not a local file."""
-    text = os.fspath(location)
-    return bool(_URI.match(text)) and not text.lower().startswith("file://")
 
 
 def describe(location: Location) -> str:
     """The location as a log line may show it (a URI without credentials or query)."""
     text = os.fspath(location)
-    return redact_url(text) if _URI.match(text) else text
+    return redact_url(text) if is_uri(text) else text
 
 
 def local_path(location: Location) -> Path:
@@ -115,12 +115,7 @@ class ObjectReport:
 
     @property
     def hint(self) -> str:
-        if self.fs.type_name == "s3":
-            return (
-                "; check that the bucket exists and that AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or "
-                "AWS_PROFILE), AWS_REGION and, for an S3-compatible server, AWS_ENDPOINT_URL are set"
-            )
-        return "; check the URI and this machine's credentials for that store"
+        return store_hint(self.fs)
 
     def _files(self, under: str) -> list[str]:
         from pyarrow.fs import FileSelector, FileType
@@ -152,25 +147,7 @@ class ObjectReport:
 
     def put(self, path: str, chunks: Iterable[bytes]) -> int:
         """Write one object whole from `chunks`; its size (0: nothing came, nothing was written)."""
-        stream = None
-        size = 0
-        try:
-            for chunk in chunks:
-                if stream is None:
-                    stream = self._open_output(path)
-                stream.write(chunk)
-                size += len(chunk)
-        finally:
-            if stream is not None:
-                stream.close()
-        return size
-
-    def _open_output(self, path: str) -> Any:
-        try:
-            return self.fs.open_output_stream(path)
-        except FileNotFoundError:  # a store with folders (fsspec's local or memory ones)
-            self.fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-            return self.fs.open_output_stream(path)
+        return put_object(self.fs, path, chunks)
 
     def delete_parts(self, keep: str | None = None) -> None:
         """Every part object, or every one but generation `keep`'s."""
@@ -187,36 +164,12 @@ class ObjectReport:
 
 
 def resolve(uri: str) -> ObjectReport:
-    """The filesystem for `uri`: pyarrow's own (s3, gs, abfs, hdfs), else fsspec's, when installed.
-
-    Not cached: it reads the credentials from the environment, which a notebook may change between
-    runs."""
-    import pyarrow
-    from pyarrow.fs import FileSystem, FSSpecHandler, PyFileSystem
-
+    """The filesystem for `uri` (`net/object_store.py`): pyarrow's own, else fsspec's."""
     try:
-        fs, path = FileSystem.from_uri(uri)
-        return ObjectReport(uri, fs, path)
-    except pyarrow.ArrowInvalid as exc:
-        unknown = safe_error(exc)
-    except (OSError, ValueError) as exc:
-        raise CriticalError(f"Cannot open the report at {redact_url(uri)}: {safe_error(exc)}") from None
-    try:
-        import fsspec.core
-
-        fs, path = fsspec.core.url_to_fs(uri)
-    except ImportError:
-        raise CriticalError(
-            f"Cannot open the report at {redact_url(uri)}: pyarrow does not know its scheme ({unknown}) and "
-            "fsspec is not installed; use s3://, gs://, abfs:// or hdfs://, or install fsspec and its "
-            "filesystem for that scheme"
-        ) from None
-    except (ValueError, OSError) as exc:
-        raise CriticalError(
-            f"Cannot open the report at {redact_url(uri)}: neither pyarrow nor fsspec knows this store "
-            f"({safe_error(exc)}); check the URI's scheme"
-        ) from None
-    return ObjectReport(uri, PyFileSystem(FSSpecHandler(fs)), path)
+        fs, path = open_filesystem(uri)
+    except StoreOpenError as exc:
+        raise CriticalError(f"Cannot open the report at {redact_url(uri)}: {exc}") from None
+    return ObjectReport(uri, fs, path)
 
 
 def report_exists(location: Location) -> bool:
