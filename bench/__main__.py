@@ -13,6 +13,8 @@
 - all        every bench above, on one local Ray started once
 - ledger     (not in `all`) the run ledger's cost: file-method tasks/s with and without it, bytes
              per task, and the undo of one run
+- estimate   (not in `all`) the preview's projected wall time against the run's, file and faces demos
+             at two sizes each (issue 28), with where the run's CPU went
 - scale      (not in `all`: minutes) listing 1M ids by offset pages and by id ranges, and a resume of
              1M tasks with half done against a fresh run: object store and driver memory
 
@@ -30,7 +32,7 @@ import time
 from bench import local_ray, meters, tables
 
 BENCHES = ("file", "client-cpu", "inference", "memory", "startup", "label-studio", "accelerator", "scaleout")
-ALONE = ("scale", "ledger", "onsuccess", "overload")  # run only when named
+ALONE = ("scale", "ledger", "onsuccess", "overload", "estimate")  # run only when named
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -126,6 +128,8 @@ def main(argv: list[str] | None = None) -> int:
                 from bench import overload as mod  # type: ignore[no-redef]
             elif name == "onsuccess":
                 from bench import onsuccess as mod  # type: ignore[no-redef]
+            elif name == "estimate":
+                from bench import estimate as mod  # type: ignore[no-redef]
             else:
                 from bench import startup as mod  # type: ignore[no-redef]
             mod.main(args, ray_started=True)

@@ -34,6 +34,8 @@ _EXPORTS = {
     "PreProcessorSpec": "totask_ray.serving.interface",
     "CommonParams": "totask_ray.serving.interface",
     "InferenceParams": "totask_ray.serving.interface",
+    # the page of what a job would write on a sample (a callable package: `preview(job, sample=20)`)
+    "preview": "totask_ray.preview",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -60,6 +60,10 @@ class ToTaskResult(BaseModel):
     call_retries: int = 0
     call_backoffs: int = 0
     elapsed_s: float = 0.0
+    # Where the tasks' time went, summed over them per stage (read, convert, model, write), and the
+    # stage that bound the run: the one they spent most of it in (`run/progress.StageClock`).
+    stage_seconds: dict[str, float] = Field(default_factory=dict)
+    bound_by: str | None = None
     # the run's ledger (`totask-ray undo LEDGER`): None for a dry run or --no-ledger
     run_id: str | None = None
     ledger: str | None = None

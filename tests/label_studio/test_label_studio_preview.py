@@ -56,4 +56,8 @@ def test_preview_writes_nothing_to_label_studio(label_studio, tmp_path):
     assert page.counts == {"face": faces}
     # the labeling config's label names the class on the page, with its count
     assert re.search(rf'<tr data-class="face">.*?<td class="count">{faces}</td>', page.html, re.S)
+    # and the labeling config's control it is written through, by name, beside its labels
+    assert re.search(
+        r'id="controls">.*?<code>faces</code> \(rectanglelabels on <code>image</code>\): face', page.html
+    )
     assert len(re.findall(r'<img class="thumb"', page.html)) == 5

@@ -50,6 +50,9 @@ class TaskFailed(Exception):
 
 log = logging.getLogger("totask_ray")
 
+# `Annotator.clock`'s stages: where in a task's clock each one's seconds add up
+READ, MODEL, WRITE = 1, 2, 3
+
 
 def safe_error(exc: BaseException) -> str:
     """`net.redact.safe_error` for a task's outcome: errors worded for users are shown bare."""
@@ -74,6 +77,8 @@ class Annotator:
         self._sem: asyncio.Semaphore | None = None
         self.node = _node_id()
         self._stop = StopWatch(stop_flag, on_run_over=self.release)
+        # per task in flight: [start, read s, model s, write s] (`clock`), into its outcome at its end
+        self._clocks: dict[int, list[float]] = {}
         # the run's ledger (what each write changed, for `totask-ray undo`); none in a dry run
         self._ledger = (
             LedgerWriter(spec.ledger) if spec.ledger is not None and not spec.options.dry_run else None
@@ -116,6 +121,8 @@ class Annotator:
             if new_task and self._stop.stopped:
                 return Outcome(task_id, Status.STOPPED, Stage.FETCH, "the run was stopped before this task")
             t0 = time.perf_counter()
+            if new_task:
+                self._clocks[task_id] = [t0, 0.0, 0.0, 0.0]
             try:
                 result = await fn(*args)
             except TaskFailed as exc:
@@ -123,10 +130,23 @@ class Annotator:
             except Exception as exc:  # a bug or a hook's surprise: this task's failure, not the batch's
                 result = Outcome(task_id, Status.FAILED, Stage.CONVERT, safe_error(exc))
             if isinstance(result, Outcome):
-                result.duration_ms = (time.perf_counter() - t0) * 1000
+                t1 = time.perf_counter()
+                result.duration_ms = (t1 - t0) * 1000
                 result.node = self.node
                 result.finished_at = time.time()
+                clock = self._clocks.pop(task_id, None)
+                if clock is not None:
+                    start, read, model, write = clock
+                    result.read_ms, result.model_ms, result.write_ms = read * 1000, model * 1000, write * 1000
+                    result.convert_ms = max(0.0, t1 - start - read - model - write) * 1000
             return result
+
+    def clock(self, task_id: int, stage: int, seconds: float) -> None:
+        """Add `seconds` to one of a task's stage times (`READ`, `MODEL`, `WRITE`); the rest of its
+        time is its convert. A few float additions a task: what lets the run name its bound."""
+        c = self._clocks.get(task_id)
+        if c is not None:
+            c[stage] += seconds
 
     async def process(self, task_id: int) -> Outcome:  # pragma: no cover - per annotator
         raise NotImplementedError
@@ -139,6 +159,7 @@ class Annotator:
 
     async def fetch_task(self, task_id: int) -> tuple[Task, DataUnit]:
         assert self._client is not None
+        t0 = time.perf_counter()
         try:
             task = await self._client.get_task(task_id)
             unit = task.expanded_data_unit
@@ -150,6 +171,8 @@ class Annotator:
             raise TaskFailed(Stage.FETCH, safe_error(exc), critical=True) from exc
         except PlatformError as exc:
             raise TaskFailed(Stage.FETCH, f"could not read the task: {safe_error(exc)}") from exc
+        finally:
+            self.clock(task_id, READ, time.perf_counter() - t0)
         return task, unit
 
     def skip_existing(self, task: Task) -> Outcome | None:
@@ -232,14 +255,19 @@ class Annotator:
             wf0 = _workflow_fields(task) if self.params.on_success is not None else None
             self._ledger.before(task.id, task.data, data, workflow=wf0)
             await self._recorded(task.id)
+        t0 = time.perf_counter()
         try:
             answer = await self._client.annotate_task(task, data, schema, image_size=size)
         except AuthenticationError as exc:
             raise TaskFailed(Stage.WRITE, safe_error(exc), critical=True) from exc
         except PlatformError as exc:
             raise TaskFailed(Stage.WRITE, f"could not write the annotation: {safe_error(exc)}") from exc
+        finally:
+            self.clock(task.id, WRITE, time.perf_counter() - t0)
         outcome = Outcome(task.id, done, Stage.DONE, written=True, objects=n_objects)
+        t1 = time.perf_counter()
         wf = await self.apply_workflow(outcome, task)
+        self.clock(task.id, WRITE, time.perf_counter() - t1)
         if self._ledger is not None:
             created = answer.get("created") if isinstance(answer, dict) else None
             self._ledger.written(task.id, created=created, workflow=wf)

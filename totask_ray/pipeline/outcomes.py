@@ -103,6 +103,15 @@ class Stage(StrEnum):
     DONE = "done"
 
 
+# The stages a task's time is split into (a stage's name: its Outcome field), in a task's order.
+STAGE_TIMES: dict[str, str] = {
+    "read": "read_ms",
+    "convert": "convert_ms",
+    "model": "model_ms",
+    "write": "write_ms",
+}
+
+
 @dataclass
 class Outcome:
     task_id: int
@@ -123,6 +132,13 @@ class Outcome:
     # tries sent again after an infrastructure fault, and after a full queue's refusal.
     retries: int = 0
     backoffs: int = 0
+    # Where the task's time went, in ms (`STAGE_TIMES`): reading it, converting (downloads, decode,
+    # hooks, validation: the rest of its time), waiting on the model's call, writing (and on_success).
+    # They let the run name the stage that bound it (`run/progress.StageClock`).
+    read_ms: float = 0.0
+    convert_ms: float = 0.0
+    model_ms: float = 0.0
+    write_ms: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> str:
@@ -134,6 +150,11 @@ class Outcome:
         for quiet in ("retries", "backoffs"):  # most tasks: none, and nothing said
             if not d[quiet]:
                 d.pop(quiet)
+        for ms in STAGE_TIMES.values():  # a stage the task never reached says nothing
+            if d[ms]:
+                d[ms] = round(d[ms], 1)
+            else:
+                d.pop(ms)
         if not self.would_write:
             d.pop("would_write")
         else:
@@ -160,6 +181,10 @@ _COLUMNS: dict[str, tuple[Any, Callable[[Any], Any]]] = {
     "would_write": (object, lambda v: v or ""),
     "retries": (np.int32, int),
     "backoffs": (np.int32, int),
+    "read_ms": (np.float32, float),
+    "convert_ms": (np.float32, float),
+    "model_ms": (np.float32, float),
+    "write_ms": (np.float32, float),
 }
 assert list(_COLUMNS) == [f.name for f in fields(Outcome)][:-1], "Outcome's fields and their columns differ"
 

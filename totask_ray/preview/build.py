@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import tempfile
 import time
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,11 +26,16 @@ from totask_ray.preview.collect import fill_views, views_from_report
 from totask_ray.preview.drops import Drops, count_drops
 from totask_ray.preview.estimate import (
     Estimate,
+    Pass,
+    annotator_pass,
     dry_run_startup,
+    local_cluster,
+    others_cores,
     pool_most,
     probe_platform,
     running_replicas,
     stage_rates,
+    this_machine,
 )
 from totask_ray.preview.page import MAX_PAGE_BYTES, PreviewPage, render
 from totask_ray.preview.sample import SampleError, draw_sample
@@ -88,10 +94,11 @@ def preview(
         timings["listing_page_s"] = time.perf_counter() - t_list
         # The project's classes: Synapse's, or the labels of Label Studio's labeling config.
         classes = [c.name for c in client.get_project(params.project).classes]
+        controls = labeling_controls(client, params.project)
         platform_name = client.name
         sampled = params.model_copy(update={"task_filters": {**params.task_filters, "id__in": ids}})
         spec = RunSpec(params=params, options=opts, platform=config, action_cls=action_cls)
-        ray_start_s, prepare_s, reserved, app = _start(spec, client)
+        ray_start_s, prepare_s, reserved, app, annotator = _start(spec, client)
         with tempfile.TemporaryDirectory(prefix="totask-preview-") as tmp:
             report = Path(tmp) / "preview.jsonl"
             t1, wall1 = time.perf_counter(), time.time()
@@ -110,17 +117,29 @@ def preview(
         drops = _drops(params, client, [v.image for v in views if v.image is not None], opts)
         timings["drops_s"] = time.perf_counter() - t3
         most = pool_most(spec, total, reserved)
+        most_dry = pool_most(spec, len(ids), reserved)  # the sample's dry run's pool
+        others = others_cores()
         probe = probe_platform(spec, ids, most * opts.concurrency)
+        passed = _pass(annotator, ids, params.batch_size) if local_cluster() else None
         timings["write_probe_s"] = probe.wall_s / probe.chains
     finally:
         client.close()
     per_image = drops.call_s / drops.call_images if drops.call_s is not None and drops.call_images else None
+    machine = this_machine(probe, passed, others, busy=most + 1)
     estimate = Estimate(
         tasks=total, startup_s=startup_s, ray_start_s=ray_start_s, prepare_s=prepare_s,
         fresh_process=fresh_process,
+        growth_s=machine.growth_s(most - most_dry) if machine is not None else 0.0,
+        measured={
+            "others_cores": others, "probe_chains": probe.chains, "probe_wall_s": probe.wall_s,
+            "probe_client_cpu_s": probe.client_cpu_s, "probe_box_cpu_s": probe.box_cpu_s,
+            "model_per_image_s": per_image or 0.0, "actors": most, "actors_dry_run": most_dry,
+            **({} if passed is None else {f"pass_{k}": v for k, v in asdict(passed).items()}),
+        },
         stages=stage_rates(
             spec, total=total, probe=probe, pool_most=most, listing_page_s=timings.get("listing_page_s"),
             model_per_image_s=per_image, replicas=running_replicas(app),
+            machine=machine,
         ),
     )  # fmt: skip
     log.info("preview: %s", estimate.summary())
@@ -128,16 +147,32 @@ def preview(
     page = render(
         views, job=params.name, total=total, how=how, message=result.message, classes=classes,
         drops=drops, timings=timings, platform_name=platform_name, max_bytes=max_bytes, estimate=estimate,
+        controls=controls,
     )  # fmt: skip
     if out is not None:
         page.save(out)
     return page
 
 
-def _start(spec: RunSpec, client: Any) -> tuple[float, float, float, str | None]:
+def labeling_controls(client: Any, project: int) -> list[dict[str, Any]]:
+    """Label Studio's labeling-config controls (name, tag, the object they label, their labels),
+    which the page shows beside the labels: a label is written through its control, by name. Empty
+    on a platform with no labeling config (Synapse)."""
+    info = getattr(client, "project_info", None)
+    labeling = getattr(info(project), "labeling", None) if callable(info) else None
+    if labeling is None:
+        return []
+    return [
+        {"name": c.name, "tag": c.tag, "to_name": c.to_name, "labels": list(c.labels)}
+        for c in labeling.controls
+    ]
+
+
+def _start(spec: RunSpec, client: Any) -> tuple[float, float, float, str | None, Any]:
     """Ray and the method's prepare, each timed before the dry run (see `preview.estimate`): the
     seconds Ray and Ray Data took to start in this process (about 0: both were up), the prepare's (the inference method: deploying its
-    pre-processor; 0 when it was up), the CPUs the method's services hold, and the app's name.
+    pre-processor; 0 when it was up), the CPUs the method's services hold, the app's name, and the
+    method's annotator (`AnnotatorSpec`) on a dry-run spec, for the annotator pass (None: no prepare).
 
     A prepare that fails is left for the dry run to report, with the run's own message."""
     from totask_ray.cluster import ensure_ray
@@ -158,12 +193,25 @@ def _start(spec: RunSpec, client: Any) -> tuple[float, float, float, str | None]
         t1 = time.perf_counter()
         method.prepare(PrepareInput(spec.params, client, project, collection))
         prepare_s = time.perf_counter() - t1
-        reserved = method.annotator(spec).reserved_cpus
+        dry = replace(spec, options=o.model_copy(update={"dry_run": True}))
+        annotator = method.annotator(dry)
     except Exception as exc:  # the dry run meets it again and fails with the run's own message
         log.debug("preview: the prepare before the dry run failed: %s", type(exc).__name__)
-        return ray_start_s, 0.0, 0.0, None
+        return ray_start_s, 0.0, 0.0, None, None
     plan = getattr(method, "plan", None)
-    return ray_start_s, prepare_s, reserved, getattr(plan, "app_name", None)
+    return ray_start_s, prepare_s, annotator.reserved_cpus, getattr(plan, "app_name", None), annotator
+
+
+def _pass(annotator: Any, ids: list[int], batch_size: int) -> Pass | None:
+    """The annotator pass (`estimate.annotator_pass`), or None where it cannot run: the estimate
+    then has no machine stage, and a preview never fails on it."""
+    if annotator is None or not ids:
+        return None
+    try:
+        return annotator_pass(annotator, ids, batch_size)
+    except Exception as exc:
+        log.warning("preview: the annotator pass for the estimate failed: %s", type(exc).__name__)
+        return None
 
 
 def _drops(params: ToTaskParams, client: Any, images: list[bytes], opts: RunOptions) -> Drops:

@@ -1,6 +1,6 @@
 """How long the whole job will take on this cluster: start-up + tasks / the smallest stage capacity.
 
-What goes in, all measured by the preview on this cluster, none assumed:
+What goes in, measured by the preview on this cluster, and what is assumed (the page says which):
 
 - **start-up**: the sample's dry run from its call to its first finished task, plus the time from
   its last finished task to its return (Ray Data's start, the actors' start, the first batch, and
@@ -8,25 +8,30 @@ What goes in, all measured by the preview on this cluster, none assumed:
   method's prepare (for the inference method: deploying the pre-processor) are timed apart, before
   the dry run: a run in the same process or on the same cluster finds both done (the preview's
   `start-up`), a run in a process of its own on a local Ray it starts (`totask-ray run` after
-  `totask-ray preview`) pays both again (`fresh_process`).
+  `totask-ray preview`) pays both again (`fresh_process`). Where the cluster is this machine, the
+  pool's growth past the dry run's (`Machine.growth_s`: actors x `ACTOR_START_CPU_S`, assumed) is
+  added: on a small machine those actors' imports are seconds of its CPU.
 - **stage capacities**, tasks a second, each from the run's own plan (`pipeline.sizing.plan_pool`
   on `read_cluster()`, as `pipeline.run.plan_actors` sizes it; the pre-processor's replicas as they
   run after the dry run):
   - listing: a page of ids per `listing_page_s`;
-  - platform: a **write-cost probe that writes nothing** (`probe_platform`): a burst of the
-    round-trips each task makes, through the async client and downloader the annotators use, at
-    the run's concurrency (up to `PROBE_CONCURRENCY`): the task read, the primary file's download,
-    and a second task read standing in for the write. The stand-in is fair because a write is, like
-    the read, one authenticated round-trip to the same API server carrying one task's JSON, and
-    under load what bounds both is the server's request rate, which a burst measures; it is a lower
-    bound (a write also commits), which is why start-up, not the write, is what the estimate
-    leans on for small jobs. Neither platform has a no-op write to time instead;
+  - platform: a **probe that writes nothing** (`probe_platform`): a burst of the round-trips each
+    task makes, through the async client and downloader the annotators use, at the run's
+    concurrency (up to `PROBE_CONCURRENCY`): the task read, the primary file's download, and a
+    second task read standing in for the write (assumed: a write costs the server what a read does;
+    neither platform has a write that writes nothing, to time instead);
   - annotators: tasks in flight over the pool (`most` actors x two batches x `batch_size`, capped
     by `concurrency`) over one task's latency (the probe's round-trips plus its batch's model call);
-  - pre-processor: its running replicas over the model's time per image in the sample's batch call.
+  - pre-processor: its running replicas over the model's time per image in the sample's batch call;
+  - this machine's CPUs (`Machine`), where the cluster is this machine: its cores, shared with the
+    load measured while the preview waited, over a task's CPU: the run's own annotator over the
+    sample in this process (`annotator_pass`), measured as this machine's CPU (client, model,
+    platform when local), times `RAY_DATA_CPU_FACTOR` (assumed). What bounded the demos on a 2-core
+    box (bench/estimate.py): the per-stage latencies were far from it, the CPUs were saturated.
 
 The smallest capacity bounds the job; the page names it. What it cannot see: other work on a shared
-cluster, a pool that grows onto nodes still to come, and the platform slowing as it fills.
+cluster that starts or stops after the preview, a pool that grows onto nodes still to come, and the
+platform slowing as it fills.
 """
 
 from __future__ import annotations
@@ -55,6 +60,9 @@ class StageRate:
     name: str
     per_s: float
     how: str
+    # False: shown, but its capacity is a share of another stage's (a platform on this machine is
+    # its CPUs'), so it does not bound the job apart from it
+    binds: bool = True
 
 
 @dataclass
@@ -67,10 +75,12 @@ class Estimate:
     prepare_s: float  # the method's prepare (the inference method: deploying its pre-processor)
     fresh_process: bool  # the run pays ray_start_s and prepare_s again (it is a process of its own)
     stages: list[StageRate] = field(default_factory=list)
+    measured: dict[str, float] = field(default_factory=dict)  # what the CPU stage was taken from
+    growth_s: float = 0.0  # the pool growing past the dry run's: its actors starting (`Machine`)
 
     @property
     def bound(self) -> StageRate:
-        return min(self.stages, key=lambda s: s.per_s)
+        return min((s for s in self.stages if s.binds), key=lambda s: s.per_s)
 
     @property
     def work_s(self) -> float:
@@ -78,14 +88,18 @@ class Estimate:
 
     @property
     def start_s(self) -> float:
-        return self.startup_s + (self.ray_start_s + self.prepare_s if self.fresh_process else 0.0)
+        fresh = self.ray_start_s + self.prepare_s if self.fresh_process else 0.0
+        return self.startup_s + self.growth_s + fresh
 
     @property
     def projected_s(self) -> float:
         return self.start_s + self.work_s
 
     def summary(self) -> str:
-        return f"Whole job: {self.tasks:,} tasks, about {duration(self.projected_s)} on this cluster, bound by {self.bound.name}"
+        return (
+            f"Whole job (est.): {self.tasks:,} tasks, about {duration(self.projected_s)} on this cluster, "
+            f"bound by {self.bound.name}"
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -119,6 +133,8 @@ class Probe:
     in_flight: int = 0
     latency_s: float = 0.0  # one chain's median latency under the burst
     errors: int = 0
+    client_cpu_s: float = 0.0  # this process's CPU over the burst: the client's side of it
+    box_cpu_s: float = 0.0  # this machine's busy CPU over the burst, everything on it
 
     @property
     def per_s(self) -> float:
@@ -159,14 +175,34 @@ async def _probe(spec: RunSpec, task_ids: list[int], in_flight: int) -> Probe:
             latencies.append(time.perf_counter() - t0)
 
     try:
-        t0 = time.perf_counter()
+        t0, c0, b0 = time.perf_counter(), time.process_time(), box_busy_s()
         await asyncio.gather(*(chain(task_ids[i % len(task_ids)]) for i in range(chains)))
         wall = time.perf_counter() - t0
+        cpu, box = time.process_time() - c0, box_busy_s() - b0
     finally:
         for closer in (getattr(downloader, "aclose", None), getattr(client, "aclose", None)):
             if closer is not None:
                 await closer()
-    return Probe(chains, wall, in_flight, statistics.median(latencies), errors)
+    return Probe(chains, wall, in_flight, statistics.median(latencies), errors, cpu, box)
+
+
+IDLE_S = 1.0  # how long the preview watches this machine while it does nothing
+
+
+def others_cores(idle_s: float = IDLE_S) -> float:
+    """The cores this machine keeps busy while the preview does nothing: other people's work and
+    Ray's own upkeep, which the run will share the machine with."""
+    b0, t0 = box_busy_s(), time.perf_counter()
+    time.sleep(idle_s)  # a measurement window, not a wait for a condition
+    return max(0.0, (box_busy_s() - b0) / (time.perf_counter() - t0))
+
+
+def box_busy_s() -> float:
+    """This machine's CPU seconds spent busy since boot, over all its cores (psutil)."""
+    import psutil
+
+    t = psutil.cpu_times()
+    return t.user + t.system + getattr(t, "nice", 0.0) + getattr(t, "irq", 0.0) + getattr(t, "softirq", 0.0)
 
 
 def dry_run_startup(records: list[dict[str, Any]], started: float, ended: float) -> float:
@@ -187,6 +223,7 @@ def stage_rates(
     listing_page_s: float | None,
     model_per_image_s: float | None,
     replicas: int,
+    machine: Machine | None = None,
 ) -> list[StageRate]:
     """Each stage's capacity in tasks a second (see the module doc)."""
     from totask_ray.pipeline.run import IN_FLIGHT_PER_ACTOR
@@ -195,11 +232,16 @@ def stage_rates(
     out: list[StageRate] = []
     if listing_page_s:
         out.append(StageRate("listing", o.page_size / listing_page_s, f"{o.page_size} ids a page"))
+    # A platform on this machine, with the machine as a stage: the burst ran on cores that other load
+    # held too, and the machine stage counts its server's CPU (in the pass's and the probe's)
+    shared = machine is not None and platform_here(spec)
     out.append(
         StageRate(
             "platform (task read, file download, write)",
             probe.per_s,
-            f"a burst of {probe.chains} read-download-read chains, {probe.in_flight} in flight",
+            f"a burst of {probe.chains} read-download-read chains, {probe.in_flight} in flight"
+            + (" (the platform runs on this machine: its CPUs bound it)" if shared else ""),
+            binds=not shared,
         )
     )
     batch = min(p.batch_size, max(total, 1))
@@ -222,7 +264,157 @@ def stage_rates(
                 f"{replicas} replica(s), {model_per_image_s * 1000:.0f} ms an image",
             )
         )
+    if machine is not None:
+        out.append(machine.rate())
     return out
+
+
+@dataclass(frozen=True)
+class Machine:
+    """This machine's CPUs as a stage, where the run's whole cluster is this machine (a local Ray):
+    the annotators, the driver, Ray's own processes, the pre-processor's replicas and, when it is
+    local too, the platform's server all share its cores, so together they take no more than its
+    free cores over the CPU a task costs them all.
+
+    - free cores: its cores less what it keeps busy while the preview does nothing (`others_cores`:
+      other people's work, Ray's upkeep), measured just before the probe;
+    - a task's CPU: the annotator pass (`annotator_pass`: the run's own annotator class, in this
+      process, over the sample as a dry run: reads, downloads, the model's calls, hooks,
+      validation), as this machine's CPU per task less the idle rate, plus one task read's CPU for
+      the write it leaves out (the probe's per round-trip), times `RAY_DATA_CPU_FACTOR` for what the
+      pass has no part of (Ray Data moving ids and outcomes, the driver taking them, a pool that
+      grows by starting actors).
+    """
+
+    cores: float
+    others: float
+    pass_cpu_s: float  # the annotator pass's CPU on this machine per task, less the idle rate
+    write_cpu_s: float  # one round-trip's CPU (the probe's), standing in for the write
+    busy: int = 1  # the run's processes that compete for the cores: its actors and the driver
+
+    @property
+    def task_cpu_s(self) -> float:
+        return (self.pass_cpu_s + self.write_cpu_s) * RAY_DATA_CPU_FACTOR
+
+    @property
+    def free(self) -> float:
+        """The cores the run gets: the kernel shares them between runnable processes, so against a
+        load of `others` cores the run's `busy` processes get their share of them (all of them on an
+        idle machine)."""
+        return max(MIN_FREE_CORES, self.cores * self.busy / (self.busy + self.others))
+
+    def growth_s(self, actors: int) -> float:
+        """Starting `actors` more annotator actors than the sample's dry run did (the pool grows to
+        its plan): each imports Ray Data and the method, `ACTOR_START_CPU_S` of CPU on these cores."""
+        return max(0, actors) * ACTOR_START_CPU_S / self.free
+
+    def rate(self) -> StageRate:
+        how = (
+            f"est. {self.free:.1f} of {self.cores:g} cores for the run, {self.task_cpu_s * 1000:.0f} ms CPU a task "
+            f"(sample pass {self.pass_cpu_s * 1000:.0f} ms + write {self.write_cpu_s * 1000:.1f} ms, "
+            f"x{RAY_DATA_CPU_FACTOR:g} for Ray Data)"
+        )
+        return StageRate(MACHINE_STAGE, self.free / max(self.task_cpu_s, 1e-6), how)
+
+
+MACHINE_STAGE = "the CPUs of this machine"
+# What a run costs in CPU beyond the annotator pass's per task: Ray Data's streaming of ids and
+# outcomes, the driver's share, the pool's actors starting as it grows. Measured on a 2-core box
+# with the embedded platform (bench/estimate.py, BENCHMARKS); an assumption elsewhere, said on the page.
+RAY_DATA_CPU_FACTOR = 1.7
+# An annotator actor's start: a Python process importing Ray Data, the client and the method. Fitted on
+# the 2-core box (bench/estimate.py: the file runs' time beyond the dry run's start-up and the work,
+# over the actors the pool added, median 1.2 CPU-s an actor), then checked on a second round there.
+# An assumption elsewhere; the page says so.
+ACTOR_START_CPU_S = 1.2
+MIN_FREE_CORES = 0.25  # a machine busier than its cores still gives the run a share of them
+PASS_ROUNDS = 2  # the annotator pass goes over the sample this many times, after one warm-up batch
+
+
+def platform_here(spec: RunSpec) -> bool:
+    """The platform's server is on this machine (its URL's host is a loopback address)."""
+    import ipaddress
+    from urllib.parse import urlsplit
+
+    host = urlsplit(str(getattr(spec.platform, "host", "") or "")).hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def local_cluster() -> bool:
+    """The run's cluster is one node, this machine (a local Ray): the machine stage applies."""
+    import ray
+
+    try:
+        nodes = [n for n in ray.nodes() if n.get("Alive")]
+        here = ray.util.get_node_ip_address()
+    except Exception:  # no Ray to ask: no machine stage, the other stages still bound the job
+        return False
+    return len(nodes) == 1 and nodes[0].get("NodeManagerAddress") == here
+
+
+@dataclass
+class Pass:
+    """The annotator pass (see `Machine`)."""
+
+    tasks: int = 0
+    wall_s: float = 0.0
+    client_cpu_s: float = 0.0
+    box_cpu_s: float = 0.0
+
+
+def annotator_pass(annotator: Any, ids: list[int], batch_size: int) -> Pass:
+    """The run's own annotator (`AnnotatorSpec`, built on a dry-run spec: nothing is written) in this
+    process, over the sample `PASS_ROUNDS` times in batches, two batches in flight as an actor
+    takes them, after one warm-up batch (sessions, the handle's router)."""
+    from totask_ray.preview.collect import run_async
+
+    return run_async(_pass(annotator, ids, batch_size))
+
+
+async def _pass(annotator: Any, ids: list[int], batch_size: int) -> Pass:
+    import numpy as np
+
+    from totask_ray.pipeline.run import IN_FLIGHT_PER_ACTOR
+
+    ann = annotator.cls(**annotator.kwargs)
+    size = max(1, min(batch_size, len(ids)))
+    work = [ids[i % len(ids)] for i in range(len(ids) * PASS_ROUNDS)]
+    batches = [work[i : i + size] for i in range(0, len(work), size)]
+    sem = asyncio.Semaphore(IN_FLIGHT_PER_ACTOR)
+
+    async def batch(b: list[int]) -> None:
+        async with sem:
+            await ann({"task_id": np.array(b, dtype=np.int64)})
+
+    try:
+        await batch(ids[:size])  # warm-up, not counted
+        t0, c0, b0 = time.perf_counter(), time.process_time(), box_busy_s()
+        await asyncio.gather(*(batch(b) for b in batches))
+        out = Pass(len(work), time.perf_counter() - t0, time.process_time() - c0, box_busy_s() - b0)
+    finally:
+        for closer in (getattr(ann._downloader, "aclose", None), getattr(ann._client, "aclose", None)):
+            if closer is not None:
+                await closer()
+        ann._threads.shutdown(wait=False)
+    return out
+
+
+def this_machine(probe: Probe, passed: Pass | None, others: float, busy: int = 1) -> Machine | None:
+    """The machine stage where the cluster is this machine and the pass ran (see `Machine`)."""
+    import os
+
+    if passed is None or not passed.tasks or not local_cluster():
+        return None
+    pass_cpu = max(0.0, passed.box_cpu_s - others * passed.wall_s) / passed.tasks
+    write_cpu = max(0.0, probe.box_cpu_s - others * probe.wall_s) / max(probe.chains, 1) / 3
+    return Machine(
+        cores=float(os.cpu_count() or 1), others=others, pass_cpu_s=pass_cpu, write_cpu_s=write_cpu
+    )
 
 
 def pool_most(spec: RunSpec, total: int, reserved_cpus: float) -> int:

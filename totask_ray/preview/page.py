@@ -21,7 +21,13 @@ from totask_ray.preview.charts import histograms
 from totask_ray.preview.collect import TaskView
 from totask_ray.preview.draw import THUMB_SIDE, colour_of, object_label, object_score, objects_of, thumbnail
 from totask_ray.preview.drops import Drops
-from totask_ray.preview.estimate import Estimate, duration
+from totask_ray.preview.estimate import (
+    ACTOR_START_CPU_S,
+    MACHINE_STAGE,
+    RAY_DATA_CPU_FACTOR,
+    Estimate,
+    duration,
+)
 from totask_ray.preview.template import PAGE
 
 MAX_PAGE_BYTES = 8 * 1024 * 1024
@@ -71,6 +77,7 @@ def render(
     platform_name: str = "",
     max_bytes: int = MAX_PAGE_BYTES,
     estimate: Estimate | None = None,
+    controls: list[dict[str, Any]] | None = None,
 ) -> PreviewPage:
     from jinja2 import Environment
 
@@ -126,7 +133,7 @@ def render(
         drops=drops.rows(), drops_note=drops.note or _drops_note(drops), charts=charts, footer=footer,
         stages=[(name, measured[k]) for k, name in STAGE_NAMES.items() if k in measured],
         classes=project_classes, colours=[colour_of(c, classes) for c in project_classes],
-        platform_name=platform_name, estimate=_estimate_view(estimate),
+        platform_name=platform_name, estimate=_estimate_view(estimate), controls=controls or [],
     )  # fmt: skip
     if len(page.encode("utf-8")) > max_bytes:  # the reserve was not enough: never hand out more
         raise ValueError(f"the preview page came to {len(page):,} bytes, over its {max_bytes:,}-byte cap")
@@ -188,6 +195,8 @@ def _estimate_view(e: Estimate | None) -> dict[str, Any] | None:
     if e is None or not e.stages:
         return None
     start = f"{e.startup_s:.1f} s start-up (the sample's dry run)"
+    if e.growth_s:
+        start += f" + est. {e.growth_s:.1f} s starting the pool's further actors"
     if e.fresh_process:
         start += f" + {e.ray_start_s:.1f} s starting Ray + {e.prepare_s:.1f} s prepare"
     return {
@@ -196,6 +205,8 @@ def _estimate_view(e: Estimate | None) -> dict[str, Any] | None:
         "work": f"{e.tasks:,} tasks / {e.bound.per_s:,.1f} a second = {duration(e.work_s)}",
         "projected_s": round(e.projected_s),
         "stages": [(s.name, f"{s.per_s:,.1f}", s.how, s is e.bound) for s in e.stages],
+        "machine": f"{RAY_DATA_CPU_FACTOR:g}" if any(s.name == MACHINE_STAGE for s in e.stages) else "",
+        "actor_cpu": f"{ACTOR_START_CPU_S:g}",
     }
 
 

@@ -53,7 +53,8 @@ tr.bound td{font-weight:600}
 {% for c in counts %}<tr data-class="{{ c.name }}"><td><span class="swatch" style="background:rgb{{ c.colour }}"></span>{{ c.name }}</td><td class="count">{{ c.objects }}</td><td>{{ c.tasks }}</td></tr>
 {% else %}<tr><td colspan="3" class="note">nothing would be written</td></tr>{% endfor %}
 </table>
-<p class="note">The project's classes{% if platform_name %} ({{ platform_name }}){% endif %}: {% for name in classes %}<span class="swatch" style="background:rgb{{ colours[loop.index0] }}"></span>{{ name }}{% if not loop.last %}, {% endif %}{% else %}none listed (objects keep the model's class ids){% endfor %}</p></section>
+<p class="note">The project's classes{% if platform_name %} ({{ platform_name }}){% endif %}: {% for name in classes %}<span class="swatch" style="background:rgb{{ colours[loop.index0] }}"></span>{{ name }}{% if not loop.last %}, {% endif %}{% else %}none listed (objects keep the model's class ids){% endfor %}</p>
+{% if controls %}<p class="note" id="controls">The labeling config's controls: {% for c in controls %}<code>{{ c.name }}</code> ({{ c.tag }} on <code>{{ c.to_name }}</code>): {{ c.labels|join(", ") or "any label" }}{% if not loop.last %}; {% endif %}{% endfor %}</p>{% endif %}</section>
 <section><h2>Dropped, and why</h2>
 {% if drops %}<table id="drops"><tr><th>reason</th><th>model label</th><th>objects</th></tr>
 {% for reason, label, n in drops %}<tr><td>{{ reason }}</td><td>{{ label }}</td><td>{{ n }}</td></tr>{% endfor %}
@@ -76,8 +77,13 @@ tr.bound td{font-weight:600}
 <table id="capacities"><tr><th>stage</th><th>tasks a second</th><th>from</th></tr>
 {% for name, rate, how, bound in estimate.stages %}<tr{% if bound %} class="bound"{% endif %}><td>{{ name }}{% if bound %} (bounds the job){% endif %}</td><td>{{ rate }}</td><td>{{ how }}</td></tr>{% endfor %}
 </table>
-<p class="note">Projected with the cluster as it is now and the run's own pool plan; other work on a shared
-cluster and nodes still to come are not in it. After the run, compare: <code>totask-ray run JOB --projected-s {{ estimate.projected_s }}</code>
+<p class="note">An estimate, not a measurement: projected with the cluster as it is now and the run's own pool
+plan. Assumed, not measured: a write costs the platform what a task read does (no platform has a write that writes
+nothing, to time); {% if estimate.machine %}a task costs {{ estimate.machine }}x the CPU of the sample's annotator pass (Ray
+Data's own work), and each actor the pool starts beyond the sample's {{ estimate.actor_cpu }} CPU-s (both measured on a
+2-core machine with the embedded platform); the machine's other load stays as it was while the preview waited, and
+shares the cores with the run's processes. {% endif %}Other work on a shared multi-node cluster and
+nodes still to come are not in it. After the run, compare: <code>totask-ray run JOB --projected-s {{ estimate.projected_s }}</code>
 (<code>projected_s={{ estimate.projected_s }}</code> in Python) prints what it achieved against this.</p></section>{% endif %}
 <section class="note">{{ footer }}</section>
 <script>

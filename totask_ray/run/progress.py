@@ -13,7 +13,7 @@ import time
 from collections import Counter
 from typing import IO, Any, Protocol
 
-from totask_ray.pipeline.outcomes import COUNTS, Outcome, Status, totals
+from totask_ray.pipeline.outcomes import COUNTS, STAGE_TIMES, Outcome, Status, totals
 from totask_ray.result import Metrics, TaskFailure
 
 log = logging.getLogger("totask_ray")
@@ -74,6 +74,37 @@ class IdSet:
                         yield self._base + i * 8 + bit
 
 
+class StageClock:
+    """Where the run's tasks spent their time, summed over their outcomes per stage (`STAGE_TIMES`:
+    read, convert, model, write), and the stage that bound the run: the one the tasks spent most of
+    their time in. Tasks run concurrently up to a bound, so the stage they wait on longest is where
+    the run's queue is: a slow platform write shows as write, a busy model as model. Four additions
+    a task on the driver."""
+
+    def __init__(self) -> None:
+        self.ms = dict.fromkeys(STAGE_TIMES, 0.0)
+
+    def add(self, o: Outcome) -> None:
+        for stage, name in STAGE_TIMES.items():
+            self.ms[stage] += getattr(o, name)
+
+    def seconds(self) -> dict[str, float]:
+        return {k: round(v / 1000, 3) for k, v in self.ms.items()}
+
+    def bound(self) -> str | None:
+        """The stage with the largest share of the tasks' time; None before any task reported one."""
+        total = sum(self.ms.values())
+        return max(self.ms, key=lambda k: self.ms[k]) if total > 0 else None
+
+    def describe(self) -> str:
+        """`bound by write (71 % of the tasks' time: read 12 %, convert 17 %, write 71 %)`; '' without times."""
+        bound, total = self.bound(), sum(self.ms.values())
+        if bound is None:
+            return ""
+        shares = ", ".join(f"{k} {100 * v / total:.0f} %" for k, v in self.ms.items() if v > 0)
+        return f"bound by {bound} ({100 * self.ms[bound] / total:.0f} % of the tasks' time: {shares})"
+
+
 class EventSink(Protocol):
     """Where the tracker sends per-task events and progress: the job record (`run/jobs.JobSink`),
     which imports this module for the step's name, so the tracker names only what it calls."""
@@ -124,6 +155,7 @@ class RunTracker:
         self.call_retries = 0  # issue 25: pre-processor calls sent again (outcomes' retries, backoffs)
         self.call_backoffs = 0
         self.duplicates = 0
+        self.stages = StageClock()
         self.failures: list[TaskFailure] = []
         self.failures_dropped = 0
         self._seen = IdSet()
@@ -168,6 +200,7 @@ class RunTracker:
         self.counts[o.status] += 1
         self.call_retries += o.retries
         self.call_backoffs += o.backoffs
+        self.stages.add(o)
         if counts.workflow:
             if o.workflow_error:
                 self.workflow_failed += 1

@@ -31,7 +31,6 @@ from totask_ray.run.progress import STEP, RunTracker
 from totask_ray.run.report_store import (
     Location,
     describe,
-    local_report,
     open_report,
     read_records,
     report_exists,
@@ -157,12 +156,12 @@ class Annotate(Step):
             ctx.cleanups.append(ctx.report_file.close)
         if not o.dry_run and not o.no_ledger:  # the run's ledger, before any actor writes
             release = getattr(getattr(ctx.method, "plan", None), "app_name", None)
-            ledger = start_run(
-                ledger_root(o.ledger, local_report(o.report)), ctx.spec.params, ctx.spec.platform, release
-            )
+            # beside the report, on disk or on its object store (`ledger/place.py`)
+            ledger = start_run(ledger_root(o.ledger, o.report), ctx.spec.params, ctx.spec.platform, release)
             ctx.spec = replace(ctx.spec, ledger=ledger)
             ctx.cleanups.append(lambda: close_sink(ledger))
-            log.info("run %s: ledger %s (undo: totask-ray undo %s)", ledger.run_id, ledger.path, ledger.path)
+            where = describe(ledger.path)
+            log.info("run %s: ledger %s (undo: totask-ray undo %s)", ledger.run_id, where, where)
         ctx.tracker = RunTracker(
             max(total, 0),
             report=ctx.report_file,
@@ -222,14 +221,14 @@ def done_in_report(path: Location) -> np.ndarray:
 
 
 def against_projected(elapsed_s: float, projected_s: float, done: int) -> str:
-    """What the run achieved against what `preview` projected (`--projected-s`). The run measures no
-    stage's rate, so it gives its own task rate; the preview's page names the stage it projected
-    would bound the job, and shows that stage's rate to compare with."""
+    """What the run achieved against what `preview` projected (`--projected-s`), with its own task
+    rate; the stage that bound the run is named just before (`StageClock.describe`), the one the
+    preview expected on its page."""
     off = (elapsed_s - projected_s) / projected_s * 100
     rate = done / elapsed_s if elapsed_s > 0 else 0.0
     return (
         f"achieved {elapsed_s:.1f} s ({rate:.1f} tasks/s overall) against {projected_s:.1f} s projected "
-        f"by preview ({off:+.0f} %; the preview's page names the stage it expected to bound the run)"
+        f"by preview ({off:+.0f} %)"
     )
 
 
@@ -258,6 +257,9 @@ def result(ctx: RunContext, status: RunStatus | None = None, message: str | None
     else:
         message = f"{message} ({counts})"
     elapsed = time.monotonic() - ctx.started
+    bound = t.stages.describe()
+    if bound:
+        message += "; " + bound
     if ctx.spec.options.projected_s is not None:
         message += "; " + against_projected(elapsed, ctx.spec.options.projected_s, t.done)
     return ToTaskResult(
@@ -272,6 +274,8 @@ def result(ctx: RunContext, status: RunStatus | None = None, message: str | None
         failures=list(t.failures),
         metrics=metrics,
         elapsed_s=round(elapsed, 3),
+        stage_seconds=t.stages.seconds(),
+        bound_by=t.stages.bound(),
         run_id=ctx.spec.ledger.run_id if ctx.spec.ledger is not None else None,
         ledger=ctx.spec.ledger.path if ctx.spec.ledger is not None else None,
     )

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from typing import Any
 
 from totask_ray.action import ToTask
@@ -21,7 +22,7 @@ from totask_ray.methods.inference.items import Ready, split_request
 from totask_ray.methods.labels import LabelMapError, LabelMapping
 from totask_ray.net.downloads import DownloadError
 from totask_ray.net.images import ImageDecodeError, decode_image, sniff_image
-from totask_ray.pipeline.annotator import Annotator, TaskFailed, safe_error
+from totask_ray.pipeline.annotator import MODEL, Annotator, TaskFailed, safe_error
 from totask_ray.pipeline.outcomes import Outcome, Stage
 from totask_ray.pipeline.spec import RunSpec
 
@@ -108,7 +109,11 @@ class InferenceAnnotator(Annotator):
     async def run_batch(self, ids: list[int]) -> list[Outcome]:
         prepared = await asyncio.gather(*(self._isolated(tid, self._prepare, tid) for tid in ids))
         outcomes = [p for p in prepared if isinstance(p, Outcome)]
-        answered = await self.caller.answer([p for p in prepared if isinstance(p, Ready)])
+        ready = [p for p in prepared if isinstance(p, Ready)]
+        t0 = time.perf_counter()
+        answered = await self.caller.answer(ready)
+        for item in ready:  # each task waited the whole call: the model's share of its time
+            self.clock(item.task.id, MODEL, time.perf_counter() - t0)
         finishing = [
             self._isolated(item.task.id, self._finish, item, response, new_task=False)
             for item, response in answered
