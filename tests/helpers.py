@@ -385,3 +385,20 @@ def face_jpegs(n: int, seed: int) -> list[tuple[bytes, list[list[float]], tuple[
         img.convert("RGB").save(buf, format="JPEG", quality=92)
         out.append((buf.getvalue(), truth, img.size))
     return out
+
+
+def wait_for_other_jobs_actors_gone(ray_cluster: Any, timeout: float = 120.0) -> None:
+    """After a driver of another job was killed: wait until its actors are gone (the GCS's actor
+    table), since an annotator may still finish a write while Ray ends it."""
+    import ray._private.state as ray_state
+
+    mine = ray_cluster.get_runtime_context().get_job_id()
+
+    def theirs_alive() -> list[str]:
+        return [
+            a["ActorClassName"]
+            for a in ray_state.actors().values()
+            if a["State"] != "DEAD" and a["JobID"] != mine and not a["IsDetached"]
+        ]
+
+    wait_until(lambda: not theirs_alive(), "the killed run's actors to be gone", timeout, interval=0.5)

@@ -291,6 +291,26 @@ def test_render_refuses_what_it_cannot_render(tmp_path):
         KubeOptions(image="has space")
 
 
+def test_a_release_whose_app_is_not_installed_here_is_refused_by_both_commands(tmp_path):
+    """`serve config` and `kube render` import the app to describe it: where its package is not
+    installed, both exit 2 with the same words, naming what to do."""
+    release = tmp_path / "release"
+    release.mkdir()
+    text = (
+        (FACES / "config.yaml")
+        .read_text()
+        .replace("serve_apps.faces.app:build_app", "not_here.app:build_app")
+    )
+    (release / "config.yaml").write_text(text)
+    printed = runner.invoke(app, ["serve", "config", str(release)])
+    rendered = runner.invoke(app, ["kube", "render", str(_job(tmp_path, "inference", pre_processor=34)),
+                                   "--image", "x", "--out", str(tmp_path / "out"), "--release", f"34={release}"])  # fmt: skip
+    for got, verb in ((printed, "run this"), (rendered, "render")):
+        assert got.exit_code == 2, got.output
+        assert "the release's entrypoint cannot be imported here (ModuleNotFoundError" in got.output
+        assert f"{verb} where the app's package is installed" in got.output
+
+
 @pytest.mark.slow
 def test_deploy_and_the_printed_config_describe_the_same_app(ray_cluster):
     """The normal path (`ensure_running`, as `serve deploy` and a run) deploys what `serve config`

@@ -21,7 +21,15 @@ import time
 
 import pytest
 import yaml
-from helpers import BIN, cli_env, config_for, good_unit, make_project, wait_until
+from helpers import (
+    BIN,
+    cli_env,
+    config_for,
+    good_unit,
+    make_project,
+    wait_for_other_jobs_actors_gone,
+    wait_until,
+)
 from test_report_storage import BUCKET, KEYS, _keys, s3, s3_env, s3_server  # noqa: F401 - the S3 fixtures
 from typer.testing import CliRunner
 
@@ -152,23 +160,6 @@ def test_a_run_reporting_to_s3_keeps_its_ledger_there_and_undo_from_s3_restores_
 TASKS = 150
 
 
-def _wait_for_the_killed_runs_actors(ray_cluster) -> None:
-    """The killed driver's annotators may finish a write while Ray ends them: wait until they are gone
-    (the GCS's actor table, as tests/test_report_storage.py reads it)."""
-    import ray._private.state as ray_state
-
-    mine = ray_cluster.get_runtime_context().get_job_id()
-
-    def theirs_alive() -> list[str]:
-        return [
-            a["ActorClassName"]
-            for a in ray_state.actors().values()
-            if a["State"] != "DEAD" and a["JobID"] != mine and not a["IsDetached"]
-        ]
-
-    wait_until(lambda: not theirs_alive(), "the killed run's actors to be gone", 120, interval=0.5)
-
-
 @pytest.mark.slow
 def test_a_run_killed_mid_way_leaves_parts_on_s3_that_undo_every_write(
     slow_platform, ray_cluster, s3, s3_env, tmp_path
@@ -201,7 +192,7 @@ def test_a_run_killed_mid_way_leaves_parts_on_s3_that_undo_every_write(
         platform.set_faults(slow_rate=1.0, slow_s=1.0, path_regex="annotate_task_data", methods=["PUT"])
         proc.send_signal(signal.SIGKILL)
         proc.communicate(timeout=60)
-        _wait_for_the_killed_runs_actors(ray_cluster)
+        wait_for_other_jobs_actors_gone(ray_cluster)
     finally:
         platform.clear_faults()
         if proc.poll() is None:

@@ -44,7 +44,7 @@ def render(
     from totask_ray.kube.inputs import RenderError, read_job
     from totask_ray.kube.options import KubeOptions, Pool
     from totask_ray.kube.render import render as render_tree
-    from totask_ray.serving.application import ServeAppError
+    from totask_ray.serving.application import ServeAppError, not_importable
 
     try:
         opts = KubeOptions(
@@ -69,11 +69,7 @@ def render(
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(EXIT_CONFIG) from None
     except (ImportError, AttributeError) as exc:
-        typer.echo(
-            f"error: the release's entrypoint cannot be imported here ({type(exc).__name__}: {exc}); "
-            "render where the app's package is installed",
-            err=True,
-        )
+        typer.echo(f"error: {not_importable(exc, 'render')}", err=True)
         raise typer.Exit(EXIT_CONFIG) from None
     for path in tree.write(out):
         typer.echo(str(path))

@@ -31,6 +31,7 @@ __all__ = [
     "ServeAppError",
     "ServeApplication",
     "import_attr",
+    "not_importable",
     "serve_application",
     "serve_config",
 ]
@@ -43,6 +44,15 @@ _LOGGING = {"enable_access_log": False}
 
 class ServeAppError(LookupError):
     """The release cannot be described as a Serve application; the message says what to fix."""
+
+
+def not_importable(exc: BaseException, what_to_do: str) -> str:
+    """The words for a release whose entrypoint does not import in this process (both CLIs that
+    describe an app without deploying it: `serve config`, `kube render`)."""
+    return (
+        f"the release's entrypoint cannot be imported here ({type(exc).__name__}: {exc}); "
+        f"{what_to_do} where the app's package is installed"
+    )
 
 
 def import_attr(path: str) -> Any:

@@ -14,7 +14,7 @@ from typing import Annotated
 
 import typer
 
-from totask_ray.serving.application import ServeAppError, serve_application, serve_config
+from totask_ray.serving.application import ServeAppError, not_importable, serve_application, serve_config
 from totask_ray.serving.capacity import CapacityError, node_types_from_cluster_yaml
 from totask_ray.serving.config import PreProcessorRelease, ReleaseConfigError, load_release_config
 from totask_ray.serving.lifecycle import RayServeBackend, ensure_running
@@ -158,11 +158,7 @@ def config_(
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(EXIT_CONFIG) from exc
     except (ImportError, AttributeError) as exc:
-        typer.echo(
-            f"error: the release's entrypoint cannot be imported here ({type(exc).__name__}: {exc}); "
-            "run this where the app's package is installed",
-            err=True,
-        )
+        typer.echo(f"error: {not_importable(exc, 'run this')}", err=True)
         raise typer.Exit(EXIT_CONFIG) from exc
     if output == "json":
         typer.echo(json.dumps(body, indent=2))
