@@ -31,6 +31,7 @@ from pathlib import Path
 import psutil
 import yaml
 
+from devtools.ports import quiet_port
 from devtools.procs import stop_group
 
 HEAD_TYPE = "ray.head.default"  # the fake provider names the head's type so
@@ -51,12 +52,6 @@ class FakeCluster:
     def driver_env(self, base: Mapping[str, str]) -> dict[str, str]:
         """``base`` made fit for a driver process of this cluster (no RAY_ADDRESS, auth as it runs)."""
         return {**{k: v for k, v in base.items() if not k.startswith("RAY_ADDRESS")}, **DRIVER_ENV}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def autoscaling_config(
@@ -104,7 +99,10 @@ def autoscaling_config(
 
 def _joined(address: str, temp: Path, proc: subprocess.Popen) -> bool:
     if proc.poll() is not None:
-        raise RuntimeError(f"`ray start --head` (fake autoscaling cluster) exited with {proc.returncode}")
+        said = (temp / HEAD_LOG).read_text(errors="replace")[-3000:] if (temp / HEAD_LOG).exists() else ""
+        raise RuntimeError(
+            f"`ray start --head` (fake autoscaling cluster) exited with {proc.returncode}; it said:\n{said}"
+        )
     with socket.socket() as s:
         up = s.connect_ex(("127.0.0.1", int(address.rsplit(":", 1)[1]))) == 0
     # the monitor reads the config only once the head is up: wait for its log as well, and for the
@@ -114,6 +112,9 @@ def _joined(address: str, temp: Path, proc: subprocess.Popen) -> bool:
         and (temp / "ray_current_cluster").exists()
         and any((temp / "session_latest" / "logs").glob("monitor.log"))
     )
+
+
+HEAD_LOG = "ray-start.log"  # what `ray start --head` says, for the error when it exits early
 
 
 @contextlib.contextmanager
@@ -131,7 +132,7 @@ def fake_autoscaling_cluster(
     in about 3 s and goes 4 s after it is idle (measured on this 2-core box).
     """
     temp = Path(tempfile.mkdtemp(prefix="trf", dir="/tmp"))  # short: unix socket names are limited
-    port = _free_port()
+    port = quiet_port()
     address = f"127.0.0.1:{port}"
     config = temp / "autoscaling.yaml"
     config.write_text(
@@ -155,15 +156,17 @@ def fake_autoscaling_cluster(
         RAY_agent_register_timeout_ms="120000",
         **DRIVER_ENV,
     )
+    log = (temp / HEAD_LOG).open("wb")
     head = subprocess.Popen(
         [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", f"--port={port}",
          "--node-ip-address=127.0.0.1", f"--num-cpus={head_cpus:g}", "--num-gpus=0", f"--temp-dir={temp}",
          f"--autoscaling-config={config}", "--include-dashboard=false", "--disable-usage-stats", "--block",
          # ports of its own: another head on this machine (a suite's, a bench's) holds the defaults
-         "--dashboard-host=127.0.0.1", f"--dashboard-port={_free_port()}",
-         f"--ray-client-server-port={_free_port()}", f"--dashboard-agent-listen-port={_free_port()}"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+         "--dashboard-host=127.0.0.1", f"--dashboard-port={quiet_port()}",
+         f"--ray-client-server-port={quiet_port()}", f"--dashboard-agent-listen-port={quiet_port()}"],
+        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )  # fmt: skip
+    log.close()  # the head holds its own copy
     try:
         deadline = time.monotonic() + timeout_s
         while not _joined(address, temp, head):
