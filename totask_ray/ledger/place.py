@@ -23,12 +23,13 @@ from typing import IO, Any
 
 from totask_ray.net.object_store import (
     StoreOpenError,
+    describe,
     is_object_uri,
     open_filesystem,
     put_object,
     store_hint,
 )
-from totask_ray.net.redact import redact_url, safe_error
+from totask_ray.net.redact import safe_error
 
 Where = str | os.PathLike[str]
 Location = Path | str  # a local directory, or a URI on an object store
@@ -63,8 +64,7 @@ def name_of(where: Where) -> str:
 
 def shown(where: Where) -> str:
     """The location as a message may show it (a URI without credentials or query)."""
-    loc = location(where)
-    return str(loc) if isinstance(loc, Path) else redact_url(loc)
+    return describe(location(where))
 
 
 @dataclass(frozen=True)

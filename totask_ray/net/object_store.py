@@ -14,7 +14,7 @@ import re
 from collections.abc import Iterable
 from typing import Any
 
-from totask_ray.net.redact import safe_error
+from totask_ray.net.redact import redact_url, safe_error
 
 _URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+://")
 
@@ -32,6 +32,12 @@ def is_object_uri(location: str | os.PathLike[str]) -> bool:
 
 def is_uri(text: str) -> bool:
     return bool(_URI.match(text))
+
+
+def describe(location: str | os.PathLike[str]) -> str:
+    """A location as a message may show it: a URI without credentials or query, a path as it is."""
+    text = os.fspath(location)
+    return redact_url(text) if is_uri(text) else text
 
 
 def open_filesystem(uri: str) -> tuple[Any, str]:

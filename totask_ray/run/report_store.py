@@ -44,7 +44,6 @@ from totask_ray.errors import CriticalError
 from totask_ray.net.object_store import (
     StoreOpenError,
     is_object_uri,
-    is_uri,
     open_filesystem,
     put_object,
     store_hint,
@@ -60,12 +59,6 @@ Location = str | os.PathLike[str]
 EVERY_S = 10.0  # a part at least this often while outcomes come: what a SIGKILL may lose
 EVERY_LINES = 10_000  # and at most this many outcomes a part
 _CHUNK = 1 << 20
-
-
-def describe(location: Location) -> str:
-    """The location as a log line may show it (a URI without credentials or query)."""
-    text = os.fspath(location)
-    return redact_url(text) if is_uri(text) else text
 
 
 def local_path(location: Location) -> Path:

@@ -21,6 +21,7 @@ from totask_ray.errors import CriticalError, RunStopped
 from totask_ray.ledger.record import close_sink
 from totask_ray.ledger.store import ledger_root, start_run
 from totask_ray.methods.base import PrepareInput
+from totask_ray.net.object_store import describe
 from totask_ray.pipeline.outcomes import COUNTS, DONE_STATUSES, from_columns, totals
 from totask_ray.pipeline.run import PipelineSpec, free_cpus, run_pipeline, wait_for_cpus
 from totask_ray.platform.connect import connect
@@ -30,7 +31,6 @@ from totask_ray.run.context import RunContext
 from totask_ray.run.progress import STEP, RunTracker
 from totask_ray.run.report_store import (
     Location,
-    describe,
     open_report,
     read_records,
     report_exists,
