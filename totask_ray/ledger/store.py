@@ -118,7 +118,7 @@ def run_dirs(path: Where) -> list[Location]:
     place = open_place(loc)
     if place.is_file(RUN_FILE):
         return [loc]
-    runs = [join(loc, name) for name in place.subdirs() if open_place(join(loc, name)).is_file(RUN_FILE)]
+    runs = [join(loc, name) for name in place.subdirs() if place.is_file(f"{name}/{RUN_FILE}")]
     if runs:
         return runs
     raise LedgerError(
@@ -141,9 +141,7 @@ def read_header(run_dir: Where) -> RunHeader:
     where = f"{shown(run_dir)}/{RUN_FILE}"
     try:
         return RunHeader.model_validate_json(open_place(run_dir).read_bytes(RUN_FILE))
-    except LedgerError as exc:
-        raise LedgerError(f"{where} cannot be read: {exc}") from None
-    except ValueError as exc:
+    except (LedgerError, ValueError) as exc:
         raise LedgerError(f"{where} cannot be read: {exc}") from None
 
 
