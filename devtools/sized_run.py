@@ -6,7 +6,9 @@ its own (or to none), and Ray allows one per process. SPEC:
 - "settle": {"app": NAME, "nodes": N, "timeout_s": S} (optional): after the run, wait until the app
   has no replica and N nodes are alive (the planned replicas scaled to zero, their nodes released);
 - "await_app": {"app": NAME, "timeout_s": S} (optional): after the run, wait until an app the run left
-  deployed has a running replica, then delete it.
+  deployed has a running replica, then delete it;
+- "stacks_after_s": S (optional): print every thread's stack to stderr once S s in, so a caller
+  that kills a driver that ran too long sees where it waited.
 
 While the run goes, a thread records the nodes that come up. The JSON summary goes to the file
 SPEC's "summary" names (default: SPEC with `.summary.json`), not to stdout: the driver prints its
@@ -16,6 +18,7 @@ The plan's log lines go to stderr with the rest of totask-ray's log.
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import logging
 import os
@@ -159,6 +162,8 @@ def main() -> None:
     logging.getLogger("totask_ray").setLevel(logging.INFO)
     path = Path(sys.argv[1])
     spec = json.loads(path.read_text())
+    if spec.get("stacks_after_s"):
+        faulthandler.dump_traceback_later(spec["stacks_after_s"])
     summary = drive(spec)
     summary_path(path, spec).write_text(json.dumps(summary))
 

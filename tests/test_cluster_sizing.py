@@ -44,6 +44,9 @@ def _run(
                 "token": platform.token,
                 "params": params,
                 **spec,
+                # the ledger in the test's own folder; the driver's stacks before it is killed
+                "options": {"ledger": str(tmp_path / "ledgers"), **spec.get("options", {})},
+                "stacks_after_s": timeout - 20,
             }
         )
     )
@@ -54,8 +57,14 @@ def _run(
             capture_output=True, text=True, timeout=timeout,
         )  # fmt: skip
     except subprocess.TimeoutExpired as exc:  # what the driver said so far, to see where it was
-        said = exc.stderr.decode(errors="replace") if isinstance(exc.stderr, bytes) else exc.stderr or ""
-        pytest.fail(f"the run's driver was still going after {timeout:g} s; its log:\n{said[-6000:]}")
+        said, printed = (
+            out.decode(errors="replace") if isinstance(out, bytes) else out or ""
+            for out in (exc.stderr, exc.stdout)
+        )
+        pytest.fail(
+            f"the run's driver was still going after {timeout:g} s (its stacks at {timeout - 20:g} s are in its "
+            f"log); its log:\n{said[:3000]}\n[...]\n{said[-9000:]}\nits stdout (workers, autoscaler):\n{printed[-3000:]}"
+        )
     assert proc.returncode == 0, proc.stderr[-4000:]
     summary = read_summary(path)
     assert summary is not None, (

@@ -202,3 +202,52 @@ def test_a_gpu_release_on_the_one_gpu_cluster_plans_one_replica(backend):
     plan, _ = plan_for(rel, Resources.from_required({"required_cpu_count": 1, "required_gpu_count": 1}),
                     b.cluster_snapshot(), decode_cpus=0.5)  # fmt: skip
     assert plan.replicas == 1 and plan.planned
+
+
+def _stays_at_least(app_name: str, want: int, seconds: float) -> list[int]:
+    """The app's running replicas, read every 0.2 s for ``seconds`` (a hold is a duration to watch)."""
+    seen, end = [], time.monotonic() + seconds
+    while time.monotonic() < end:
+        seen.append(_replicas(app_name))
+        time.sleep(0.2)
+    return seen
+
+
+@pytest.mark.slow
+def test_a_run_holds_its_idle_replicas_and_a_lapsed_hold_lets_them_scale_to_zero(backend):
+    """The GPU-pool-from-zero hang: a planned app scaled to zero while the run's pool was still
+    starting, and the pool's actors took the CPUs its replica needed. Serve counts idleness from
+    the moment the replicas run, so with no lease the app goes to zero with no request ever sent
+    (the control); with one, it keeps the plan over many downscale delays; and a lease no longer
+    renewed (a killed driver's) lapses and the app scales to zero as Serve alone would."""
+    from totask_ray.serving.hold import Lease
+    from totask_ray.serving.lifecycle import Scaling
+
+    b, created = backend
+    scaling = Scaling(downscale_delay_s=0.5)
+    unheld = release("unheld", cpus=0.5)
+    created.append(unheld.app_name)
+    ensure_running(unheld, b, poll_interval_s=0.2, timeout_s=60, size_replicas=True, scaling=scaling)
+    assert _settled(unheld.app_name, 0, timeout_s=30) == 0, "an idle planned app did not scale to zero"
+    b.delete(unheld.app_name)
+
+    held = release("held", cpus=0.5)
+    created.append(held.app_name)
+    lease = Lease(held.app_name, ttl_s=6, renew_every_s=1).take()  # before it runs, as a run takes it
+    try:
+        result = ensure_running(
+            held, b, poll_interval_s=0.2, timeout_s=60, size_replicas=True, scaling=scaling
+        )
+        assert result.plan is not None and result.plan.planned
+        want = result.plan.replicas
+        assert _settled(held.app_name, want) == want
+        seen = _stays_at_least(held.app_name, want, 4)  # 8 downscale delays, no request
+        assert min(seen) == want, f"held replicas went below the plan of {want}: {seen}"
+        lease._stop.set()  # renewals stop, as when the driver is killed: the lease lapses after its TTL
+        t0 = time.monotonic()
+        assert _settled(held.app_name, 0, timeout_s=40) == 0, "a lapsed hold kept the replicas"
+        assert time.monotonic() - t0 > 3, (
+            "the replicas went before the lease lapsed (6 s TTL, renewed 1 s apart)"
+        )
+    finally:
+        lease.release()

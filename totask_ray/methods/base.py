@@ -2,8 +2,8 @@
 
 The driver runs every method the same way: `prepare` once before any task is read (refuse here,
 before anything is deployed or written, rather than fail every task), then the pipeline runs the
-`annotator` it returns, and `rollback` releases what `prepare` acquired if the run then stops on a
-critical error. A method raises `totask_ray.errors.CriticalError` to stop the run.
+`annotator` it returns, `rollback` releases what `prepare` acquired if the run then stops on a
+critical error, and `close` lets go of what it holds for the run's length, at the end of any run. A method raises `totask_ray.errors.CriticalError` to stop the run.
 """
 
 from __future__ import annotations
@@ -45,3 +45,7 @@ class AnnotationMethod(ABC):
 
     def rollback(self) -> None:  # noqa: B027 - optional: most methods acquire nothing
         """Release what `prepare` acquired. Default: nothing."""
+
+    def close(self) -> None:  # noqa: B027 - optional: most methods hold nothing
+        """Let go of what the method holds for the run's length, at its end whatever the outcome
+        (after `rollback` on a failure). Default: nothing."""

@@ -80,6 +80,7 @@ def preview(
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     client = connect(config)
+    held: list[Any] = []  # what the method holds until the preview ends (`_start`)
     try:
         try:
             ids, total = draw_sample(
@@ -98,7 +99,7 @@ def preview(
         platform_name = client.name
         sampled = params.model_copy(update={"task_filters": {**params.task_filters, "id__in": ids}})
         spec = RunSpec(params=params, options=opts, platform=config, action_cls=action_cls)
-        ray_start_s, prepare_s, reserved, app, annotator = _start(spec, client)
+        ray_start_s, prepare_s, reserved, app, annotator = _start(spec, client, held)
         with tempfile.TemporaryDirectory(prefix="totask-preview-") as tmp:
             report = Path(tmp) / "preview.jsonl"
             t1, wall1 = time.perf_counter(), time.time()
@@ -123,6 +124,8 @@ def preview(
         passed = _pass(annotator, ids, params.batch_size) if local_cluster() else None
         timings["write_probe_s"] = probe.wall_s / probe.chains
     finally:
+        for let_go in held:
+            let_go()
         client.close()
     per_image = drops.call_s / drops.call_images if drops.call_s is not None and drops.call_images else None
     machine = this_machine(probe, passed, others, busy=most + 1)
@@ -168,11 +171,12 @@ def labeling_controls(client: Any, project: int) -> list[dict[str, Any]]:
     ]
 
 
-def _start(spec: RunSpec, client: Any) -> tuple[float, float, float, str | None, Any]:
+def _start(spec: RunSpec, client: Any, held: list[Any]) -> tuple[float, float, float, str | None, Any]:
     """Ray and the method's prepare, each timed before the dry run (see `preview.estimate`): the
     seconds Ray and Ray Data took to start in this process (about 0: both were up), the prepare's (the inference method: deploying its
     pre-processor; 0 when it was up), the CPUs the method's services hold, the app's name, and the
     method's annotator (`AnnotatorSpec`) on a dry-run spec, for the annotator pass (None: no prepare).
+    The method's `close` goes on ``held``, for the caller to call when the preview is over.
 
     A prepare that fails is left for the dry run to report, with the run's own message."""
     from totask_ray.cluster import ensure_ray
@@ -187,6 +191,7 @@ def _start(spec: RunSpec, client: Any) -> tuple[float, float, float, str | None,
 
     ray_start_s = time.perf_counter() - t0
     method = method_for(spec)
+    held.append(method.close)
     try:
         project = client.get_project(spec.params.project)
         collection = client.get_data_collection(project.data_collection)

@@ -114,6 +114,7 @@ class Prepare(Step):
     def run(self, ctx: RunContext) -> None:
         assert ctx.project is not None and ctx.collection is not None
         count_tasks(ctx)
+        ctx.cleanups.append(ctx.method.close)  # at the end of any run, once prepare has begun
         ctx.method.prepare(PrepareInput(ctx.spec.params, ctx.client, ctx.project, ctx.collection))
 
     def rollback(self, ctx: RunContext) -> None:

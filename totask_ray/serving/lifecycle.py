@@ -229,13 +229,17 @@ class Scaling:
 
 def autoscaling_for(plan: ReplicaPlan, scaling: Scaling) -> dict:
     """Serve autoscaling for a planned count: start with the plan, grow to what the grown cluster
-    holds, and (unless ``keep_warm``) scale to zero once idle so the cluster can release the nodes."""
+    holds, and (unless ``keep_warm``) scale to zero once idle so the cluster can release the nodes,
+    but not while a run holds the app (`serving.hold`: before its first request too)."""
+    from totask_ray.serving.hold import POLICY
+
     return {
         "min_replicas": plan.replicas if scaling.keep_warm else 0,
         "initial_replicas": plan.replicas,
         "max_replicas": max(plan.replicas, plan.max_replicas),
         "target_ongoing_requests": scaling.target_ongoing,
         "downscale_delay_s": scaling.downscale_delay_s,
+        **({} if scaling.keep_warm else {"policy": {"policy_function": POLICY}}),
     }
 
 

@@ -24,6 +24,7 @@ from totask_ray.platform.errors import NotFoundError
 
 if TYPE_CHECKING:
     from totask_ray.serving.config import PreProcessorRelease
+    from totask_ray.serving.hold import Lease
 
 log = logging.getLogger("totask_ray")
 
@@ -56,6 +57,7 @@ class InferenceMethod(AnnotationMethod):
         self._backend: Any = None
         self._dispatched: str | None = None
         self._reserved_cpus = 0.0
+        self._hold: Lease | None = None
 
     def prepare(self, job: PrepareInput) -> None:
         from totask_ray.pipeline.run import IN_FLIGHT_PER_ACTOR
@@ -104,6 +106,8 @@ class InferenceMethod(AnnotationMethod):
         scaling = Scaling(
             keep_warm=o.keep_warm, target_ongoing=IN_FLIGHT_PER_ACTOR, downscale_delay_s=o.scale_down_delay_s
         )
+        if not o.keep_warm:  # held before they run: Serve counts their idleness from then
+            self._hold = hold(release.app_name)
         try:
             result = ensure_running(
                 release, backend, poll_interval_s=o.serve_poll_interval_s, timeout_s=o.serve_ready_timeout_s,
@@ -140,6 +144,12 @@ class InferenceMethod(AnnotationMethod):
             self._backend.delete(self._dispatched)
             self._dispatched = None
 
+    def close(self) -> None:
+        """Give up the run's hold on the replicas: Serve scales them down once idle from here."""
+        if self._hold is not None:
+            self._hold.release()
+            self._hold = None
+
     def annotator(self, spec: RunSpec, stop_flag: Any = None) -> AnnotatorSpec:
         assert self.plan is not None, "prepare() runs before annotator()"
         return AnnotatorSpec(
@@ -164,6 +174,20 @@ class InferenceMethod(AnnotationMethod):
             },
             reserved_cpus=self._reserved_cpus,
         )
+
+
+def hold(app_name: str) -> Lease | None:
+    """The run's lease on the app (`serving.hold`), or None where it cannot be put: the run goes on,
+    with the replicas scaling down whenever they idle, as Serve alone would."""
+    from totask_ray.serving.hold import Lease
+
+    try:
+        return Lease(app_name).take()
+    except Exception as exc:
+        log.warning(
+            "could not hold %s for the run (%s): it may scale down while idle", app_name, type(exc).__name__
+        )
+        return None
 
 
 def payload_of(spec: Any) -> str:
