@@ -109,10 +109,13 @@ def test_serve_autoscaling_starts_at_the_plan_and_gives_it_back_unless_kept_warm
     # the grown 40 CPU: 31 replicas first-fit leave the 16 decode actors theirs (8+8+8+7 on four nodes, the fifth left to them)
     assert (plan.replicas, plan.max_replicas) == (4, 31)
     cfg = autoscaling_for(plan, Scaling(keep_warm=False, target_ongoing=2, downscale_delay_s=60))
+    # held at the plan while a run holds it (serving/hold.py), to zero once idle after
     assert cfg == {"min_replicas": 0, "initial_replicas": 4, "max_replicas": 31,
-                   "target_ongoing_requests": 2, "downscale_delay_s": 60}  # fmt: skip
+                   "target_ongoing_requests": 2, "downscale_delay_s": 60,
+                   "policy": {"policy_function": "totask_ray.serving.hold:hold_while_leased"}}  # fmt: skip
     warm = Scaling(keep_warm=True, target_ongoing=2, downscale_delay_s=60)
     assert autoscaling_for(plan, warm)["min_replicas"] == 4
+    assert "policy" not in autoscaling_for(plan, warm)  # kept warm: Serve's own policy, floor at the plan
 
 
 def test_node_types_from_a_cluster_yaml_give_the_head_no_workers(tmp_path):

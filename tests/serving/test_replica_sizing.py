@@ -251,3 +251,28 @@ def test_a_run_holds_its_idle_replicas_and_a_lapsed_hold_lets_them_scale_to_zero
         )
     finally:
         lease.release()
+
+
+@pytest.mark.slow
+def test_a_run_finding_its_planned_app_at_zero_wakes_it_before_its_pool_starts(backend):
+    """An earlier run's app, scaled to zero since: the next run's lease brings a replica back with no
+    request sent, and prepare waits for it (`hold.wake`), so the pool that starts next does not race
+    the replica for a node. An app with a replica running has nothing to wait for."""
+    from totask_ray.serving.hold import Lease, holds_by_lease, wake
+    from totask_ray.serving.lifecycle import Scaling
+
+    b, created = backend
+    rel = release("woken", cpus=0.5)
+    created.append(rel.app_name)
+    ensure_running(
+        rel, b, poll_interval_s=0.2, timeout_s=60, size_replicas=True, scaling=Scaling(downscale_delay_s=0.5)
+    )
+    assert _settled(rel.app_name, 0, timeout_s=30) == 0
+    assert holds_by_lease(rel.app_name)
+    lease = Lease(rel.app_name).take()
+    try:
+        assert wake(rel.app_name, timeout_s=60) is True, "the held app found at zero did not wake"
+        assert _replicas(rel.app_name) >= 1
+        assert wake(rel.app_name, timeout_s=60) is None  # a replica runs: nothing to wait for
+    finally:
+        lease.release()

@@ -117,3 +117,47 @@ class Lease:
             internal_kv._internal_kv_del(self.key, namespace=NAMESPACE)
         except Exception as exc:  # Ray already gone (a notebook's shutdown): the lease lapses by itself
             log.debug("could not release the hold on %s: %s", self.app_name, type(exc).__name__)
+
+
+def _running(app_name: str) -> int:
+    from ray import serve
+
+    app = serve.status().applications.get(app_name)
+    if app is None:
+        return 0
+    return sum(
+        n
+        for dep in app.deployments.values()
+        for state, n in (dep.replica_states or {}).items()
+        if getattr(state, "value", state) == "RUNNING"
+    )
+
+
+def holds_by_lease(app_name: str) -> bool:
+    """Whether the app scales by `hold_while_leased` (one a run planned), so a lease wakes it."""
+    from ray.serve.context import _get_global_client
+
+    details = _get_global_client().get_serve_details()
+    app = (details.get("applications") or {}).get(app_name) or {}
+    for dep in (app.get("deployments") or {}).values():
+        autoscaling = (dep.get("deployment_config") or {}).get("autoscaling_config") or {}
+        if (autoscaling.get("policy") or {}).get("policy_function") == POLICY:
+            return True
+    return False
+
+
+def wake(app_name: str, timeout_s: float, poll_s: float = 0.5) -> bool | None:
+    """Wait until a held app found at zero replicas (an earlier run's, scaled down since) has one
+    running: the lease brings it back at once, and the annotator pool that starts next must not
+    race the replica for the node that boots for it. None where there is nothing to wait for (a
+    replica runs, or the app does not scale by the hold); else whether one came within
+    ``timeout_s``."""
+    if _running(app_name) > 0 or not holds_by_lease(app_name):
+        return None
+    log.info("%s is at zero replicas: waiting up to %.0f s for the one this run holds", app_name, timeout_s)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if _running(app_name) > 0:
+            return True
+        time.sleep(poll_s)
+    return False

@@ -123,6 +123,8 @@ class InferenceMethod(AnnotationMethod):
             raise CriticalError(f"Pre-processor not active: {exc}") from exc
         if result.started:
             self._dispatched = release.app_name
+        elif self._hold is not None:  # found running, maybe scaled to zero by an earlier run
+            self._wake(release.app_name, o.serve_ready_timeout_s + o.node_boot_timeout_s)
         self._reserved_cpus = _replica_cpus(result.plan)
         self.plan = InferencePlan(
             release,
@@ -143,6 +145,22 @@ class InferenceMethod(AnnotationMethod):
             log.info("tearing down %s, which this run dispatched", self._dispatched)
             self._backend.delete(self._dispatched)
             self._dispatched = None
+
+    @staticmethod
+    def _wake(app_name: str, timeout_s: float) -> None:
+        from totask_ray.serving.hold import wake
+
+        try:
+            woke = wake(app_name, timeout_s)
+        except Exception as exc:  # Serve's details unreadable: the first batch wakes it, as before
+            log.debug("could not look at %s's replicas: %s", app_name, type(exc).__name__)
+            return
+        if woke is False:
+            log.warning(
+                "%s has no replica running after %.0f s; the run goes on and waits for one",
+                app_name,
+                timeout_s,
+            )
 
     def close(self) -> None:
         """Give up the run's hold on the replicas: Serve scales them down once idle from here."""
